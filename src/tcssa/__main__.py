@@ -1,0 +1,3 @@
+from tcssa.cli import main
+
+raise SystemExit(main())

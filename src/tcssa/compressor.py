@@ -1,0 +1,358 @@
+"""TC-SSA: Token Compression via Semantic Slot Aggregation (docs/METHOD.md).
+
+All N patch features of a slide (B x N x D, with an optional B x N mask, True
+for real patches) become K slot tokens (B x K x D):
+
+1. gate logits            z_j = W_g x_j + b
+2. exploration noise      z~_j = z_j + eps, eps ~ N(0, sigma^2), training only
+3. routing probabilities  P_j = softmax(z~_j)
+4. top-2 assignment       P~_jk = m_jk P_jk (m_jk = 1 for the two largest, NOT renormalised)
+5. slot aggregation       c_k = sum_j P~_jk x_j / (sum_j P~_jk + 1e-9)
+6. slot experts           y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k)))
+
+plus the auxiliary routing loss of ``tcssa.routing_loss``. Padded patches take
+no part in routing, aggregation, slot counts or any loss mean.
+
+Implementation choices (measured, see docs/RESULTS.md): the top-2 weights are
+scattered into a dense B x N x K matrix and aggregated with one batched matmul,
+which on CPU beats index_add and torch.sparse; the K experts are stacked
+weights applied with one batched matmul, so a batch of slides reads the expert
+weights once. No B x N x K x D temporary is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tcssa import routing_loss
+
+AGGREGATION_EPS = 1e-9
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as in the published code
+
+
+@dataclass(frozen=True)
+class TCSSAConfig:
+    """Hyperparameters of the compressor; defaults from docs/METHOD.md."""
+
+    dim: int
+    num_slots: int = 32
+    top_k: int = 2
+    expert_hidden: int = 512
+    expert_dropout: float = 0.25
+    noise_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_slots", "top_k", "expert_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TCSSA {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"TCSSA expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        if self.noise_std < 0:
+            raise ValueError(f"TCSSA noise_std must be >= 0, got {self.noise_std}")
+
+
+@dataclass
+class CompressorOutput:
+    """What one forward pass returns.
+
+    ``topk_index`` is -1 and ``topk_weight`` 0 at padded patches. In eval mode
+    ``aux_loss`` is 0; ``losses`` always holds the three terms (averaged over
+    the slides of the batch), as diagnostics in eval and as training terms.
+    """
+
+    tokens: Tensor  # B x K x D slot tokens y_k
+    aux_loss: Tensor  # scalar L_aux (0 in eval)
+    losses: dict[str, Tensor]  # "switch", "entropy", "z": scalars
+    topk_index: Tensor  # B x N x top_k slot of each assignment (long)
+    topk_weight: Tensor  # B x N x top_k truncated weight P~ (not renormalised)
+    slot_counts: Tensor  # B x K real patches assigned to each slot (long)
+    probs: Tensor = field(repr=False)  # B x N x K routing probabilities P
+    slots: Tensor = field(repr=False)  # B x K x D aggregated c_k, before the experts
+
+
+class SlotExperts(nn.Module):
+    """K independent residual MLP experts, stored stacked and applied in one batched pass.
+
+    Expert k: y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k))). Weights are
+    kept in nn.Linear's (out, in) layout so that the published code's
+    per-expert ``nn.Sequential`` maps onto them one to one.
+    """
+
+    def __init__(self, num_slots: int, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.w1 = nn.Parameter(torch.empty(num_slots, hidden, dim))
+        self.b1 = nn.Parameter(torch.empty(num_slots, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_slots, dim, hidden))
+        self.b2 = nn.Parameter(torch.empty(num_slots, dim))
+        self.ln_weight = nn.Parameter(torch.ones(num_slots, dim))
+        self.ln_bias = nn.Parameter(torch.zeros(num_slots, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), expert by expert.
+        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+        nn.init.ones_(self.ln_weight)
+        nn.init.zeros_(self.ln_bias)
+
+    def forward(self, slots: Tensor) -> Tensor:
+        c = slots.transpose(0, 1)  # K x B x D: the slot is the batch dim of bmm
+        h = torch.baddbmm(self.b1.unsqueeze(1), c, self.w1.transpose(1, 2))
+        h = F.dropout(F.gelu(h), self.dropout, self.training)
+        out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2.transpose(1, 2))
+        out = F.layer_norm(out, out.shape[-1:], eps=LAYER_NORM_EPS)
+        out = out * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
+        return slots + out.transpose(0, 1)
+
+
+class TCSSA(nn.Module):
+    """Compress B x N x D patch features into B x K x D semantic slot tokens."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_slots: int = 32,
+        top_k: int = 2,
+        expert_hidden: int = 512,
+        expert_dropout: float = 0.25,
+        noise_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.config = TCSSAConfig(dim, num_slots, top_k, expert_hidden, expert_dropout, noise_std)
+        self.dim = dim
+        self.num_slots = num_slots
+        self.top_k = min(top_k, num_slots)
+        self.noise_std = noise_std
+        self.gate = nn.Linear(dim, num_slots)
+        self.experts = SlotExperts(num_slots, dim, expert_hidden, expert_dropout)
+
+    @classmethod
+    def from_config(cls, config: TCSSAConfig) -> TCSSA:
+        return cls(**asdict(config))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
+        x, mask = self._check_input(x, mask)
+
+        logits = self.gate(x)  # 1. z_j = W_g x_j + b
+        self._check_finite(logits)
+        if self.training and self.noise_std > 0:  # 2. exploration noise, training only
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        probs = logits.softmax(dim=-1)  # 3. P_j
+
+        # 4. top-2 assignment; padded patches get weight 0 and index -1.
+        topk_weight, topk_index = probs.topk(self.top_k, dim=-1)
+        topk_weight = topk_weight * mask.unsqueeze(-1)
+        weights = torch.zeros_like(probs).scatter(-1, topk_index, topk_weight)  # P~, B x N x K
+
+        # 5. c_k = sum_j P~_jk x_j / (sum_j P~_jk + 1e-9); an empty slot gives c_k = 0.
+        slot_sum = weights.transpose(1, 2) @ x  # B x K x D
+        slot_mass = weights.sum(dim=1).unsqueeze(-1)  # B x K x 1
+        slots = slot_sum / (slot_mass + AGGREGATION_EPS)
+
+        tokens = self.experts(slots)  # 6. y_k = c_k + LN(W2 Dropout(GELU(W1 c_k)))
+
+        slot_counts, losses = self._routing_statistics(logits, probs, topk_index, mask)
+        if self.training:
+            aux = routing_loss.aux_loss(losses["switch"], losses["entropy"], losses["z"])
+        else:
+            aux = logits.new_zeros(())
+        return CompressorOutput(
+            tokens=tokens,
+            aux_loss=aux,
+            losses=losses,
+            topk_index=topk_index.masked_fill(~mask.unsqueeze(-1), -1),
+            topk_weight=topk_weight,
+            slot_counts=slot_counts,
+            probs=probs,
+            slots=slots,
+        )
+
+    def _routing_statistics(
+        self, logits: Tensor, probs: Tensor, topk_index: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-slide Pbar, f and slot counts over real patches only; losses averaged over slides."""
+        batch = probs.shape[0]
+        real = mask.to(probs.dtype)
+        num_real = real.sum(dim=1, keepdim=True)  # B x 1
+        # Counting from indices (not from weights > 0) so that an underflowed P still counts.
+        slot_counts = torch.zeros(batch, self.num_slots, dtype=torch.long, device=probs.device)
+        slot_counts.scatter_add_(
+            1,
+            topk_index.reshape(batch, -1),
+            mask.unsqueeze(-1).expand_as(topk_index).reshape(batch, -1).long(),
+        )
+        assign_share = slot_counts.to(probs.dtype) / num_real  # f_i
+        mean_prob = torch.einsum("bnk,bn->bk", probs, real) / num_real  # Pbar_i
+        losses = {
+            "switch": routing_loss.switch_loss(mean_prob, assign_share).mean(),
+            "entropy": routing_loss.entropy_loss(mean_prob).mean(),
+            "z": routing_loss.z_loss(logits, mask).mean(),
+        }
+        return slot_counts, losses
+
+    # ------------------------------------------------------------ input checks
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"TCSSA expects a torch.Tensor of patch features, got {type(x).__name__}")
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+            if mask is not None and mask.dim() == 1:
+                mask = mask.unsqueeze(0)
+        if x.dim() != 3:
+            raise ValueError(
+                f"TCSSA expects features of shape B x N x D or N x D, got shape {tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"TCSSA was built for feature dimension D={self.dim}, got features of dimension "
+                f"{x.shape[-1]} (shape {tuple(x.shape)}); was the slide encoded with another encoder?"
+            )
+        if x.shape[1] == 0:
+            raise ValueError("TCSSA got a slide with no patches (N = 0)")
+        if not x.is_floating_point():
+            raise ValueError(f"TCSSA expects floating-point features, got dtype {x.dtype}")
+        if x.dtype != self.gate.weight.dtype:
+            x = x.to(self.gate.weight.dtype)
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        else:
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(
+                    f"mask must have shape B x N = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
+                )
+            mask = mask.to(device=x.device, dtype=torch.bool)
+            empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"slide(s) at batch index {empty} have no real patch (mask all False)")
+        return x, mask
+
+    @staticmethod
+    def _check_finite(logits: Tensor) -> None:
+        # NaN or Inf in any feature always makes its gate logits non-finite, so checking the
+        # B x N x K logits catches bad features at 1/D of the cost of scanning B x N x D.
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()
+            b, n = bad[0].tolist()
+            raise ValueError(
+                f"features contain NaN or Inf (or overflow the gate): {len(bad)} patch(es), "
+                f"first at batch index {b}, patch {n}. Padded positions must hold finite values too."
+            )
+
+    # ------------------------------------------------- published-code layout
+    def reference_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        """This compressor's weights in the published code's layout (``gate.*``, ``experts.{k}.net.*``)."""
+        e = self.experts
+        out = {
+            f"{prefix}gate.weight": self.gate.weight.detach().clone(),
+            f"{prefix}gate.bias": self.gate.bias.detach().clone(),
+        }
+        for k in range(self.num_slots):
+            base = f"{prefix}experts.{k}.net."
+            out[base + "0.weight"] = e.w1[k].detach().clone()
+            out[base + "0.bias"] = e.b1[k].detach().clone()
+            out[base + "3.weight"] = e.w2[k].detach().clone()
+            out[base + "3.bias"] = e.b2[k].detach().clone()
+            out[base + "4.weight"] = e.ln_weight[k].detach().clone()
+            out[base + "4.bias"] = e.ln_bias[k].detach().clone()
+        return out
+
+    def load_reference_state_dict(self, state_dict: dict) -> TCSSA:
+        """Load a checkpoint saved by the published TC-SSA code into this module.
+
+        Accepts the bare compressor keys, keys under a prefix such as
+        ``compressor.``, and a training checkpoint that wraps them in
+        ``model_state_dict`` or ``state_dict``. Returns ``self``.
+        """
+        weights = _extract_reference_weights(state_dict)
+        num_slots, hidden, dim = weights["w1"].shape
+        if (dim, num_slots, hidden) != (self.dim, self.num_slots, self.experts.w1.shape[1]):
+            raise ValueError(
+                f"reference checkpoint has D={dim}, K={num_slots}, H={hidden}, but this TCSSA has "
+                f"D={self.dim}, K={self.num_slots}, H={self.experts.w1.shape[1]}"
+            )
+        with torch.no_grad():
+            self.gate.weight.copy_(weights["gate_weight"])
+            self.gate.bias.copy_(weights["gate_bias"])
+            for name in ("w1", "b1", "w2", "b2", "ln_weight", "ln_bias"):
+                getattr(self.experts, name).copy_(weights[name])
+        return self
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict: dict, **config) -> TCSSA:
+        """Build a TCSSA with D, K and H read off a published-code checkpoint, then load it."""
+        weights = _extract_reference_weights(state_dict)
+        num_slots, hidden, dim = weights["w1"].shape
+        model = cls(dim, num_slots=num_slots, expert_hidden=hidden, **config)
+        return model.load_reference_state_dict(state_dict)
+
+
+_EXPERT_KEY = re.compile(r"^experts\.(\d+)\.net\.(0|3|4)\.(weight|bias)$")
+
+
+def _extract_reference_weights(state_dict: dict) -> dict[str, Tensor]:
+    for wrapper in ("model_state_dict", "state_dict", "model"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    # The compressor's prefix is the one under which both the gate and expert 0 live (a
+    # classifier in the same checkpoint may have a "gate" of its own).
+    prefixes = {
+        key[: -len("gate.weight")]
+        for key in state_dict
+        if key.endswith("gate.weight") and key[: -len("gate.weight")] + "experts.0.net.0.weight" in state_dict
+    }
+    if len(prefixes) != 1:
+        found = "none" if not prefixes else f"several: {sorted(prefixes)}"
+        raise ValueError(
+            "not a TC-SSA reference checkpoint: expected one '[prefix]gate.weight' with "
+            f"'[prefix]experts.0.net.0.weight' beside it, found {found}"
+        )
+    prefix = prefixes.pop()
+    experts: dict[int, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        match = _EXPERT_KEY.match(key[len(prefix) :])
+        if match:
+            k, layer, kind = match.groups()
+            experts.setdefault(int(k), {})[f"{layer}.{kind}"] = value
+    if not experts or sorted(experts) != list(range(len(experts))):
+        raise ValueError(
+            f"reference checkpoint under prefix {prefix!r} has expert indices {sorted(experts)}; "
+            "expected experts.0 .. experts.K-1"
+        )
+    gate_weight = state_dict[prefix + "gate.weight"]
+    gate_bias = state_dict.get(prefix + "gate.bias")
+    if gate_bias is None:
+        gate_bias = torch.zeros(gate_weight.shape[0], dtype=gate_weight.dtype)
+    if len(experts) != gate_weight.shape[0]:
+        raise ValueError(
+            f"reference checkpoint has a gate for {gate_weight.shape[0]} slots but {len(experts)} experts"
+        )
+    needed = ("0.weight", "0.bias", "3.weight", "3.bias", "4.weight", "4.bias")
+    for k, parts in experts.items():
+        missing = [n for n in needed if n not in parts]
+        if missing:
+            raise ValueError(f"reference checkpoint: expert {k} lacks {missing} (prefix {prefix!r})")
+    stack = lambda name: torch.stack([experts[k][name] for k in range(len(experts))])  # noqa: E731
+    return {
+        "gate_weight": gate_weight,
+        "gate_bias": gate_bias,
+        "w1": stack("0.weight"),
+        "b1": stack("0.bias"),
+        "w2": stack("3.weight"),
+        "b2": stack("3.bias"),
+        "ln_weight": stack("4.weight"),
+        "ln_bias": stack("4.bias"),
+    }
