@@ -16,14 +16,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tcssa",
-        description="TC-SSA: compress whole-slide images into a few semantic slot tokens.",
-    )
-    parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+# Each area of the package registers its commands with one function here; handlers import
+# their module lazily so that `tcssa --help` stays fast.
 
+
+def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="compress a synthetic slide and show the token budget")
     demo.add_argument("--patches", type=int, default=20_000, help="patches in the slide (default 20000)")
     demo.add_argument("--dim", type=int, default=512, help="feature dimension D (default 512)")
@@ -31,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
     demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcssa",
+        description="TC-SSA: compress whole-slide images into a few semantic slot tokens.",
+    )
+    parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo_commands(commands)
     return parser
 
 
