@@ -167,3 +167,16 @@ def test_model_run_reads_slot_shares(tmp_path):
     assert folds == [0, 1, 2] and shares.shape == (3, 4)
     np.testing.assert_allclose(shares.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(shares, counts / counts.sum(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_report_command(tmp_path, capsys):
+    from tcssa.cli import main
+
+    root = write_compare_run(tmp_path / "cmp", models=("tcssa", "mean"), folds=2)
+    out = tmp_path / "elsewhere" / "r.html"
+    assert main(["report", str(root), "--out", str(out)]) == 0
+    assert f"report written to {out}" in capsys.readouterr().out
+    document = out.read_text()
+    assert "--features DIR" in document or "checkpoint" in document  # slide figures explained, not crashed
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "compare directory not found" in capsys.readouterr().err

@@ -16,6 +16,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tcssa.slot_analysis import slide_figures
+    from tcssa.viz import build_report
+
+    def analysis(compare):
+        return slide_figures(
+            compare, features_dir=args.features, slide_id=args.slide, embedding=args.embedding
+        )
+
+    out = build_report(args.run_dir, args.out, slide_analysis=None if args.no_slides else analysis)
+    print(f"report written to {out}")
+    return 0
+
+
 # Each area of the package registers its commands with one function here; handlers import
 # their module lazily so that `tcssa --help` stays fast.
 
@@ -28,6 +42,32 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
     demo.set_defaults(func=_cmd_demo)
+
+    report = commands.add_parser(
+        "report", help="(re)build the HTML report of a `tcssa compare` run (or of `tcssa demo`'s output)"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the directory written by `tcssa compare`")
+    report.add_argument("--out", help="where to write the HTML (default RUN_DIR/report.html)")
+    report.add_argument(
+        "--features",
+        help="folder of the slide feature files, for the slot map and embedding "
+        "(default: the folder the run's config.json records)",
+    )
+    report.add_argument(
+        "--slide", help="slide id for the slot map (default: fold 0's most confident positive test slide)"
+    )
+    report.add_argument(
+        "--embedding",
+        choices=("pca", "tsne"),
+        default="pca",
+        help="2-D embedding of the slide's patches (default pca; tsne is slower)",
+    )
+    report.add_argument(
+        "--no-slides",
+        action="store_true",
+        help="skip the slide-level figures (no checkpoint or features read)",
+    )
+    report.set_defaults(func=_cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
