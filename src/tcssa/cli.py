@@ -64,7 +64,32 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tcssa.data.inspection import file_report, folder_report, inspect_folder, summarize_file
+
+    path = Path(args.path)
+    if path.is_dir():
+        summaries = inspect_folder(path)
+        print(folder_report(path, summaries))
+        return 1 if any(s.error for s in summaries) else 0
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    print(file_report(summarize_file(path)))
+    return 0
+
+
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe a feature file (N, D, dtype, coords, attrs) or a folder of them (one row per file)",
+        description="A file: patches N, dimension D, stored dtype, coords extent and attributes. A folder: "
+        "a table with one row per feature file; unreadable files are listed as errors (exit status 1).",
+    )
+    inspect.add_argument("path", help="a feature file (.h5 .hdf5 .pt .pth .npy .npz .csv) or a folder")
+    inspect.set_defaults(func=_cmd_inspect)
+
     synth = commands.add_parser(
         "synth",
         help="write a synthetic gigapixel cohort (h5 features + labels.csv) with known tissue phenotypes",
