@@ -80,7 +80,37 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from tcssa.data.benchmarks import load_benchmark, write_benchmark_cohort
+
+    bags, labels = load_benchmark(args.name, args.data_dir)
+    print(
+        f"{args.name}: {len(bags)} bags ({int(labels.sum())} positive), "
+        f"{sum(len(b) for b in bags):,} instances, d = {bags[0].shape[1]}"
+    )
+    if args.out:
+        out = write_benchmark_cohort(args.name, args.out, args.data_dir)
+        print(f"wrote {out / 'features'} and {out / 'labels.csv'}")
+    return 0
+
+
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="load a classic MIL benchmark, print its counts, optionally write it as a cohort folder",
+    )
+    # names listed here, not imported, to keep `tcssa --help` fast; a test keeps them in step
+    benchmark.add_argument(
+        "name",
+        help="musk1, musk2, elephant, protein, ucsb_breast_cancer (from the mil package), "
+        "fox, tiger, elephant_mat (.mat files, need --data-dir)",
+    )
+    benchmark.add_argument(
+        "--data-dir", help="folder with fox.mat, tiger.mat, elephant.mat (for fox, tiger, elephant_mat)"
+    )
+    benchmark.add_argument("--out", help="write OUT/features/{name}_{i}.h5 and OUT/labels.csv")
+    benchmark.set_defaults(func=_cmd_benchmark)
+
     inspect = commands.add_parser(
         "inspect",
         help="describe a feature file (N, D, dtype, coords, attrs) or a folder of them (one row per file)",

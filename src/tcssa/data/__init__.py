@@ -1,6 +1,7 @@
 """Slide data: feature files, labels, cohorts, splits, batches, a synthetic cohort and MIL benchmarks."""
 
 from tcssa.data.bag import Bag
+from tcssa.data.benchmarks import BENCHMARK_NAMES, load_benchmark, write_benchmark_cohort
 from tcssa.data.cohort import Cohort, resolve_feature_files
 from tcssa.data.dataset import BagBatch, BagDataset, collate_bags
 from tcssa.data.formats import FEATURE_EXTENSIONS, peek_shape, read_bag, write_h5
@@ -16,6 +17,7 @@ from tcssa.data.splits import (
 from tcssa.data.synthetic import SyntheticCohort, SyntheticConfig, make_synthetic_cohort
 
 __all__ = [
+    "BENCHMARK_NAMES",
     "Bag",
     "BagBatch",
     "BagDataset",
@@ -30,6 +32,8 @@ __all__ = [
     "make_kfold_splits",
     "make_synthetic_cohort",
     "make_train_val_test_split",
+    "load_benchmark",
+    "write_benchmark_cohort",
     "save_splits",
     "collate_bags",
     "load_class_map",
