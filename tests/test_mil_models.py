@@ -371,3 +371,21 @@ def _no_dropout(name):
         "abmil-gated": dict(dropout=0.0),
         "transmil": dict(dropout=0.0),
     }.get(name, dict(head_dropout=0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_padding_invariance_at_realistic_sizes(name):
+    # Default architectures (K = 32, 256 landmarks) on slides of a few thousand patches.
+    dim = 64
+    model = build_model(name, dim, 2, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    lengths = (4000, 1500, 20)
+    x = torch.randn(3, 4000, dim, generator=gen)
+    coords = torch.randint(0, 10_000, (3, 4000, 2), generator=gen)
+    mask = torch.arange(4000).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    with torch.no_grad():
+        batched, _ = model(x, mask, coords)
+        for i, n in enumerate(lengths):
+            alone, _ = model(x[i : i + 1, :n], coords=coords[i : i + 1, :n])
+            torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-4, rtol=1e-4)
