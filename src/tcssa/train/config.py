@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     num_workers: int = 0  # DataLoader worker processes reading feature files
+    cache_gb: float = 0.0  # keep up to this much of the train/val features in memory (float16) across epochs
 
     def __post_init__(self) -> None:
         positive = ("num_slots", "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "folds")
@@ -68,8 +69,8 @@ class TrainConfig:
             raise ValueError(f"max_patches must be >= 1 (or unset), got {self.max_patches}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers < 0 or self.cache_gb < 0:
+            raise ValueError("num_workers and cache_gb must be >= 0")
         if not isinstance(self.model_options, dict):
             raise ValueError(f"model_options must be a mapping, got {type(self.model_options).__name__}")
 

@@ -389,6 +389,8 @@ def _train_epoch(
 ) -> dict[str, float]:
     device = next(model.parameters()).device
     model.train()
+    if hasattr(train_set, "set_epoch"):  # BagDataset draws its --max-patches subsets per (seed, epoch)
+        train_set.set_epoch(epoch)
     passes = plan_epoch(len(train_set), config, fold, epoch, dist.rank, dist.world_size)
     batches = [indices for _, _, indices, _ in passes]
     loader = iter(_loader(train_set, batches, collate, config.num_workers))
