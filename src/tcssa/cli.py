@@ -158,6 +158,88 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tcssa.data.synthetic import make_synthetic_cohort, parse_overrides
+
+    # knobs with an option of their own ("slides" is num_slides) cannot also come through --set
+    reserved = ("task", "num_slides", "dim", "seed", "min_patches", "max_patches", "lesion_fraction")
+    options = parse_overrides(args.set or [], reserved + ("num_subtypes", "feature_dtype"))
+    if args.subtypes is not None:
+        options["num_subtypes"] = args.subtypes
+    if args.float32:
+        options["feature_dtype"] = "float32"
+    lesion = args.lesion_fraction[0] if len(args.lesion_fraction) == 1 else tuple(args.lesion_fraction)
+    cohort = make_synthetic_cohort(
+        args.out,
+        task=args.task,
+        num_slides=args.slides,
+        dim=args.dim,
+        seed=args.seed,
+        min_patches=args.min_patches,
+        max_patches=args.max_patches,
+        lesion_fraction=lesion,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        **options,
+    )
+    counts = {name: list(cohort.labels.values()).count(name) for name in cohort.config.class_names}
+    print(
+        f"wrote {len(cohort.slide_ids)} slides ({cohort.num_patches:,} patches, D={cohort.config.dim}, "
+        f"task {cohort.config.task}) in {cohort.seconds:.1f} s"
+    )
+    print("labels: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    print(f"features: {cohort.features_dir}\nlabels:   {cohort.labels_csv}\ntruth:    {cohort.truth_csv}")
+    return 0
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    synth = commands.add_parser(
+        "synth",
+        help="write a synthetic gigapixel cohort (h5 features + labels.csv) with known tissue phenotypes",
+        description="Write DIR/features/{slide_id}.h5 (TRIDENT style, with per-patch ground-truth "
+        "phenotype), DIR/labels.csv (slide_id,label,case_id) and DIR/truth.csv.",
+    )
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument(
+        "--task",
+        choices=("rare", "subtype", "composition"),
+        default="rare",
+        help="rare: a lesion in a few %% of positive slides; subtype: 2-3 classes with a subtle tumour "
+        "shift; composition: immune-to-tumour ratio (default rare)",
+    )
+    synth.add_argument("--slides", type=int, default=200, help="number of slides (default 200)")
+    synth.add_argument("--dim", type=int, default=512, help="feature dimension D (default 512)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    synth.add_argument(
+        "--min-patches", type=int, default=1000, help="fewest patches per slide (default 1000)"
+    )
+    synth.add_argument(
+        "--max-patches", type=int, default=50000, help="most patches per slide (default 50000)"
+    )
+    synth.add_argument(
+        "--lesion-fraction",
+        type=float,
+        nargs="+",
+        default=[0.002, 0.05],
+        metavar="F",
+        help="rare task: share of a positive slide's patches that are lesion: one value (fixed) or "
+        "LOW HIGH (drawn log-uniform per slide; default 0.002 0.05)",
+    )
+    synth.add_argument(
+        "--subtypes", type=int, choices=(2, 3), help="subtype task: number of classes (default 2)"
+    )
+    synth.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
+    synth.add_argument("--workers", type=int, help="slides generated side by side (default: up to 4)")
+    synth.add_argument("--overwrite", action="store_true", help="replace DIR/features if it holds files")
+    synth.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other SyntheticConfig knob, e.g. --set stain_std=2 --set lesion_offset=4 (repeatable)",
+    )
+    synth.set_defaults(func=_cmd_synth)
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `compare`; unset ones keep the --config file's or the default value."""
     parser.add_argument("--features", required=True, help="folder of per-slide feature files (h5)")
@@ -277,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo_commands(commands)
+    _add_data_commands(commands)
     _add_mil_commands(commands)
     return parser
 

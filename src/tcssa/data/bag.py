@@ -57,6 +57,16 @@ def check_features(features: np.ndarray, source: str | Path) -> np.ndarray:
     return features
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """True when no element is NaN or Inf (float16 through its exponent bits: several times faster)."""
+    if values.dtype == np.float16:
+        exponent = np.uint16(0x7C00)
+        return not ((values.view(np.uint16) & exponent) == exponent).any()
+    if np.issubdtype(values.dtype, np.floating):
+        return bool(np.isfinite(values).all())
+    return True
+
+
 def check_coords(coords: np.ndarray, num_patches: int, source: str | Path) -> np.ndarray:
     """Return ``coords`` as N x 2 or raise a ValueError naming ``source``."""
     if coords.dtype == object:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tcssa.data.bag import Bag, check_coords, check_features, to_bag
+from tcssa.data.bag import Bag, all_finite, check_coords, check_features, to_bag
 
 H5_EXTENSIONS = (".h5", ".hdf5")
 FEATURE_EXTENSIONS = H5_EXTENSIONS
@@ -175,7 +175,7 @@ def write_h5(
     """
     path = Path(path)
     features = check_features(_as_numpy(features), path)
-    if not np.isfinite(features).all():
+    if not all_finite(features):
         raise ValueError(f"{path}: refusing to write features that contain NaN or Inf")
     if dtype is not None:
         dtype = np.dtype(dtype)
