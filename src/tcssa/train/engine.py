@@ -59,6 +59,7 @@ from tcssa.train.distributed import SINGLE_PROCESS, Distributed
 from tcssa.train.metrics import classification_metrics
 
 METRICS_LOG = "metrics.jsonl"
+_QUIET = Distributed(rank=1, world_size=1)  # prints nothing: "not the main process"
 RESUME_STATE = "resume.safetensors"
 
 
@@ -255,6 +256,7 @@ def fit(
     resume: bool = False,
     dist: Distributed = SINGLE_PROCESS,
     class_names: Sequence[str] | None = None,
+    verbose: bool = True,
 ) -> FitResult:
     """Train ``model`` on ``train_set``, early-stopping on ``val_set``'s loss; leaves the best weights in it.
 
@@ -263,7 +265,7 @@ def fit(
     whenever the validation loss improves, and ``resume.safetensors`` at every
     epoch end. ``resume=True`` continues from that state when it exists.
     Without a validation set the scheduler and early stopping are off and the
-    last epoch's weights are kept.
+    last epoch's weights are kept. ``verbose=False`` shows no progress.
     """
     collate = collate or default_collate()
     device = dist.device(config.device)
@@ -309,7 +311,7 @@ def fit(
         epoch = state["epoch"] + 1
         started = time.perf_counter()
         desc = f"fold {fold} epoch {epoch}/{config.epochs}"
-        bar = tqdm(desc=desc, disable=None if dist.is_main else True)
+        bar = tqdm(desc=desc, disable=None if dist.is_main and verbose else True)
         train_log = _train_epoch(
             train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
         )
@@ -358,7 +360,7 @@ def fit(
             save_training_state(state_path, saved)
             with open(out_dir / METRICS_LOG, "a") as log:
                 log.write(_json_line(record))
-        _finish_epoch_bar(bar, desc, record, dist)
+        _finish_epoch_bar(bar, desc, record, dist if verbose else _QUIET)
 
     if best_weights is not None:
         model.load_state_dict(best_weights)
