@@ -120,8 +120,8 @@ def test_slide_ids_with_an_image_extension_get_a_hint(tmp_path):
 
 def test_duplicate_stems_across_extensions_are_ambiguous(tmp_path):
     features = _write_slides(tmp_path / "feats", ["a", "b"])
-    (features / "a.hdf5").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"more than one feature file: a: a.h5, a.hdf5"):
+    (features / "a.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"more than one feature file: a: a.h5, a.pt"):
         resolve_feature_files(features, ["a", "b"], skip_missing=True)
 
 
@@ -136,3 +136,20 @@ def test_feature_dimension_must_agree_across_the_cohort(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="features folder not found"):
         resolve_feature_files(tmp_path / "nowhere", ["a"])
+
+
+def test_a_cohort_may_mix_file_formats(tmp_path):
+    import torch
+
+    from tcssa.data import BagDataset
+
+    features = tmp_path / "feats"
+    _write_slides(features, ["a"])
+    torch.save(torch.ones(4, 8), features / "b.pt")
+    np.save(features / "c.npy", np.zeros((6, 8), dtype=np.float32))
+    (features / "d.csv").write_text(",".join(map(str, range(8))) + "\n" + ",".join(["0.5"] * 8) + "\n")
+    csv = _write_csv(tmp_path / "l.csv", "slide_id,label\na,0\nb,1\nc,0\nd,1\n")
+    cohort = Cohort.from_folder(features, csv)
+    assert [cohort.paths[s].suffix for s in cohort.slide_ids] == [".h5", ".pt", ".npy", ".csv"]
+    dataset = BagDataset(cohort)
+    assert [dataset[i][0].num_patches for i in range(4)] == [5, 4, 6, 1]

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from fake_runs import write_compare_run
 from tcssa.data import write_h5
 from tcssa.mil import build_model
-from tcssa.slot_analysis import choose_slide, embed_patches, load_fold_model, slide_figures, top1_slots
+from tcssa.slot_analysis import choose_slide, embed_patches, slide_figures, top1_slots
+from tcssa.train.runs import load_checkpoint
 from tcssa.viz import build_report, load_compare_run
 
 DIM = 16
@@ -18,7 +19,8 @@ def _save_checkpoint(fold_dir, num_slots=8, seed=0):
     model = build_model("tcssa", DIM, 2, num_slots=num_slots, seed=seed)
     fold_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fold_dir / "model.safetensors"))
-    (fold_dir / "model_config.json").write_text(json.dumps(model.config))
+    model_config = {"model": model.config, "class_names": ["negative", "positive"], "fold": 0}
+    (fold_dir / "model_config.json").write_text(json.dumps(model_config))
     return model.eval()
 
 
@@ -36,21 +38,12 @@ def _write_slide(features_dir, slide_id, n=60, with_phenotype=True):
 
 def test_a_saved_checkpoint_routes_like_the_model(tmp_path):
     model = _save_checkpoint(tmp_path / "fold_0")
-    loaded = load_fold_model(tmp_path / "fold_0")
+    loaded, _ = load_checkpoint(tmp_path / "fold_0")
     x = torch.randn(40, DIM)
     np.testing.assert_array_equal(top1_slots(loaded, x), top1_slots(model, x))
     assert not loaded.training
-
-
-def test_load_fold_model_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model_config.json"):
-        load_fold_model(tmp_path)
-    _save_checkpoint(tmp_path / "fold_0")
-    config = json.loads((tmp_path / "fold_0" / "model_config.json").read_text())
-    config["in_dim"] = DIM + 1
-    (tmp_path / "fold_0" / "model_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="model.safetensors: does not match"):
-        load_fold_model(tmp_path / "fold_0")
+    with pytest.raises(ValueError, match="no slot routing"):
+        top1_slots(build_model("mean", DIM, 2), x)
 
 
 def test_choose_slide_takes_the_surest_positive_test_slide(tmp_path):

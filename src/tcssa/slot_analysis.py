@@ -9,7 +9,6 @@ machine) into a note rather than an error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,33 +41,6 @@ def features_dir_of(run: ModelRun) -> Path | None:
         if isinstance(value, str) and value:
             return Path(value)
     return None
-
-
-def load_fold_model(fold_dir: str | Path):
-    """Rebuild a fold's model from ``model_config.json`` and load ``model.safetensors`` (eval mode)."""
-    from safetensors.torch import load_file
-
-    from tcssa.mil import build_model
-
-    fold_dir = Path(fold_dir)
-    config_path, weights_path = fold_dir / "model_config.json", fold_dir / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
-    config = config.get("model", config) if isinstance(config.get("model"), dict) else config
-    try:
-        model = build_model(**config)
-    except TypeError as err:
-        raise ValueError(f"{config_path}: not a build_model configuration ({err})") from err
-    try:
-        model.load_state_dict(load_file(str(weights_path)))
-    except (RuntimeError, OSError) as err:
-        raise ValueError(f"{weights_path}: does not match {config_path} ({err})") from err
-    return model.eval()
 
 
 @torch.inference_mode()
@@ -151,6 +123,7 @@ def slide_figures(
 ) -> SlideFigures:
     """The slot map and slot embedding of one test slide, or notes saying why they are missing."""
     from tcssa.data import read_bag
+    from tcssa.train.runs import load_checkpoint
 
     run = compare.models.get(model_name)
     if run is None:
@@ -185,7 +158,7 @@ def slide_figures(
         if f"no '{PHENOTYPE}' dataset" not in str(err):
             raise
         bag = read_bag(path)
-    model = load_fold_model(checkpoint)
+    model, _ = load_checkpoint(checkpoint)
     slots = top1_slots(model, bag.features)
     num_slots = model.num_tokens
     phenotype = bag.extras.get(PHENOTYPE)
