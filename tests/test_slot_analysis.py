@@ -81,7 +81,7 @@ def test_slide_figures_in_the_report(tmp_path):
     assert not no_features.plots and "--features" in no_features.notes[0]
 
     figures = slide_figures(compare, features_dir=features_dir)
-    assert figures.plots[0].title == f"Slot map of slide {slide} (fold {fold} test set) (60 patches)"
+    assert figures.plots[0].title == f"Slot map of {slide}, a fold {fold} test slide (60 patches)"
     assert figures.plots[1].title.startswith("Semantic slots: PCA of 60 patch features")
     document = build_report(
         root, slide_analysis=lambda c: slide_figures(c, features_dir=features_dir)

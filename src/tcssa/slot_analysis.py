@@ -164,7 +164,7 @@ def slide_figures(
     phenotype = bag.extras.get(PHENOTYPE)
     names = bag.attrs.get("phenotype_names")
     names = [str(n) for n in names] if isinstance(names, list) else None
-    label = f"{slide_id} (fold {fold} test set)"
+    label = f"{slide_id}, a fold {fold} test slide"
     figures, notes = [], []
     if bag.coords is not None:
         figures.append(slot_map(bag.coords.numpy(), slots, num_slots, phenotype, names, label))

@@ -120,12 +120,21 @@ def slot_palette(num_slots: int) -> np.ndarray:
     return _farthest_point_palette(num_slots).copy()
 
 
-def phenotype_palette(num_phenotypes: int) -> np.ndarray:
-    """Colours for ground-truth tissue phenotypes (few classes: Set2/tab20 style, distinct from slots)."""
+RARE_PHENOTYPE_COLOUR = "#e00000"  # the rarest phenotype of a slide (e.g. a small lesion) stands out
+
+
+def phenotype_palette(num_phenotypes: int, highlight: int | None = None) -> np.ndarray:
+    """Colours for ground-truth tissue phenotypes; ``highlight`` (e.g. the rarest) gets a strong red.
+
+    Dark2 holds no pure red, so the highlighted phenotype cannot be confused with another.
+    """
     from matplotlib import colormaps
 
     base = colormaps["Dark2"].colors if num_phenotypes <= 8 else colormaps["tab20"].colors
-    return np.array([to_rgb(base[i % len(base)]) for i in range(num_phenotypes)])
+    colours = np.array([to_rgb(base[i % len(base)]) for i in range(num_phenotypes)])
+    if highlight is not None:
+        colours[highlight] = to_rgb(RARE_PHENOTYPE_COLOUR)
+    return colours
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -430,7 +439,10 @@ def _phenotype_names_colours(
     count = int(phenotype.max()) + 1
     names = list(names) if names is not None else []
     names += [f"phenotype {i}" for i in range(len(names), count)]
-    return names, phenotype_palette(len(names))
+    counts = np.bincount(phenotype, minlength=len(names)).astype(float)
+    counts[counts == 0] = np.inf
+    rarest = int(np.argmin(counts)) if len(np.unique(phenotype)) > 1 else None
+    return names, phenotype_palette(len(names), highlight=rarest)
 
 
 def slot_map(
@@ -491,7 +503,6 @@ def slot_map(
         ax.set_xlabel("x (level-0 pixels)")
         ax.set_ylabel("y (level-0 pixels)")
         ax.set_facecolor("white")
-    label = f" {slide_label}" if slide_label else ""
     caption = "Slots should follow tissue regions"
     caption += (
         ": regions of one phenotype on the right should share a colour on the left, and a small lesion "
@@ -499,7 +510,7 @@ def slot_map(
         if phenotype is not None
         else " (no ground-truth phenotype in this slide's file to compare with)."
     )
-    return _finish(figure, f"Slot map of slide{label} ({len(coords):,} patches)", caption)
+    return _finish(figure, f"Slot map of {slide_label or 'one slide'} ({len(coords):,} patches)", caption)
 
 
 def slot_embedding(

@@ -102,7 +102,11 @@ def _fmt_seconds(value: str | None) -> str:
 
 
 def _tokens(row: dict[str, str]) -> float:
-    return to_float(row.get("tokens"))
+    """Tokens per slide the head sees; NaN for full-bag models (written as "all" or left empty)."""
+    try:
+        return to_float(row.get("tokens"))
+    except ValueError:
+        return math.nan
 
 
 def comparison_table_html(rows: Sequence[dict[str, str]], mean_patches: float | None = None) -> str:
@@ -166,7 +170,7 @@ class _Page:
             self.notes.append(f"{what} not drawn: {err}")
 
 
-_CONFIG_FACTS = ("features", "features_dir", "labels", "labels_csv", "folds", "epochs", "seed", "max_patches")
+_CONFIG_FACTS = ("features", "features_dir", "labels", "labels_csv", "folds", "epochs", "seed")
 
 
 def _header_html(compare: CompareRun, demo: dict | None, title: str) -> str:
@@ -218,8 +222,6 @@ def build_report(
     page.add(_header_html(compare, demo, title))
 
     page.section("Comparison")
-    if demo and demo.get("headline"):
-        page.add(f"<pre>{esc(chr(10).join(demo['headline']))}</pre>")
     page.add(comparison_table_html(compare.rows, mean_patches))
     page.add(
         "<p>Mean ± std over the test folds; the best AUC is highlighted. Tokens per slide is what the "
@@ -227,6 +229,9 @@ def build_report(
         + (f" ({mean_patches:,.0f})" if mean_patches else "")
         + " by it.</p>"
     )
+    if demo and demo.get("token_budget"):
+        page.add("<p>What the trained TC-SSA does to the largest slide of the cohort:</p>")
+        page.add(f"<pre>{esc(chr(10).join(demo['token_budget']))}</pre>")
     scores = [
         plots.ModelScore(
             r["model"],
