@@ -81,16 +81,29 @@ class SlideLMBatch:
     feature_mask: Tensor  # B x N bool
     sample_seeds: Tensor  # B long
     labels: Tensor | None = None  # B x L long, IGNORE_INDEX where not supervised
+    slide_rows: Tensor | None = None  # B long: row -> slide in ``features`` (when slides are shared)
     slide_ids: list[str] = field(default_factory=list)
 
-    def to(self, device, feature_dtype: torch.dtype | None = None) -> SlideLMBatch:
+    def to(self, device, non_blocking: bool = False) -> SlideLMBatch:
+        """Move every tensor (Accelerate calls this to place a batch)."""
         moved = {
-            name: getattr(self, name).to(device)
-            for name in ("input_ids", "attention_mask", "image_mask", "feature_mask", "sample_seeds")
+            name: getattr(self, name).to(device, non_blocking=non_blocking)
+            for name in (
+                "input_ids",
+                "attention_mask",
+                "image_mask",
+                "features",
+                "feature_mask",
+                "sample_seeds",
+            )
         }
-        features = self.features.to(device, dtype=feature_dtype or self.features.dtype)
-        labels = None if self.labels is None else self.labels.to(device)
-        return SlideLMBatch(**moved, features=features, labels=labels, slide_ids=self.slide_ids)
+        optional = {
+            name: None
+            if getattr(self, name) is None
+            else getattr(self, name).to(device, non_blocking=non_blocking)
+            for name in ("labels", "slide_rows")
+        }
+        return SlideLMBatch(**moved, **optional, slide_ids=self.slide_ids)
 
     def model_inputs(self) -> dict[str, Tensor]:
         """The tensors ``SlideLM.forward`` takes (a DDP-wrapped model must be called through forward)."""
@@ -104,6 +117,8 @@ class SlideLMBatch:
         }
         if self.labels is not None:
             inputs["labels"] = self.labels
+        if self.slide_rows is not None:
+            inputs["slide_rows"] = self.slide_rows
         return inputs
 
 
@@ -118,12 +133,19 @@ def collate(
     slide_ids: list[str],
     pad_id: int,
     padding_side: str = "right",
+    slide_rows: list[int] | None = None,
 ) -> SlideLMBatch:
-    """Pad token sequences (right for training, left for generation and scoring) and patch features."""
+    """Pad token sequences (right for training, left for generation and scoring) and patch features.
+
+    ``slide_rows`` lets several sequences share one slide (sequence i uses ``features[slide_rows[i]]``),
+    so that scoring the options of a question compresses its slide once.
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
-    if not samples or len(samples) != len(features) or len(samples) != len(slide_ids):
-        raise ValueError("collate needs one feature tensor and one slide id per sample")
+    if not samples or len(features) != len(slide_ids):
+        raise ValueError("collate needs samples, and one slide id per feature tensor")
+    if slide_rows is None and len(samples) != len(features):
+        raise ValueError("collate needs one feature tensor per sample (or slide_rows)")
     batch, width = len(samples), max(len(s.input_ids) for s in samples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention = torch.zeros(batch, width, dtype=torch.long)
@@ -138,8 +160,8 @@ def collate(
         labels[row, span] = torch.tensor(sample.labels)
     dim = features[0].shape[-1]
     num_patches = max(f.shape[0] for f in features)
-    padded = torch.zeros(batch, num_patches, dim, dtype=features[0].dtype)
-    feature_mask = torch.zeros(batch, num_patches, dtype=torch.bool)
+    padded = torch.zeros(len(features), num_patches, dim, dtype=features[0].dtype)
+    feature_mask = torch.zeros(len(features), num_patches, dtype=torch.bool)
     for row, slide in enumerate(features):
         if slide.dim() != 2 or slide.shape[-1] != dim:
             raise ValueError(
@@ -155,6 +177,7 @@ def collate(
         feature_mask=feature_mask,
         sample_seeds=torch.tensor([slide_seed(s) for s in slide_ids], dtype=torch.long),
         labels=labels if any(label != IGNORE_INDEX for s in samples for label in s.labels) else None,
+        slide_rows=None if slide_rows is None else torch.tensor(slide_rows, dtype=torch.long),
         slide_ids=list(slide_ids),
     )
 
@@ -249,10 +272,13 @@ class SlideLM(nn.Module):
         features: Tensor,
         feature_mask: Tensor,
         sample_seeds: Tensor | None = None,
+        slide_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Token embeddings with the projected slide tokens written into the slide span."""
         tokens, token_mask, aux = self.slide_tokens(features, feature_mask, sample_seeds)
         projected = self.projector(tokens)
+        if slide_rows is not None:
+            projected, token_mask = projected[slide_rows], token_mask[slide_rows]
         embedding = self.lm.get_input_embeddings()
         embeds = embedding(input_ids.masked_fill(image_mask, 0))
         per_row_span = image_mask.sum(1)
@@ -276,9 +302,12 @@ class SlideLM(nn.Module):
         feature_mask: Tensor,
         sample_seeds: Tensor | None = None,
         labels: Tensor | None = None,
+        slide_rows: Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> SlideLMOutput:
-        embeds, aux = self.inputs_embeds(input_ids, image_mask, features, feature_mask, sample_seeds)
+        embeds, aux = self.inputs_embeds(
+            input_ids, image_mask, features, feature_mask, sample_seeds, slide_rows
+        )
         out = self.lm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -315,7 +344,12 @@ class SlideLM(nn.Module):
         if not bool(batch.attention_mask[:, -1].all()):
             raise ValueError("generation needs left-padded prompts")
         embeds, _ = self.inputs_embeds(
-            batch.input_ids, batch.image_mask, batch.features, batch.feature_mask, batch.sample_seeds
+            batch.input_ids,
+            batch.image_mask,
+            batch.features,
+            batch.feature_mask,
+            batch.sample_seeds,
+            batch.slide_rows,
         )
         options = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
         return self.lm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, **options)
