@@ -51,6 +51,7 @@ def _cmd_vqa_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         max_length=args.max_length,
         max_patches=args.max_patches,
+        mc_reply=args.mc_reply,
         train_compressor=args.train_compressor,
         gradient_checkpointing=args.gradient_checkpointing,
         lora_r=args.lora_r,
@@ -100,7 +101,7 @@ def _cmd_vqa_eval(args: argparse.Namespace) -> int:
 def _cmd_vqa_demo(args: argparse.Namespace) -> int:
     from tcssa.vlm.demo import run_vqa_demo
 
-    run_vqa_demo(args.out, quick=args.quick, seed=args.seed)
+    run_vqa_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
     return 0
 
 
@@ -155,6 +156,12 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, help="learning rate (default 1e-3 stage 1, 2e-4 stage 2)")
     train.add_argument("--max-length", type=int, default=2048, help="token limit per sample (default 2048)")
     train.add_argument("--max-patches", type=int, help="random subset of at most this many patches per slide")
+    train.add_argument(
+        "--mc-reply",
+        choices=("letter", "text"),
+        default="letter",
+        help="multiple-choice training replies: the letter (default) or the correct option's text",
+    )
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for LM memory")
     train.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
     train.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
@@ -189,6 +196,9 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", required=True, help="folder for the demo's data, runs and vqa_results.csv")
     demo.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on a laptop CPU)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for torch (default 1: the demo's ops are tiny)"
+    )
     demo.set_defaults(func=_cmd_vqa_demo)
 
     prefill = sub.add_parser("prefill", help="LM prefill FLOPs and time: K slot tokens vs N patch tokens")

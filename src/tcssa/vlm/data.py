@@ -70,8 +70,16 @@ class ConversationDataset(Dataset):
     training; evaluation always uses every patch).
     """
 
-    def __init__(self, samples, features, tokenizer, max_patches: int | None = None, seed: int = 0) -> None:
-        conversations = [to_conversation(s) for s in samples]
+    def __init__(
+        self,
+        samples,
+        features,
+        tokenizer,
+        max_patches: int | None = None,
+        seed: int = 0,
+        mc_reply: str = "letter",
+    ) -> None:
+        conversations = [to_conversation(s, mc_reply) for s in samples]
         absent = sorted({c.slide_id for c in conversations if c.slide_id not in features})
         if absent:
             raise ValueError(

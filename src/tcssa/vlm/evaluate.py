@@ -2,9 +2,12 @@
 
 Two ways to read the model's answer, both deterministic:
 
-- ``loglik``: every option's reply (its letter, or its text with ``score="text"``) is scored by the
-  model's log-likelihood after the prompt, exactly as training supervises a reply; the best wins
-  (option text is scored per token, so long options are not penalised for their length).
+- ``loglik``: every option is scored by the model's log-likelihood after the prompt, with the reply
+  tokenized exactly as training supervises one. ``score="letter"``: the tokens of the option's letter
+  (the reply's end-of-turn tokens, the same for every option, are left out, so a model trained to
+  answer "B" and one trained to answer "B. text" are read alike); ``score="text"``: the whole reply
+  made of the option's text, end-of-turn included (so a prefix of a longer option is not favoured).
+  The most likely option wins; ties go to the first.
 - ``generate``: greedy generation, read with ``prompts.parse_letter`` (the reply must BE a valid
   letter, optionally "(B)", "B.", "Answer: B"); anything else counts as wrong and is listed as unparsed.
 
@@ -25,7 +28,15 @@ from tqdm.auto import tqdm
 
 from tcssa.vlm.formats import VQAItem
 from tcssa.vlm.model import SlideLM, collate
-from tcssa.vlm.prompts import assemble, format_question, parse_letter, reply_ids, tokenize_conversation
+from tcssa.vlm.prompts import (
+    IGNORE_INDEX,
+    EncodedSample,
+    assemble,
+    format_question,
+    parse_letter,
+    reply_ids,
+    tokenize_conversation,
+)
 
 EVAL_MODES = ("loglik", "generate")
 SCORE_TARGETS = ("letter", "text")
@@ -119,6 +130,18 @@ def _prompt_turns(item: VQAItem):
     return [("human", format_question(item))]
 
 
+def _option_replies(tokenizer, turns, item: VQAItem, score: str) -> list[tuple[int, ...]]:
+    replies = [
+        reply_ids(tokenizer, turns, letter if score == "letter" else text) for letter, text in item.options
+    ]
+    if score == "letter" and len(replies) > 1:
+        shared = 0  # end-of-turn tokens every option's reply ends with
+        while shared < min(map(len, replies)) - 1 and len({r[len(r) - 1 - shared] for r in replies}) == 1:
+            shared += 1
+        replies = [r[: len(r) - shared] for r in replies]
+    return replies
+
+
 def _predict_by_likelihood(model, tokenizer, items, slides, score, device) -> list[str]:
     samples, rows, lengths, owners = [], [], [], []
     for slide_index, (item, slide) in enumerate(zip(items, slides, strict=True)):
@@ -128,12 +151,13 @@ def _predict_by_likelihood(model, tokenizer, items, slides, score, device) -> li
             model.config.num_slide_tokens(slide.shape[0]),
             tokenizer.pad_token_id,
         )
-        for letter, text in item.options:
-            reply = reply_ids(tokenizer, turns, letter if score == "letter" else text)
+        for (letter, _), reply in zip(
+            item.options, _option_replies(tokenizer, turns, item, score), strict=True
+        ):
             samples.append(
-                type(prompt)(
+                EncodedSample(
                     prompt.input_ids + list(reply),
-                    [-100] * (len(prompt.input_ids) + len(reply)),
+                    [IGNORE_INDEX] * (len(prompt.input_ids) + len(reply)),
                     prompt.image_mask + [False] * len(reply),
                 )
             )
@@ -144,8 +168,6 @@ def _predict_by_likelihood(model, tokenizer, items, slides, score, device) -> li
         samples, slides, [i.slide_id for i in items], tokenizer.pad_token_id, "left", slide_rows=rows
     ).to(device)
     logprobs = model.continuation_logprobs(batch, lengths).cpu()
-    if score == "text":  # per-token mean, so that a long option is not penalised for its length
-        logprobs = logprobs / torch.tensor(lengths, dtype=logprobs.dtype)
     best: dict[int, tuple[float, str]] = {}
     for (slide_index, letter), value in zip(owners, logprobs.tolist(), strict=True):
         if slide_index not in best or value > best[slide_index][0]:  # ties: the first option wins

@@ -101,7 +101,9 @@ def train_from_files(
     train_config.extra.update(
         {"data": [str(p) for p in data], "features_dir": str(features_dir), "left_out": dropped}
     )
-    dataset = ConversationDataset(samples, features, tokenizer, train_config.max_patches, train_config.seed)
+    dataset = ConversationDataset(
+        samples, features, tokenizer, train_config.max_patches, train_config.seed, train_config.mc_reply
+    )
     report(f"stage {stage}: {len(dataset)} samples, slide tokens {model.config.slide_tokens}")
     result = train_stage(model, tokenizer, dataset, train_config, out_dir, info)
     report(f"trained {result['steps']} steps in {result['seconds']:.0f} s; run folder: {out_dir}")

@@ -40,11 +40,17 @@ def format_question(item: VQAItem) -> str:
     return "\n".join(lines)
 
 
-def to_conversation(item: VQAItem | Conversation) -> Conversation:
-    """A training conversation: multiple choice is answered with the letter, open questions with text."""
+MC_REPLIES = ("letter", "text")
+
+
+def to_conversation(item: VQAItem | Conversation, mc_reply: str = "letter") -> Conversation:
+    """A training conversation. A multiple-choice question is answered with its letter (SlideBench
+    style) or, with ``mc_reply="text"``, with the correct option's text; an open question with its text."""
     if isinstance(item, Conversation):
         return item
-    reply = item.answer if item.is_multiple_choice else item.answer_text
+    if mc_reply not in MC_REPLIES:
+        raise ValueError(f"mc_reply must be one of {MC_REPLIES}, got {mc_reply!r}")
+    reply = item.answer if item.is_multiple_choice and mc_reply == "letter" else item.answer_text
     return Conversation(item.question_id, item.slide_id, (("human", format_question(item)), ("gpt", reply)))
 
 

@@ -45,6 +45,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int | None = 2048
     max_patches: int | None = None
+    mc_reply: str = "letter"  # multiple-choice replies: the letter, or the option's text
     train_compressor: bool | None = None  # None: stage 1 trains it unless loaded from MIL; stage 2 no
     gradient_checkpointing: bool = False
     lora_r: int = 16
