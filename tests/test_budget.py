@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tcssa import budget
 
@@ -173,3 +175,44 @@ def test_budget_input_errors():
         budget.select_random(torch.randn(1, 5, 2), None, 0)
     with pytest.raises(ValueError, match="no real patch"):
         budget.select_random(torch.randn(2, 5, 2), torch.tensor([[True] * 5, [False] * 5]), 2)
+
+
+def test_kmeans_and_grid_with_identical_patches_stay_finite():
+    x = torch.ones(1, 10, 3)
+    coords = torch.zeros(1, 10, 2, dtype=torch.long)
+    for out in (budget.kmeans_pool(x, None, 4), budget.grid_pool(x, coords, None, 4)):
+        assert out.token_mask.all() and torch.isfinite(out.tokens).all()
+        torch.testing.assert_close(out.tokens, torch.ones(1, 4, 3))
+        assert (out.assignment >= 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    k=st.integers(1, 9),
+    seed=st.integers(0, 1000),
+)
+def test_every_budget_is_the_same_alone_and_padded(lengths, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    total = max(lengths) + 4
+    x = torch.randn(len(lengths), total, 3, generator=gen)
+    coords = torch.randint(0, 50, (len(lengths), total, 2), generator=gen)
+    mask = torch.zeros(len(lengths), total, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, torch.randperm(total, generator=gen)[:n]] = True  # padding between real patches
+    runs = {
+        "random": lambda x, c, m: budget.select_random(x, m, k),
+        "kmeans": lambda x, c, m: budget.kmeans_pool(x, m, k),
+        "grid": lambda x, c, m: budget.grid_pool(x, c, m, k),
+    }
+    for name, run in runs.items():
+        batched = run(x, coords, mask)
+        assert batched.tokens.shape == (len(lengths), k, 3), name
+        for i, n in enumerate(lengths):
+            real = mask[i]
+            alone = run(x[i : i + 1, real], coords[i : i + 1, real], None)
+            torch.testing.assert_close(batched.tokens[i], alone.tokens[0], atol=1e-5, rtol=1e-5)
+            assert torch.equal(batched.token_mask[i], alone.token_mask[0]), name
+            assert torch.equal(batched.assignment[i, real], alone.assignment[0]), name
+            assert (batched.assignment[i, ~real] == -1).all(), name
+            assert int(batched.token_mask[i].sum()) == min(n, k), name

@@ -206,3 +206,126 @@ def test_coords_count_must_match(tmp_path):
 def test_coords_must_be_n_by_2(tmp_path):
     with pytest.raises(ValueError, match="coords must be N x 2"):
         write_h5(tmp_path / "out.h5", _features(), np.zeros((10, 3)))
+
+
+# --------------------------------------------------------------------------- .pt, .npy/.npz, .csv
+
+
+def test_pt_tensor_and_dict(tmp_path):
+    features = torch.from_numpy(_features())
+    torch.save(features, tmp_path / "tensor.pt")
+    bag = read_bag(tmp_path / "tensor.pt")
+    assert torch.equal(bag.features, features) and bag.coords is None and bag.slide_id == "tensor"
+    torch.save(
+        {"features": features.half(), "coords": torch.from_numpy(_coords()), "name": "x"}, tmp_path / "d.pth"
+    )
+    bag = read_bag(tmp_path / "d.pth")
+    assert bag.features.dtype == torch.float32
+    assert torch.equal(bag.features, features.half().float())
+    assert torch.equal(bag.coords, torch.from_numpy(_coords())) and bag.attrs == {"name": "x"}
+    assert read_bag(tmp_path / "d.pth", dtype=None).features.dtype == torch.float16
+    torch.save(features.bfloat16(), tmp_path / "bf16.pt")
+    assert read_bag(tmp_path / "bf16.pt").features.dtype == torch.float32
+
+
+class _Payload:
+    """Any class instance: unpickling it would import and run code, so weights_only refuses it."""
+
+
+def test_pt_never_runs_code(tmp_path):
+    torch.save({"features": torch.ones(2, 3), "payload": _Payload()}, tmp_path / "unsafe.pt")
+    with pytest.raises(ValueError, match=r"unsafe.pt: refused to load.*weights_only=True"):
+        read_bag(tmp_path / "unsafe.pt")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"feats": torch.ones(2, 3)}, r"no 'features' key \(found: feats\)"),
+        ([torch.ones(2, 3), torch.ones(4, 3)], "list of 2 items.*ragged"),
+        ({"features": [[1.0, 2.0], [3.0]]}, "not a tensor"),
+        ({"features": torch.ones(5)}, "must be N x D"),
+        ({"features": torch.ones(4, 3), "coords": torch.zeros(3, 2)}, "3 coords for 4 feature rows"),
+        ({"features": torch.full((2, 3), float("nan"))}, "NaN or Inf"),
+    ],
+)
+def test_bad_pt_files(tmp_path, content, message):
+    torch.save(content, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=f"bad.pt: .*{message}"):
+        read_bag(tmp_path / "bad.pt")
+
+
+def test_corrupt_pt(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt.pt"):
+        read_bag(tmp_path / "corrupt.pt")
+
+
+def test_npy_and_npz(tmp_path):
+    features = _features()
+    np.save(tmp_path / "a.npy", features)
+    assert torch.equal(read_bag(tmp_path / "a.npy").features, torch.from_numpy(features))
+    assert peek_shape(tmp_path / "a.npy") == (10, 8)
+    np.savez(tmp_path / "b.npz", features=features, coords=_coords(), phenotype=np.arange(10))
+    bag = read_bag(tmp_path / "b.npz", extras=["phenotype"])
+    assert torch.equal(bag.coords, torch.from_numpy(_coords()))
+    assert np.array_equal(bag.extras["phenotype"], np.arange(10))
+    np.savez(tmp_path / "single.npz", whatever=features)
+    assert read_bag(tmp_path / "single.npz").num_patches == 10
+    np.save(tmp_path / "ints.npy", np.arange(20).reshape(10, 2))
+    assert read_bag(tmp_path / "ints.npy").features.dtype == torch.float32
+
+
+def test_bad_numpy_files(tmp_path):
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.ones(3), np.ones(4)
+    np.save(tmp_path / "ragged.npy", ragged, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"ragged.npy: features are ragged or not numeric"):
+        read_bag(tmp_path / "ragged.npy")
+    np.savez(tmp_path / "two.npz", a=_features(), b=_features())
+    with pytest.raises(ValueError, match=r"two.npz: no 'features' array \(found: a, b\)"):
+        read_bag(tmp_path / "two.npz")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="empty.npy: empty bag"):
+        read_bag(tmp_path / "empty.npy")
+    with pytest.raises(ValueError, match="empty.npy: empty bag"):
+        peek_shape(tmp_path / "empty.npy")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 broken zip")
+    with pytest.raises(ValueError, match="corrupt.npz"):
+        read_bag(tmp_path / "corrupt.npz")
+
+
+def _write_feature_csv(path, features, bom=False, header=None):
+    header = header if header is not None else ",".join(str(i) for i in range(features.shape[1]))
+    body = "\n".join(",".join(f"{v:.6f}" for v in row) for row in features)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + f"{header}\n{body}\n".encode())
+    return path
+
+
+def test_dsmil_slidechat_csv(tmp_path):
+    features = _features()
+    bag = read_bag(_write_feature_csv(tmp_path / "patient_1.csv", features, bom=True))
+    assert bag.slide_id == "patient_1" and bag.coords is None
+    torch.testing.assert_close(bag.features, torch.from_numpy(features), atol=1e-6, rtol=0)
+
+
+def test_bad_csv_files(tmp_path):
+    features = _features(n=3, d=4)
+    with pytest.raises(ValueError, match=r"no_header.csv: expected a DSMIL/SlideChat feature CSV"):
+        read_bag(_write_feature_csv(tmp_path / "no_header.csv", features, header="a,b,c,d"))
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("0,1,2\n1,2,3\n1,2\n")
+    with pytest.raises(ValueError, match="ragged.csv: feature rows are ragged or not numeric"):
+        read_bag(ragged)
+    wide = tmp_path / "wide.csv"
+    wide.write_text("0,1\n1,2,3\n4,5,6\n")
+    with pytest.raises(ValueError, match="wide.csv: rows have 3 values for a header of 2 columns"):
+        read_bag(wide)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("0,1,2\n")
+    with pytest.raises(ValueError, match="empty.csv: empty bag"):
+        read_bag(empty)
+    nan = tmp_path / "nan.csv"
+    nan.write_text("0,1\n1,nan\n")
+    with pytest.raises(ValueError, match="nan.csv: features contain NaN"):
+        read_bag(nan)

@@ -57,6 +57,16 @@ def check_features(features: np.ndarray, source: str | Path) -> np.ndarray:
     return features
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """True when no element is NaN or Inf (float16 through its exponent bits: several times faster)."""
+    if values.dtype == np.float16:
+        exponent = np.uint16(0x7C00)
+        return not ((values.view(np.uint16) & exponent) == exponent).any()
+    if np.issubdtype(values.dtype, np.floating):
+        return bool(np.isfinite(values).all())
+    return True
+
+
 def check_coords(coords: np.ndarray, num_patches: int, source: str | Path) -> np.ndarray:
     """Return ``coords`` as N x 2 or raise a ValueError naming ``source``."""
     if coords.dtype == object:
@@ -83,15 +93,19 @@ def to_bag(
     *,
     attrs: dict | None = None,
     extras: dict[str, np.ndarray] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
 ) -> Bag:
-    """Validate raw arrays from any reader and build a Bag (features cast once to ``dtype``)."""
+    """Validate raw arrays from any reader and build a Bag (features cast once to ``dtype``;
+    None keeps a floating stored dtype and makes integer features float32)."""
     if isinstance(features, Tensor):
         features = features.detach().cpu()
         # bfloat16 has no numpy dtype; float32 holds it exactly
         features = (features.float() if features.dtype == torch.bfloat16 else features).numpy()
     features = check_features(np.asarray(features), source)
-    tensor = torch.from_numpy(np.ascontiguousarray(features)).to(dtype)
+    tensor = torch.from_numpy(np.ascontiguousarray(features))
+    if dtype is None:
+        dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
+    tensor = tensor.to(dtype)
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).any(dim=1).nonzero().flatten()
         raise ValueError(

@@ -7,12 +7,21 @@ Formats, chosen by extension:
   of ``coords`` (``patch_size``, ``patch_size_level0``, ``level0_magnification``,
   ``target_magnification``, ...); CLAM's older layout has ``patch_size``, ``patch_level`` and
   ``downsample`` instead, from which ``patch_size_level0`` is derived.
+- ``.pt`` / ``.pth``: a tensor (N x D), or a dict with ``features`` and optionally ``coords``.
+  Loaded with ``weights_only=True``: a feature file can never run code.
+- ``.npy``: an N x D array; ``.npz``: arrays ``features`` (and ``coords``), or a single array.
+  Loaded without pickle.
+- ``.csv``: DSMIL / SlideChat patch features: a header row ``0,1,...,D-1`` then one row per
+  patch, no coords (a UTF-8 byte-order mark is tolerated).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,15 +30,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tcssa.data.bag import Bag, check_coords, check_features, to_bag
+from tcssa.data.bag import Bag, all_finite, check_coords, check_features, to_bag
 
 H5_EXTENSIONS = (".h5", ".hdf5")
-FEATURE_EXTENSIONS = H5_EXTENSIONS
+TORCH_EXTENSIONS = (".pt", ".pth")
+NUMPY_EXTENSIONS = (".npy", ".npz")
+CSV_EXTENSIONS = (".csv",)
+FEATURE_EXTENSIONS = H5_EXTENSIONS + TORCH_EXTENSIONS + NUMPY_EXTENSIONS + CSV_EXTENSIONS
 
 
-def read_bag(path: str | Path, dtype: torch.dtype = torch.float32, *, extras: Iterable[str] = ()) -> Bag:
+def read_bag(
+    path: str | Path, dtype: torch.dtype | None = torch.float32, *, extras: Iterable[str] = ()
+) -> Bag:
     """Read one slide's patch features; the format follows the extension, slide_id is the file stem.
 
+    ``dtype``: the features' dtype in the Bag (cast once); None keeps the stored floating dtype.
     ``extras`` names further per-patch arrays to load into ``Bag.extras`` (e.g. ``phenotype``).
     Errors (missing file, corrupt file, bad shapes, NaN/Inf) name the file.
     """
@@ -37,26 +52,141 @@ def read_bag(path: str | Path, dtype: torch.dtype = torch.float32, *, extras: It
     if not path.is_file():
         raise FileNotFoundError(f"feature file not found: {path}")
     suffix = path.suffix.lower()
+    extras = tuple(extras)
     if suffix in H5_EXTENSIONS:
-        return _read_h5(path, dtype, tuple(extras))
-    raise ValueError(
-        f"{path}: unknown feature file extension {path.suffix!r} (known: {', '.join(FEATURE_EXTENSIONS)})"
-    )
+        features, coords, attrs, extra_arrays = _read_h5(path, extras)
+    elif suffix in TORCH_EXTENSIONS:
+        features, coords, attrs, extra_arrays = _read_torch(path, extras)
+    elif suffix in NUMPY_EXTENSIONS:
+        features, coords, attrs, extra_arrays = _read_numpy(path, extras)
+    elif suffix in CSV_EXTENSIONS:
+        features, coords, attrs, extra_arrays = _read_csv(path, extras)
+    else:
+        raise ValueError(
+            f"{path}: unknown feature file extension {path.suffix!r} (known: {', '.join(FEATURE_EXTENSIONS)})"
+        )
+    return to_bag(features, coords, path.stem, path, attrs=attrs, extras=extra_arrays, dtype=dtype)
 
 
 def peek_shape(path: str | Path) -> tuple[int, int]:
-    """(N, D) of a feature file, reading only the header where the format allows it."""
+    """(N, D) of a feature file, reading only the header where the format allows it (h5, npy)."""
     path = Path(path)
-    if path.suffix.lower() in H5_EXTENSIONS:
+    suffix = path.suffix.lower()
+    if suffix in H5_EXTENSIONS:
         with _open_h5(path) as f:
             shape = _features_dataset(f, path).shape
-        if len(shape) == 3 and shape[0] == 1:
-            shape = shape[1:]
-        if len(shape) != 2:
-            raise ValueError(f"{path}: features must be N x D (2-D), got shape {tuple(shape)}")
-        return int(shape[0]), int(shape[1])
-    bag = read_bag(path)
-    return bag.num_patches, bag.dim
+    elif suffix == ".npy" and path.is_file():
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except ValueError as err:
+            raise ValueError(f"{path}: not a readable numeric .npy array ({err})") from err
+    else:
+        bag = read_bag(path, dtype=None)
+        return bag.num_patches, bag.dim
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise ValueError(f"{path}: features must be N x D (2-D), got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError(f"{path}: empty bag (0 patches)")
+    return int(shape[0]), int(shape[1])
+
+
+def _no_extras(path: Path, extras: tuple[str, ...], available: Mapping) -> dict:
+    missing = [name for name in extras if name not in available]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(repr(m) for m in missing)} (asked for as extras)")
+    return {name: np.asarray(available[name]) for name in extras}
+
+
+# --------------------------------------------------------------------------------------- .pt / .pth
+
+
+def _read_torch(path: Path, extras: tuple[str, ...]):
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers, "
+            f"which could run code (torch.load weights_only=True): {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable torch file ({err})") from err
+    if isinstance(content, Tensor):
+        return content, None, {}, _no_extras(path, extras, {})
+    if isinstance(content, list | tuple):
+        raise ValueError(
+            f"{path}: holds a {type(content).__name__} of {len(content)} items, not an N x D tensor "
+            "(ragged features?)"
+        )
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{path}: holds a {type(content).__name__}, not a tensor or a dict with 'features'")
+    if "features" not in content:
+        found = ", ".join(sorted(map(str, content))) or "nothing"
+        raise ValueError(f"{path}: no 'features' key (found: {found})")
+    features = content["features"]
+    if not isinstance(features, Tensor):
+        raise ValueError(
+            f"{path}: 'features' is a {type(features).__name__}, not a tensor (ragged features?)"
+        )
+    attrs = {k: v for k, v in content.items() if isinstance(v, str | int | float | bool)}
+    return features, content.get("coords"), attrs, _no_extras(path, extras, content)
+
+
+# ------------------------------------------------------------------------------------- .npy / .npz
+
+
+def _read_numpy(path: Path, extras: tuple[str, ...]):
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as err:  # object arrays (ragged lists) need pickle, which we never allow
+        raise ValueError(
+            f"{path}: features are ragged or not numeric (cannot load without pickle: {err})"
+        ) from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable numpy file ({err})") from err
+    if isinstance(loaded, np.ndarray):
+        return loaded, None, {}, _no_extras(path, extras, {})
+    with loaded:
+        names = list(loaded.files)
+        if "features" in names:
+            key = "features"
+        elif len(names) == 1:
+            key = names[0]
+        else:
+            raise ValueError(f"{path}: no 'features' array (found: {', '.join(names) or 'nothing'})")
+        try:
+            arrays = {name: loaded[name] for name in names}
+        except ValueError as err:
+            raise ValueError(
+                f"{path}: features are ragged or not numeric (cannot load without pickle)"
+            ) from err
+    return arrays[key], arrays.get("coords"), {}, _no_extras(path, extras, arrays)
+
+
+# -------------------------------------------------------------------------------------------- .csv
+
+
+def _read_csv(path: Path, extras: tuple[str, ...]):
+    with open(path, encoding="utf-8-sig") as handle:
+        header = handle.readline().strip()
+        names = [c.strip().strip('"') for c in header.split(",")] if header else []
+        if not names or names != [str(i) for i in range(len(names))]:
+            shown = header[:60] + ("..." if len(header) > 60 else "")
+            raise ValueError(
+                f"{path}: expected a DSMIL/SlideChat feature CSV with header 0,1,...,D-1, got {shown!r}"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "no data": reported as an empty bag below
+                features = np.loadtxt(handle, delimiter=",", dtype=np.float32, ndmin=2)
+        except ValueError as err:
+            raise ValueError(f"{path}: feature rows are ragged or not numeric ({err})") from err
+    if features.size == 0:
+        raise ValueError(f"{path}: empty bag (0 patches)")
+    if features.shape[1] != len(names):
+        raise ValueError(f"{path}: rows have {features.shape[1]} values for a header of {len(names)} columns")
+    return features, None, {}, _no_extras(path, extras, {})
 
 
 # ---------------------------------------------------------------------------------------------- h5
@@ -77,7 +207,7 @@ def _features_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
     return node
 
 
-def _read_h5(path: Path, dtype: torch.dtype, extras: tuple[str, ...]) -> Bag:
+def _read_h5(path: Path, extras: tuple[str, ...]):
     with _open_h5(path) as f:
         try:
             features_node = _features_dataset(f, path)
@@ -96,7 +226,7 @@ def _read_h5(path: Path, dtype: torch.dtype, extras: tuple[str, ...]) -> Bag:
         except OSError as err:  # truncated or damaged file: h5py opens it, reading fails
             raise ValueError(f"{path}: HDF5 file is damaged ({err})") from err
     _derive_level0_patch_size(attrs)
-    return to_bag(features, coords, path.stem, path, attrs=attrs, extras=extra_arrays, dtype=dtype)
+    return features, coords, attrs, extra_arrays
 
 
 def _derive_level0_patch_size(attrs: dict) -> None:
@@ -175,7 +305,7 @@ def write_h5(
     """
     path = Path(path)
     features = check_features(_as_numpy(features), path)
-    if not np.isfinite(features).all():
+    if not all_finite(features):
         raise ValueError(f"{path}: refusing to write features that contain NaN or Inf")
     if dtype is not None:
         dtype = np.dtype(dtype)

@@ -69,6 +69,14 @@ class RandomKMIL(TokenBudgetMIL):
         # follow the model's seed without consuming the global random stream at forward time.
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
 
+    # The sampling generator's state travels in the state dict (as a uint8 tensor, so it fits in
+    # safetensors): a run resumed from a checkpoint draws the same samples as one never stopped.
+    def get_extra_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.generator.set_state(state.to(device="cpu", dtype=torch.uint8))
+
     def select(self, x: Tensor, mask: Tensor, coords: Tensor | None) -> budget.BudgetTokens:
         if self.training:
             return budget.select_random(x, mask, self.num_tokens, generator=self.generator)

@@ -80,25 +80,28 @@ class NystromAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """``x`` B x L x dim with ``mask`` B x L True on a prefix of each row; padded rows come back 0."""
         batch, length, _ = x.shape
-        real = mask.to(x.dtype)[:, None, :, None]  # B x 1 x L x 1
         q, k, v = (
-            t.reshape(batch, length, self.heads, self.head_dim).transpose(1, 2) * real
+            t.reshape(batch, length, self.heads, self.head_dim).transpose(1, 2)
             for t in self.to_qkv(x).chunk(3, dim=-1)
         )
+        # Padded positions: their queries' outputs are dropped, their keys masked in every softmax;
+        # their values are zeroed so that the value convolution sees what a slide alone sees.
+        v = v * mask.to(x.dtype)[:, None, :, None]
         q = q * self.head_dim**-0.5
 
-        # Landmarks: token t of a slide with n real tokens falls in segment floor(t m / n)
-        # (n >= m), or is its own landmark (n < m).
+        # Landmarks: the means of m segments of each slide's n real tokens; segment j holds tokens
+        # ceil(j n / m) .. ceil((j + 1) n / m) - 1 (n >= m), or token j alone (n < m, then exact).
+        # Segment sums are differences of float64 prefix sums over the real prefix: padding is
+        # never read, and the result is deterministic on every device.
         m = self.num_landmarks
-        lengths = mask.sum(dim=1, keepdim=True)  # B x 1
-        position = torch.arange(length, device=x.device).unsqueeze(0)
-        segment = torch.where(lengths >= m, position * m // lengths.clamp(min=1), position)
-        segment = segment.masked_fill(~mask, m)  # padding goes to a dropped column
-        members = F.one_hot(segment.clamp(max=m), m + 1)[..., :m].to(x.dtype)  # B x L x m
-        counts = members.sum(dim=1)  # B x m
+        n = mask.sum(dim=1, keepdim=True)  # B x 1
+        j = torch.arange(m + 1, device=x.device).unsqueeze(0)
+        bounds = torch.where(n >= m, (j * n + m - 1) // m, torch.minimum(j, n))  # B x (m + 1)
+        counts = (bounds[:, 1:] - bounds[:, :-1]).to(x.dtype)  # B x m
         present = counts > 0
-        q_land = torch.einsum("blm,bhld->bhmd", members, q) / counts.clamp(min=1)[:, None, :, None]
-        k_land = torch.einsum("blm,bhld->bhmd", members, k) / counts.clamp(min=1)[:, None, :, None]
+        divisor = counts.clamp(min=1)[:, None, :, None]
+        q_land = self._segment_sums(q, bounds) / divisor
+        k_land = self._segment_sums(k, bounds) / divisor
 
         big_negative = torch.finfo(x.dtype).min
         present_col = present[:, None, None, :]  # B x 1 x 1 x m
@@ -110,10 +113,19 @@ class NystromAttention(nn.Module):
             (q_land @ k.transpose(-1, -2)).masked_fill(~mask[:, None, None, :], big_negative).softmax(-1)
         )
         kernel_3 = kernel_3 * present_row
-        out = (kernel_1 @ iterative_pinv(kernel_2, self.pinv_iterations)) @ (kernel_3 @ v)
+        # Right to left: L x m x d products only, never an L x m x m one.
+        out = kernel_1 @ (iterative_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ v))
         out = out + self.value_conv(v)  # v is 0 at padding, as a slide alone sees past its end
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.to_out(out) * mask.unsqueeze(-1).to(x.dtype)
+
+    @staticmethod
+    def _segment_sums(values: Tensor, bounds: Tensor) -> Tensor:
+        """Sums of ``values`` (B x h x L x d) over positions bounds[j] .. bounds[j + 1] - 1: B x h x m x d."""
+        prefix = F.pad(values.double().cumsum(dim=2), (0, 0, 1, 0))  # prefix[t] = sum of the first t
+        index = bounds[:, None, :, None].expand(-1, values.shape[1], -1, values.shape[-1])
+        ends = prefix.gather(2, index)
+        return (ends[:, :, 1:] - ends[:, :, :-1]).to(values.dtype)
 
 
 class TransLayer(nn.Module):
