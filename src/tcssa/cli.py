@@ -16,6 +16,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tcssa.bench import QUICK, BenchConfig, format_table, run_bench
+
+    config = QUICK if args.quick else BenchConfig()
+    overrides = {"dim": args.dim, "repeats": args.repeats, "seed": args.seed}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
+    print(format_table(result))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 # Each area of the package registers its commands with one function here; handlers import
 # their module lazily so that `tcssa --help` stays fast.
 
@@ -30,6 +44,37 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+_BENCH_SECTIONS = ("single", "agreement", "streaming", "cohort", "training", "auc")  # tcssa.bench.SECTIONS
+
+
+def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="speed and memory of TC-SSA against the published code's formulation, 10^3 to 10^6 patches",
+        description="Measure time and peak memory of TC-SSA (one slide, cohorts, training, streaming from "
+        "h5, bfloat16) and of the alternatives, each as a ratio to the published code's formulation "
+        "measured in the same run. Prints the table; writes bench.json, bench.csv, bench_scaling.png.",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="small sizes (D=256, N<=20000): a check that it runs"
+    )
+    bench.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    bench.add_argument("--dim", type=int, help="feature dimension D (default 1024; 256 with --quick)")
+    bench.add_argument(
+        "--repeats", type=int, help="timed repeats per measurement (default 5; 3 with --quick)"
+    )
+    bench.add_argument("--seed", type=int, help="seed for the synthetic slides and the models (default 0)")
+    bench.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(_BENCH_SECTIONS),
+        choices=_BENCH_SECTIONS,
+        help="which parts to run (default: all)",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcssa",
@@ -38,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo_commands(commands)
+    _add_bench_commands(commands)
     return parser
 
 

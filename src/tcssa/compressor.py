@@ -82,7 +82,7 @@ class CompressorOutput:
 class _Routing:
     """Steps 1-4 for a batch (or a chunk of one slide)."""
 
-    logits: Tensor  # B x N x K gate logits z~ (with noise in training)
+    lse: Tensor  # B x N logsumexp_k z~_jk, for the z-loss (the B x N x K logits need not be kept)
     probs: Tensor  # B x N x K routing probabilities P
     topk_weight: Tensor  # B x N x top_k truncated weights P~ (0 at padded patches)
     topk_index: Tensor  # B x N x top_k slot indices
@@ -248,10 +248,11 @@ class TCSSA(nn.Module):
         if self.training and self.noise_std > 0:  # 2. exploration noise, training only
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = logits.softmax(dim=-1)  # 3. P_j
+        lse = torch.logsumexp(logits, dim=-1)  # for the z-loss; the logits themselves can go
         topk_weight, topk_index = probs.topk(self.top_k, dim=-1)  # 4. P~ = m * P, not renormalised
         if mask is not None:  # padded patches get weight 0 (and index -1 in the output)
             topk_weight = topk_weight * mask.unsqueeze(-1)
-        return _Routing(logits, probs, topk_weight, topk_index)
+        return _Routing(lse, probs, topk_weight, topk_index)
 
     def _sum_slide(self, x: Tensor, mask: Tensor | None, routing: _Routing) -> _SlotSums:
         """The sums over patches that step 5 and the routing loss need.
@@ -260,8 +261,8 @@ class TCSSA(nn.Module):
         exactly what the whole slide in memory gives.
         """
         probs, index = routing.probs, routing.topk_index
-        weights = torch.zeros_like(probs).scatter(-1, index, routing.topk_weight)  # P~, B x N x K
-        lse = torch.logsumexp(routing.logits, dim=-1)  # for the z-loss
+        weights = torch.zeros_like(probs).scatter_(-1, index, routing.topk_weight)  # P~, B x N x K
+        lse = routing.lse
         # Counting from indices (not from weights > 0) so that an underflowed P still counts.
         real_assignments = torch.ones_like(index) if mask is None else mask.unsqueeze(-1).expand_as(index)
         slot_counts = torch.zeros(probs.shape[0], self.num_slots, dtype=torch.long, device=probs.device)
