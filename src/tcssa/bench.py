@@ -10,7 +10,8 @@ How it measures
 - Time: the methods of one comparison run round-robin in one process (reference, ours,
   reference, ours, ...), and each gets the median of its repeats. Compression runs under
   ``torch.inference_mode``.
-- Memory: each method runs in a child process of its own (``python -m tcssa.bench probe``),
+- Memory: each method runs in a child process of its own (forked from a server process that
+  has only imported torch and tcssa),
   sizes in increasing order. Before each size the child resets the kernel's peak-RSS mark
   (``/proc/self/clear_refs``), after one untimed warm-up call on the first size (one-time
   library set-up is not the method's), so ``peak_rss_mib`` is that size's peak resident memory of the
@@ -18,7 +19,7 @@ How it measures
   ``resource.getrusage``'s ru_maxrss (read from /proc because ru_maxrss also carries the
   parent's peak across fork and exec); ``work_mib`` is the peak minus the resident memory
   just before the call. The
-  child asks glibc to return freed buffers to the system at once (``MALLOC_MMAP_THRESHOLD_``),
+  child asks glibc to return freed buffers to the system at once (``mallopt``, M_MMAP_THRESHOLD),
   so one size's leftovers do not hide the next one's. tracemalloc is not used: it does not
   see torch's allocations. A child may also run under an address-space cap, so that a method
   that needs too much memory (dense self-attention) fails cleanly instead of swapping.
@@ -26,7 +27,6 @@ How it measures
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import json
@@ -35,7 +35,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -178,6 +177,7 @@ class BenchConfig:
     memory_cap_gib: float = 8.0  # address space a probe may add (dense attention stops here)
     agreement_size: int = 100_000  # bfloat16 vs float32 routing agreement
     probe_workers: int = 1  # memory probes at once (they do not time anything)
+    threads: int | None = None  # torch threads (None: torch's default)
     seed: int = 0
     quick: bool = False
 
@@ -191,11 +191,12 @@ QUICK = BenchConfig(
     batch_size=6,
     train_batch_size=3,
     chunk_size=4_096,
-    repeats=3,
+    repeats=2,
     train_repeats=1,
     memory_cap_gib=2.0,
     agreement_size=4_000,
     probe_workers=4,
+    threads=1,
     quick=True,
 )
 
@@ -337,6 +338,9 @@ def _reset_peak_rss() -> bool:
 
 def run_probe(spec: dict) -> list[dict]:
     """Child-process side of a memory probe: run one method at each size, report peak RSS."""
+    _return_freed_memory_at_once()
+    if spec["config"].get("threads"):
+        torch.set_num_threads(spec["config"]["threads"])
     config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
     method, results = spec["method"], []
     if spec.get("cap_gib"):
@@ -379,6 +383,18 @@ def run_probe(spec: dict) -> list[dict]:
     return results
 
 
+def _return_freed_memory_at_once() -> None:
+    # glibc keeps freed buffers below its (adaptive) mmap threshold for reuse, and RSS with them;
+    # a fixed 128 KiB threshold makes every larger buffer go back to the system when freed.
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: measurements may then include some retained buffers
+
+
 def _load_shared_code(config: BenchConfig) -> None:
     """Run every compression method once on a toy slide, so that each probe child starts with the
     same library code paged in: RSS counts code pages, and a method should not be charged for
@@ -399,6 +415,18 @@ def probe_many(jobs: list[dict], workers: int) -> list[list[dict]]:
         return list(pool.map(lambda job: probe_memory(**job), jobs))
 
 
+def _probe_context():
+    # Children fork from a server that has imported torch and tcssa once (a fresh exec would
+    # pay that import, seconds, per probe); the server runs no torch op, so forking it is safe.
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tcssa.bench"])
+    return context
+
+
 def probe_memory(
     method: str,
     sizes: Sequence[int],
@@ -407,21 +435,16 @@ def probe_memory(
     cap_gib: float | None = None,
 ) -> list[dict]:
     """Run ``run_probe`` in a fresh child process and return its rows."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     spec = {"method": method, "sizes": list(sizes), "config": asdict(config), "files": files or {}}
     spec["cap_gib"] = cap_gib
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONWARNINGS="ignore")
-    result = subprocess.run(
-        [sys.executable, "-m", "tcssa.bench", "probe", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        killed = result.returncode < 0 or result.returncode == 137
-        status = "killed (out of memory?)" if killed else f"probe failed: {last}"
-        return [{"method": method, "n": n, "status": status} for n in sizes]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        with ProcessPoolExecutor(1, mp_context=_probe_context()) as child:
+            return child.submit(run_probe, spec).result()
+    except BrokenProcessPool:
+        return [{"method": method, "n": n, "status": "child process killed (out of memory?)"} for n in sizes]
 
 
 # ============================================================================ cohort methods
@@ -517,7 +540,6 @@ def machine_description() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -989,6 +1011,12 @@ def run_bench(
     if unknown:
         raise ValueError(f"unknown bench section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
     start = time.perf_counter()
+    load = os.getloadavg if hasattr(os, "getloadavg") else lambda: None
+    machine = {**machine_description(), "load_average_start": load()}
+    default_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    machine["torch_threads"] = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="tcssa-bench-") as work:
         bench = _Bench(config, Path(work), progress)
         steps = {
@@ -1004,11 +1032,13 @@ def run_bench(
             began = time.perf_counter()
             steps[name]()
             section_seconds[name] = round(time.perf_counter() - began, 1)
+    machine["load_average_end"] = load()
+    torch.set_num_threads(default_threads)
     result = bench.result
     result.meta = {
         "command": "tcssa bench" + (" --quick" if config.quick else ""),
         "config": asdict(config),
-        "machine": {**machine_description(), "load_average_end": os.getloadavg()},
+        "machine": machine,
         "seconds": time.perf_counter() - start,
         "section_seconds": section_seconds,
         "methods": METHODS,
@@ -1026,17 +1056,3 @@ def measure_h5_streaming(
     config = replace(BenchConfig(), dim=dim, chunk_size=chunk_size)
     path = write_h5_slide(Path(work_dir) / f"slide_{num_patches}.h5", num_patches, dim)
     return probe_memory("tcssa-h5", [num_patches], config, files={str(num_patches): str(path)})[0]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tcssa.bench probe SPEC``: the child side of a memory probe (internal)."""
-    parser = argparse.ArgumentParser(prog="python -m tcssa.bench")
-    parser.add_argument("mode", choices=["probe"], help="internal: run one memory probe")
-    parser.add_argument("spec", help="the probe's JSON spec")
-    args = parser.parse_args(argv)
-    print(json.dumps(run_probe(json.loads(args.spec))))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -22,7 +22,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tcssa.bench import QUICK, BenchConfig, format_table, run_bench
 
     config = QUICK if args.quick else BenchConfig()
-    overrides = {"dim": args.dim, "repeats": args.repeats, "seed": args.seed}
+    overrides = {"dim": args.dim, "repeats": args.repeats, "seed": args.seed, "threads": args.threads}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
     print(format_table(result))
@@ -56,7 +56,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "measured in the same run. Prints the table; writes bench.json, bench.csv, bench_scaling.png.",
     )
     bench.add_argument(
-        "--quick", action="store_true", help="small sizes (D=256, N<=20000): a check that it runs"
+        "--quick", action="store_true", help="small sizes (D=128, N<=20000, one thread): a check that it runs"
     )
     bench.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     bench.add_argument("--dim", type=int, help="feature dimension D (default 1024; 256 with --quick)")
@@ -64,6 +64,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "--repeats", type=int, help="timed repeats per measurement (default 5; 3 with --quick)"
     )
     bench.add_argument("--seed", type=int, help="seed for the synthetic slides and the models (default 0)")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     bench.add_argument(
         "--sections",
         nargs="+",
