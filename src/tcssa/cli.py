@@ -30,6 +30,134 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    from tcssa.train import TrainConfig
+
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    flags = {
+        "num_slots": args.num_slots,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "grad_accum_steps": args.grad_accum_steps,
+        "max_patches": args.max_patches,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "folds": args.folds,
+        "device": args.device,
+        "num_workers": args.num_workers,
+        "cache_gb": args.cache_gb,
+    }
+    if getattr(args, "model", None) is not None:
+        flags["model"] = args.model
+    return config.override(**flags)
+
+
+class _ShortWarnings:
+    """Show warnings as one "tcssa CMD: warning: ..." line instead of Python's file:line form."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __enter__(self):
+        import warnings
+
+        self._saved = warnings.showwarning
+        warnings.showwarning = lambda message, category, *rest: print(
+            f"tcssa {self.command}: warning: {message}", file=sys.stderr
+        )
+
+    def __exit__(self, *exc):
+        import warnings
+
+        warnings.showwarning = self._saved
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tcssa.train.distributed import Distributed
+    from tcssa.train.runs import train_run
+
+    config = _train_config(args)
+    dist = Distributed.from_env(config.device)
+    try:
+        with _ShortWarnings("train"):
+            result = train_run(
+                args.features,
+                args.labels,
+                args.out,
+                config,
+                split_csv=args.split,
+                skip_missing=args.skip_missing,
+                resume=args.resume,
+                dist=dist,
+            )
+    finally:
+        dist.shutdown()
+    if dist.is_main:
+        summary = result.summary
+        print(
+            f"{config.model}: test AUC {summary['test_auc_mean']:.4f} ± {summary['test_auc_std']:.4f}, "
+            f"balanced accuracy {summary['test_bacc_mean']:.4f} ± {summary['test_bacc_std']:.4f} "
+            f"over {len(result.rows)} fold(s); results in {args.out}/summary.csv"
+        )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tcssa.train.runs import evaluate_checkpoint
+
+    with _ShortWarnings("eval"):
+        metrics = evaluate_checkpoint(
+            args.checkpoint,
+            args.features,
+            args.labels,
+            args.out,
+            skip_missing=args.skip_missing,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    print(
+        " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; predictions in {args.out}/predictions.csv"
+    )
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tcssa.train.distributed import Distributed
+    from tcssa.train.runs import compare, comparison_markdown
+
+    config = _train_config(args)
+    dist = Distributed.from_env(config.device)
+    try:
+        with _ShortWarnings("compare"):
+            rows = compare(
+                args.features,
+                args.labels,
+                [m.strip() for m in args.models.split(",") if m.strip()],
+                args.out,
+                config,
+                split_csv=args.split,
+                skip_missing=args.skip_missing,
+                resume=args.resume,
+                dist=dist,
+            )
+    finally:
+        dist.shutdown()
+    if dist.is_main:
+        print(comparison_markdown(rows), end="")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from tcssa.train.compress import compress_folder
+
+    written = compress_folder(
+        args.checkpoint, args.features, args.out, device=args.device, overwrite=args.overwrite
+    )
+    print(f"wrote {len(written)} slot-token file(s) to {args.out}")
+    return 0
+
+
 # Each area of the package registers its commands with one function here; handlers import
 # their module lazily so that `tcssa --help` stays fast.
 
@@ -59,9 +187,9 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="small sizes (D=128, N<=20000, one thread): a check that it runs"
     )
     bench.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
-    bench.add_argument("--dim", type=int, help="feature dimension D (default 1024; 256 with --quick)")
+    bench.add_argument("--dim", type=int, help="feature dimension D (default 1024; 128 with --quick)")
     bench.add_argument(
-        "--repeats", type=int, help="timed repeats per measurement (default 5; 3 with --quick)"
+        "--repeats", type=int, help="timed repeats per measurement (default 5; 2 with --quick)"
     )
     bench.add_argument("--seed", type=int, help="seed for the synthetic slides and the models (default 0)")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
@@ -76,6 +204,254 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=_cmd_bench)
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tcssa.data.synthetic import make_synthetic_cohort, parse_overrides
+
+    # knobs with an option of their own ("slides" is num_slides) cannot also come through --set
+    reserved = ("task", "num_slides", "dim", "seed", "min_patches", "max_patches", "lesion_fraction")
+    options = parse_overrides(args.set or [], reserved + ("num_subtypes", "feature_dtype"))
+    if args.subtypes is not None:
+        options["num_subtypes"] = args.subtypes
+    if args.float32:
+        options["feature_dtype"] = "float32"
+    lesion = args.lesion_fraction[0] if len(args.lesion_fraction) == 1 else tuple(args.lesion_fraction)
+    cohort = make_synthetic_cohort(
+        args.out,
+        task=args.task,
+        num_slides=args.slides,
+        dim=args.dim,
+        seed=args.seed,
+        min_patches=args.min_patches,
+        max_patches=args.max_patches,
+        lesion_fraction=lesion,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        **options,
+    )
+    counts = {name: list(cohort.labels.values()).count(name) for name in cohort.config.class_names}
+    print(
+        f"wrote {len(cohort.slide_ids)} slides ({cohort.num_patches:,} patches, D={cohort.config.dim}, "
+        f"task {cohort.config.task}) in {cohort.seconds:.1f} s"
+    )
+    print("labels: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    print(f"features: {cohort.features_dir}\nlabels:   {cohort.labels_csv}\ntruth:    {cohort.truth_csv}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tcssa.data.inspection import file_report, folder_report, inspect_folder, summarize_file
+
+    path = Path(args.path)
+    if path.is_dir():
+        summaries = inspect_folder(path)
+        print(folder_report(path, summaries))
+        return 1 if any(s.error for s in summaries) else 0
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    print(file_report(summarize_file(path)))
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from tcssa.data.benchmarks import load_benchmark, write_benchmark_cohort
+
+    bags, labels = load_benchmark(args.name, args.data_dir)
+    print(
+        f"{args.name}: {len(bags)} bags ({int(labels.sum())} positive), "
+        f"{sum(len(b) for b in bags):,} instances, d = {bags[0].shape[1]}"
+    )
+    if args.out:
+        out = write_benchmark_cohort(args.name, args.out, args.data_dir)
+        print(f"wrote {out / 'features'} and {out / 'labels.csv'}")
+    return 0
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="load a classic MIL benchmark, print its counts, optionally write it as a cohort folder",
+    )
+    # names listed here, not imported, to keep `tcssa --help` fast; a test keeps them in step
+    benchmark.add_argument(
+        "name",
+        help="musk1, musk2, elephant, protein, ucsb_breast_cancer (from the mil package), "
+        "fox, tiger, elephant_mat (.mat files, need --data-dir)",
+    )
+    benchmark.add_argument(
+        "--data-dir", help="folder with fox.mat, tiger.mat, elephant.mat (for fox, tiger, elephant_mat)"
+    )
+    benchmark.add_argument("--out", help="write OUT/features/{name}_{i}.h5 and OUT/labels.csv")
+    benchmark.set_defaults(func=_cmd_benchmark)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe a feature file (N, D, dtype, coords, attrs) or a folder of them (one row per file)",
+        description="A file: patches N, dimension D, stored dtype, coords extent and attributes. A folder: "
+        "a table with one row per feature file; unreadable files are listed as errors (exit status 1).",
+    )
+    inspect.add_argument("path", help="a feature file (.h5 .hdf5 .pt .pth .npy .npz .csv) or a folder")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    synth = commands.add_parser(
+        "synth",
+        help="write a synthetic gigapixel cohort (h5 features + labels.csv) with known tissue phenotypes",
+        description="Write DIR/features/{slide_id}.h5 (TRIDENT style, with per-patch ground-truth "
+        "phenotype), DIR/labels.csv (slide_id,label,case_id) and DIR/truth.csv.",
+    )
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument(
+        "--task",
+        choices=("rare", "subtype", "composition"),
+        default="rare",
+        help="rare: a lesion in a few %% of positive slides; subtype: 2-3 classes with a subtle tumour "
+        "shift; composition: immune-to-tumour ratio (default rare)",
+    )
+    synth.add_argument("--slides", type=int, default=200, help="number of slides (default 200)")
+    synth.add_argument("--dim", type=int, default=512, help="feature dimension D (default 512)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    synth.add_argument(
+        "--min-patches", type=int, default=1000, help="fewest patches per slide (default 1000)"
+    )
+    synth.add_argument(
+        "--max-patches", type=int, default=50000, help="most patches per slide (default 50000)"
+    )
+    synth.add_argument(
+        "--lesion-fraction",
+        type=float,
+        nargs="+",
+        default=[0.002, 0.05],
+        metavar="F",
+        help="rare task: share of a positive slide's patches that are lesion: one value (fixed) or "
+        "LOW HIGH (drawn log-uniform per slide; default 0.002 0.05)",
+    )
+    synth.add_argument(
+        "--subtypes", type=int, choices=(2, 3), help="subtype task: number of classes (default 2)"
+    )
+    synth.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
+    synth.add_argument("--workers", type=int, help="slides generated side by side (default: up to 4)")
+    synth.add_argument("--overwrite", action="store_true", help="replace DIR/features if it holds files")
+    synth.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other SyntheticConfig knob, e.g. --set stain_std=2 --set lesion_offset=4 (repeatable)",
+    )
+    synth.set_defaults(func=_cmd_synth)
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `train` and `compare`; unset ones keep the --config file's or the default value."""
+    parser.add_argument("--features", required=True, help="folder of per-slide feature files (h5)")
+    parser.add_argument("--labels", required=True, help="CSV with columns slide_id,label[,case_id]")
+    parser.add_argument("--out", required=True, help="output folder (the run directory)")
+    folds = parser.add_mutually_exclusive_group()
+    folds.add_argument("--folds", type=int, help="stratified, patient-grouped folds (default 5)")
+    folds.add_argument("--split", help="split CSV (the splits.csv of an earlier run) instead of --folds")
+    parser.add_argument(
+        "--num-slots", type=int, help="tokens per slide K for tcssa and the *-k models (default 32)"
+    )
+    parser.add_argument("--epochs", type=int, help="maximum epochs per fold (default 20)")
+    parser.add_argument("--seed", type=int, help="seed for splits, initialisation and sampling (default 0)")
+    parser.add_argument(
+        "--batch-size", type=int, help="slides per forward pass, padded with a mask (default 1)"
+    )
+    parser.add_argument(
+        "--grad-accum-steps",
+        type=int,
+        help="forward passes per optimizer update (default 1); an update averages over "
+        "batch-size x grad-accum-steps slides, however many processes run",
+    )
+    parser.add_argument(
+        "--max-patches", type=int, help="cap on patches per training slide, a random subset (default: all)"
+    )
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-5)")
+    parser.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument(
+        "--num-workers", type=int, help="DataLoader processes reading feature files (default 0)"
+    )
+    parser.add_argument(
+        "--cache-gb", type=float, help="keep up to this many GB of training features in memory (default 0)"
+    )
+    parser.add_argument(
+        "--config", help="YAML file of training options (TrainConfig fields); flags override it"
+    )
+    parser.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="leave out labelled slides with no feature file (counted and listed) instead of failing",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last complete epoch"
+    )
+
+
+def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
+    # Model names are checked by tcssa.mil.build_model (an unknown one lists the choices); importing
+    # tcssa.mil here would pull torch into every `tcssa --help`.
+    train = commands.add_parser(
+        "train",
+        help="train a slide classifier on every fold of a cohort",
+        description="Train a MIL slide classifier per fold and write summary.csv, per-fold predictions, "
+        "checkpoints and (tcssa) slot utilisation. Runs under "
+        "`torchrun --nproc_per_node P -m tcssa train ...` with the slides of each update shared across "
+        "the processes.",
+    )
+    train.add_argument(
+        "--model",
+        help="slide classifier: tcssa, abmil, abmil-gated, transmil, mean, max, random-k, ... "
+        "(default tcssa)",
+    )
+    _add_training_options(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained checkpoint on labelled slides")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="a fold_k folder of a run, or its model.safetensors"
+    )
+    evaluate.add_argument("--features", required=True, help="folder of per-slide feature files (h5)")
+    evaluate.add_argument("--labels", required=True, help="CSV with columns slide_id,label")
+    evaluate.add_argument("--out", required=True, help="output folder for predictions.csv and metrics.json")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="slides per forward pass (default 1)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    evaluate.add_argument(
+        "--skip-missing", action="store_true", help="leave out labelled slides with no feature file"
+    )
+    evaluate.set_defaults(func=_cmd_eval)
+
+    comparison = commands.add_parser(
+        "compare",
+        help="train several models on the same folds and tabulate them",
+        description="Train each model of --models on the same folds; write comparison.csv, comparison.md "
+        "and one run directory per model.",
+    )
+    comparison.add_argument(
+        "--models",
+        required=True,
+        help="comma-separated model names, e.g. tcssa,random-k,abmil,mean",
+    )
+    _add_training_options(comparison)
+    comparison.set_defaults(func=_cmd_compare)
+
+    compress = commands.add_parser(
+        "compress", help="write each slide's K slot tokens (h5) with a trained tcssa checkpoint"
+    )
+    compress.add_argument(
+        "--checkpoint", required=True, help="a tcssa fold_k folder, or its model.safetensors"
+    )
+    compress.add_argument("--features", required=True, help="folder of per-slide feature files (h5)")
+    compress.add_argument(
+        "--out", required=True, help="output folder: one h5 per slide (tokens, topk_index, ...)"
+    )
+    compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    compress.add_argument(
+        "--overwrite", action="store_true", help="replace slot-token files already in --out"
+    )
+    compress.set_defaults(func=_cmd_compress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcssa",
@@ -84,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo_commands(commands)
+    _add_data_commands(commands)
+    _add_mil_commands(commands)
     _add_bench_commands(commands)
     return parser
 

@@ -1,0 +1,46 @@
+"""Slide data: feature files, labels, cohorts, splits, batches, a synthetic cohort and MIL benchmarks."""
+
+from tcssa.data.bag import Bag
+from tcssa.data.benchmarks import BENCHMARK_NAMES, load_benchmark, write_benchmark_cohort
+from tcssa.data.cohort import Cohort, resolve_feature_files
+from tcssa.data.dataset import BagBatch, BagDataset, collate_bags
+from tcssa.data.formats import FEATURE_EXTENSIONS, peek_shape, read_bag, write_h5
+from tcssa.data.labels import LabelTable, load_class_map, read_labels, save_class_map
+from tcssa.data.splits import (
+    Split,
+    check_splits,
+    load_splits,
+    make_kfold_splits,
+    make_train_val_test_split,
+    save_splits,
+)
+from tcssa.data.synthetic import SyntheticCohort, SyntheticConfig, make_synthetic_cohort
+
+__all__ = [
+    "BENCHMARK_NAMES",
+    "Bag",
+    "BagBatch",
+    "BagDataset",
+    "Cohort",
+    "FEATURE_EXTENSIONS",
+    "LabelTable",
+    "Split",
+    "SyntheticCohort",
+    "SyntheticConfig",
+    "check_splits",
+    "load_splits",
+    "make_kfold_splits",
+    "make_synthetic_cohort",
+    "make_train_val_test_split",
+    "load_benchmark",
+    "write_benchmark_cohort",
+    "save_splits",
+    "collate_bags",
+    "load_class_map",
+    "peek_shape",
+    "read_bag",
+    "read_labels",
+    "resolve_feature_files",
+    "save_class_map",
+    "write_h5",
+]

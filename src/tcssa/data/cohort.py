@@ -1,0 +1,161 @@
+"""A cohort: labelled slides, each resolved to exactly one feature file in a folder."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tcssa.data.formats import FEATURE_EXTENSIONS, peek_shape
+from tcssa.data.labels import read_labels
+
+log = logging.getLogger(__name__)
+
+# Slide-image extensions people leave on slide ids ("slide_01.svs"); only used to hint in errors.
+_SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".czi")
+
+
+def _feature_files_by_stem(features_dir: Path) -> dict[str, list[Path]]:
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(features_dir.iterdir()):
+        if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
+            by_stem[path.stem].append(path)
+    return by_stem
+
+
+def _listing(ids: list[str], limit: int = 20) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def resolve_feature_files(
+    features_dir: str | Path, slide_ids: list[str], skip_missing: bool = False
+) -> tuple[dict[str, Path], list[str]]:
+    """Map each slide id to the one feature file in ``features_dir`` whose stem equals it.
+
+    Returns (found, missing). A slide with no file is an error listing every such slide unless
+    ``skip_missing``, in which case the missing slides are returned and reported (count and ids)
+    in the log. A slide with two files (``a.h5`` and ``a.pt``) is always an error: which one is
+    meant cannot be guessed.
+    """
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise FileNotFoundError(f"features folder not found: {features_dir}")
+    by_stem = _feature_files_by_stem(features_dir)
+    ambiguous = [s for s in slide_ids if len(by_stem.get(s, ())) > 1]
+    if ambiguous:
+        details = "; ".join(f"{s}: {', '.join(p.name for p in by_stem[s])}" for s in ambiguous[:10])
+        raise ValueError(
+            f"{features_dir}: {len(ambiguous)} slide(s) have more than one feature file: {details}"
+        )
+    found = {s: by_stem[s][0] for s in slide_ids if s in by_stem}
+    missing = [s for s in slide_ids if s not in by_stem]
+    if missing and not skip_missing:
+        hint = ""
+        with_ext = [s for s in missing if Path(s).suffix.lower() in _SLIDE_EXTENSIONS]
+        if with_ext and any(Path(s).stem in by_stem for s in with_ext):
+            hint = " (some slide ids end in a slide-image extension; the stems match files: drop it)"
+        raise ValueError(
+            f"{features_dir}: no feature file for {len(missing)} of {len(slide_ids)} slides: "
+            f"{_listing(missing)}{hint} (pass skip_missing / --skip-missing to leave them out)"
+        )
+    if missing:
+        log.warning(
+            "skipping %d of %d slides with no feature file in %s: %s",
+            len(missing),
+            len(slide_ids),
+            features_dir,
+            _listing(missing),
+        )
+    return found, missing
+
+
+@dataclass
+class Cohort:
+    """Labelled slides with their feature files; the unit every split and dataset works on."""
+
+    slide_ids: list[str]
+    paths: dict[str, Path]
+    labels: dict[str, int]
+    class_names: list[str]
+    case_ids: dict[str, str] | None = None
+    dim: int | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_folder(
+        cls,
+        features_dir: str | Path,
+        labels_csv: str | Path,
+        skip_missing: bool = False,
+        *,
+        class_names: list[str] | None = None,
+        check_files: bool = True,
+    ) -> Cohort:
+        """Labels from ``labels_csv``, files from ``features_dir`` (exact stem match).
+
+        With ``check_files`` every file's header is read once, so an unreadable file or a feature
+        dimension that differs across the cohort fails here, naming the file, not mid-training.
+        """
+        table = read_labels(labels_csv, class_names=class_names)
+        found, missing = resolve_feature_files(features_dir, table.slide_ids, skip_missing)
+        kept = [s for s in table.slide_ids if s in found]
+        if not kept:
+            raise ValueError(f"{features_dir}: none of the {len(table.slide_ids)} slides has a feature file")
+        labels = dict(zip(table.slide_ids, table.labels, strict=True))
+        cases = dict(zip(table.slide_ids, table.case_ids, strict=True)) if table.case_ids else None
+        cohort = cls(
+            slide_ids=kept,
+            paths={s: found[s] for s in kept},
+            labels={s: labels[s] for s in kept},
+            class_names=table.class_names,
+            case_ids={s: cases[s] for s in kept} if cases else None,
+            missing=missing,
+        )
+        if check_files:
+            cohort.check_files()
+        else:
+            cohort.dim = peek_shape(cohort.paths[kept[0]])[1]
+        return cohort
+
+    def check_files(self) -> None:
+        """Read every file's header; set ``dim`` and fail on a file whose D differs."""
+        dims: dict[int, list[str]] = defaultdict(list)
+        slides = self.slide_ids
+        for slide in tqdm(slides, desc="checking feature files", unit="file", disable=len(slides) < 200):
+            dims[peek_shape(self.paths[slide])[1]].append(slide)
+        if len(dims) > 1:
+            first_dim = peek_shape(self.paths[slides[0]])[1]
+            odd = [(d, ids) for d, ids in dims.items() if d != first_dim]
+            details = "; ".join(f"D={d}: {_listing([str(self.paths[s]) for s in ids], 5)}" for d, ids in odd)
+            raise ValueError(
+                f"feature dimension differs across the cohort: {self.paths[slides[0]]} has D={first_dim}, "
+                f"but {details}"
+            )
+        self.dim = next(iter(dims))
+
+    def subset(self, slide_ids: list[str]) -> Cohort:
+        unknown = [s for s in slide_ids if s not in self.paths]
+        if unknown:
+            raise ValueError(f"slides not in the cohort ({len(unknown)}): {_listing(unknown)}")
+        return replace(
+            self,
+            slide_ids=list(slide_ids),
+            paths={s: self.paths[s] for s in slide_ids},
+            labels={s: self.labels[s] for s in slide_ids},
+            case_ids={s: self.case_ids[s] for s in slide_ids} if self.case_ids else None,
+            missing=list(self.missing),
+        )
+
+    def label_counts(self) -> dict[str, int]:
+        counts = {name: 0 for name in self.class_names}
+        for slide in self.slide_ids:
+            counts[self.class_names[self.labels[slide]]] += 1
+        return counts

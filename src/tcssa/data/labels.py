@@ -1,0 +1,124 @@
+"""Slide labels: the ``slide_id,label[,case_id]`` CSV and the class map saved with every run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+REQUIRED_COLUMNS = ("slide_id", "label")
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """Rows of a labels CSV with labels as class indices into ``class_names``."""
+
+    slide_ids: list[str]
+    labels: list[int]
+    case_ids: list[str] | None
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def save_class_map(self, path: str | Path) -> Path:
+        return save_class_map(self.class_names, path)
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def class_order(raw_labels: list[str]) -> list[str]:
+    """Deterministic class order: numeric for integer labels ("2" before "10"), else alphabetical."""
+    distinct = set(raw_labels)
+    if all(_is_integer(v) for v in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def read_labels(path: str | Path, class_names: list[str] | None = None) -> LabelTable:
+    """Read a labels CSV: columns ``slide_id`` and ``label`` (``case_id`` optional, others ignored).
+
+    A UTF-8 byte-order mark is tolerated. Labels may be strings ("Tumor") or integers; they become
+    class indices in the order of ``class_order`` unless ``class_names`` fixes the order (e.g. the
+    map saved with a training run, to read a test list the same way). Slide ids stay strings.
+    Raises ValueError naming the file for a missing column, an empty cell, a duplicate slide id,
+    a label outside ``class_names``, or fewer than two classes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'nothing'})"
+            )
+        reader.fieldnames = columns
+        has_cases = "case_id" in columns
+        slide_ids, raw_labels, case_ids = [], [], []
+        for line, row in enumerate(reader, start=2):
+            if all(not (v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # a blank line
+            wanted = ["slide_id", "label"] + (["case_id"] if has_cases else [])
+            values = {c: (row.get(c) or "").strip() for c in wanted}
+            empty = [c for c, v in values.items() if not v]
+            if empty:
+                raise ValueError(f"{path}: line {line} has an empty {', '.join(empty)}")
+            slide_ids.append(values["slide_id"])
+            raw_labels.append(values["label"])
+            if has_cases:
+                case_ids.append(values["case_id"])
+    if not slide_ids:
+        raise ValueError(f"{path}: no slides listed")
+    duplicates = sorted(s for s, n in Counter(slide_ids).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"{path}: duplicate slide ids ({len(duplicates)}): {', '.join(duplicates[:20])}")
+    if class_names is None:
+        class_names = class_order(raw_labels)
+        if len(class_names) < 2:
+            raise ValueError(
+                f"{path}: only one class ({class_names[0]!r}) among {len(slide_ids)} slides; "
+                "a classifier needs at least two (pass class_names to read a one-class list)"
+            )
+    else:
+        class_names = [str(c) for c in class_names]
+        unknown = sorted(set(raw_labels) - set(class_names))
+        if unknown:
+            raise ValueError(f"{path}: labels {unknown} are not among the classes {class_names}")
+    index = {name: i for i, name in enumerate(class_names)}
+    return LabelTable(
+        slide_ids=slide_ids,
+        labels=[index[v] for v in raw_labels],
+        case_ids=case_ids if has_cases else None,
+        class_names=list(class_names),
+    )
+
+
+def save_class_map(class_names: list[str], path: str | Path) -> Path:
+    """Write ``{"class_names": [...]}`` (index i is class i), the file every run keeps."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"class_names": list(class_names)}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_class_map(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))["class_names"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a class map ({err})") from err
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: class_names must be a list of strings")
+    return names

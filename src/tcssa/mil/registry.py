@@ -1,0 +1,72 @@
+"""``build_model``: one name per slide classifier, with clear errors for unknown names and options."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tcssa.mil.attention import AttentionMIL, GatedAttentionMIL
+from tcssa.mil.base import MILModel
+from tcssa.mil.pooling import MaxPoolMIL, MeanPoolMIL
+from tcssa.mil.tcssa_mil import TCSSAMIL
+from tcssa.mil.token_budget import GridKMIL, KMeansKMIL, RandomKMIL
+from tcssa.mil.transmil import TransMIL
+
+#: name -> model class; a class whose constructor takes ``num_slots`` spends a K-token budget.
+_REGISTRY: dict[str, Callable[..., MILModel]] = {
+    "tcssa": TCSSAMIL,
+    "abmil": AttentionMIL,
+    "abmil-gated": GatedAttentionMIL,
+    "transmil": TransMIL,
+    "mean": MeanPoolMIL,
+    "max": MaxPoolMIL,
+    "random-k": RandomKMIL,
+    "kmeans-k": KMeansKMIL,
+    "grid-k": GridKMIL,
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def build_model(
+    name: str, in_dim: int, num_classes: int, *, num_slots: int = 32, seed: int = 0, **options: Any
+) -> MILModel:
+    """Build the slide classifier ``name`` for D=``in_dim`` features and ``num_classes`` classes.
+
+    ``num_slots`` is the token budget K of ``tcssa`` and the ``*-k`` baselines
+    (ignored by full-bag models). Parameters are initialised from ``seed``
+    without touching the global random state. ``options`` go to the model's
+    constructor (e.g. ``head_dropout``, ``noise_std``); an unknown name or option
+    raises ValueError. ``model.config`` holds these arguments so that
+    ``build_model(**model.config)`` rebuilds the same architecture.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    cls = _REGISTRY[name]
+    params = inspect.signature(cls).parameters
+    accepted = [p for p in params if p not in ("in_dim", "num_classes", "num_slots")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option(s) {unknown}; its options are: {', '.join(accepted) or 'none'}"
+        )
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    kwargs = dict(options)
+    if "num_slots" in params:
+        kwargs["num_slots"] = num_slots
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(in_dim, num_classes, **kwargs)
+    model.config = {
+        "name": name,
+        "in_dim": in_dim,
+        "num_classes": num_classes,
+        "num_slots": num_slots,
+        "seed": seed,
+        **{key: list(value) if isinstance(value, tuple) else value for key, value in options.items()},
+    }
+    return model

@@ -1,0 +1,168 @@
+"""Checkpoints: model weights as safetensors with a JSON config beside them, written atomically.
+
+Every file goes to a temporary name in the same folder and is moved into place
+with ``os.replace``, so a run killed at any moment leaves either the old file
+or the new one, never half of one.
+
+Two kinds of files:
+- a model checkpoint (``model.safetensors`` + ``model_config.json``): what
+  ``tcssa eval`` and ``tcssa compress`` load; the config names the model, its
+  dimensions, options and class names, so the model can be rebuilt.
+- a training state (``resume.safetensors``): everything needed to continue a
+  fold after the last complete epoch (model, optimizer, scheduler, epoch,
+  best so far, history). Nested state dicts are flattened: tensors go into the
+  safetensors body, the rest into a JSON skeleton kept in its metadata, so the
+  state is one file and loading it runs no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+_TENSOR_REF = "__tensor__"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then move it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+# --------------------------------------------------------------------- models
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # clone(): safetensors refuses tensors that share storage (tied weights, views).
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(folder: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/model_config.json``; returns the weights path."""
+    folder = Path(folder)
+    tensors = _state_tensors(model)
+    atomic_write(folder / MODEL_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_json(folder / MODEL_CONFIG, config)
+    return folder / MODEL_WEIGHTS
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
+    """(weights, config) of a checkpoint given as its folder or its ``.safetensors`` file."""
+    checkpoint = Path(checkpoint)
+    weights = checkpoint / MODEL_WEIGHTS if checkpoint.is_dir() else checkpoint
+    config = weights.parent / MODEL_CONFIG
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint weights not found: {weights}")
+    if not config.is_file():
+        raise FileNotFoundError(f"checkpoint config not found beside the weights: {config}")
+    return weights, config
+
+
+def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
+    """Load a ``model.safetensors`` into ``model`` (strict: every key must match)."""
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{weights} does not fit this model: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+# ------------------------------------------------------------ training state
+def flatten_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested structure into a JSON-able skeleton and a flat {name: tensor} dict."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = f"t{len(tensors)}"
+            tensors[name] = value.detach().to("cpu").contiguous().clone()
+            return {_TENSOR_REF: name}
+        if isinstance(value, dict):
+            # JSON keys are strings; remember int keys (optimizer state is keyed by param index).
+            return {
+                "__dict__": [[k, walk(v)] for k, v in value.items()],
+            }
+        if isinstance(value, (list, tuple)):
+            return {"__list__": [walk(v) for v in value], "tuple": isinstance(value, tuple)}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot store a {type(value).__name__} in a training state")
+
+    return walk(state), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if _TENSOR_REF in value:
+                return tensors[value[_TENSOR_REF]]
+            if "__dict__" in value:
+                return {k: walk(v) for k, v in value["__dict__"]}
+            if "__list__" in value:
+                items = [walk(v) for v in value["__list__"]]
+                return tuple(items) if value["tuple"] else items
+        return value
+
+    return walk(skeleton)
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
+    skeleton, tensors = flatten_state(state)
+    metadata = {"tcssa_training_state": json.dumps(skeleton)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable training state ({err})") from err
+    if "tcssa_training_state" not in metadata:
+        raise ValueError(f"{path}: a safetensors file, but not a tcssa training state")
+    return unflatten_state(json.loads(metadata["tcssa_training_state"]), tensors)

@@ -1,0 +1,91 @@
+"""``tcssa compress``: each slide's K slot tokens from a trained TC-SSA checkpoint, for any downstream model.
+
+One h5 per slide in the output folder, named like the feature file:
+
+- ``tokens``       K x D float32  the slot tokens y_k (what the classifier head and the VLM projector see)
+- ``topk_index``   N x 2 int64    the two slots each patch is routed to
+- ``topk_weight``  N x 2 float32  their truncated routing weights P~ (not renormalised)
+- ``slot_counts``  K int64        patches assigned to each slot
+
+with attributes naming the source file, the checkpoint and K. Eval mode: the
+output is deterministic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import torch
+from tqdm.auto import tqdm
+
+from tcssa.train.checkpoint import atomic_write
+from tcssa.train.distributed import SINGLE_PROCESS
+from tcssa.train.runs import load_checkpoint
+
+
+def compress_folder(
+    checkpoint: str | Path,
+    features_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Compress every feature file of ``features_dir``; returns the written h5 paths."""
+    from tcssa.data import FEATURE_EXTENSIONS, read_bag
+
+    model, model_config = load_checkpoint(checkpoint)
+    if not hasattr(model, "routing"):
+        raise ValueError(
+            f"{checkpoint}: a {model_config['model'].get('name')!r} model has no slots to compress into; "
+            "use a tcssa checkpoint"
+        )
+    features_dir, out_dir = Path(features_dir), Path(out_dir)
+    if not features_dir.is_dir():
+        raise FileNotFoundError(f"features folder not found: {features_dir}")
+    files = sorted(
+        p for p in features_dir.iterdir() if p.is_file() and p.suffix.lower() in FEATURE_EXTENSIONS
+    )
+    if not files:
+        raise ValueError(f"{features_dir}: no feature files ({', '.join(FEATURE_EXTENSIONS)})")
+    torch_device = SINGLE_PROCESS.device(device)
+    model.to(torch_device)
+    written, skipped = [], 0
+    for path in tqdm(files, desc="compressing", unit="slide"):
+        target = out_dir / f"{path.stem}.h5"
+        if target.exists() and not overwrite:
+            skipped += 1
+            continue
+        bag = read_bag(path)
+        if bag.dim != model.in_dim:
+            raise ValueError(
+                f"{path}: features have D={bag.dim}, but the checkpoint expects D={model.in_dim}"
+            )
+        with torch.no_grad():
+            out = model.routing(bag.features.unsqueeze(0).to(torch_device))
+        arrays = {
+            "tokens": out.tokens[0].float().cpu().numpy(),
+            "topk_index": out.topk_index[0].cpu().numpy(),
+            "topk_weight": out.topk_weight[0].float().cpu().numpy(),
+            "slot_counts": out.slot_counts[0].cpu().numpy(),
+        }
+        attrs = {
+            "slide_id": bag.slide_id,
+            "source": str(path.resolve()),
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "num_slots": int(arrays["tokens"].shape[0]),
+            "num_patches": bag.num_patches,
+        }
+        atomic_write(target, lambda tmp, arrays=arrays, attrs=attrs: _write(tmp, arrays, attrs))
+        written.append(target)
+    if skipped:
+        print(f"note: {skipped} slide(s) already compressed in {out_dir} were left as they are (--overwrite)")
+    return written
+
+
+def _write(path: Path, arrays: dict, attrs: dict) -> None:
+    with h5py.File(path, "w") as f:
+        for name, values in arrays.items():
+            f.create_dataset(name, data=values)
+        f.attrs.update(attrs)

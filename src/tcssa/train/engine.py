@@ -1,0 +1,486 @@
+"""The training engine: ``fit`` one model on one fold, ``evaluate`` it on a set of slides.
+
+The engine knows the MIL model contract only (``model(x, mask=, coords=) ->
+(logits, {name: already weighted loss})``; ``model.routing(x, mask)`` when the
+model has slots) and datasets whose items are ``(bag, label)`` turned into
+padded, masked batches by a collate function (``tcssa.data.collate_bags``).
+
+Reproducibility. Nothing depends on leftover random state: the slide order of
+epoch e is a permutation seeded by (seed, fold, e), and the global torch RNG
+is reseeded before every forward pass from (seed, fold, epoch, update, rank,
+pass). A run is therefore reproducible by seed on CPU, and a run resumed from
+the state saved at the end of epoch e redoes epoch e+1 exactly as an
+uninterrupted run does: no RNG state needs saving.
+
+Batches and processes. An optimizer update averages the loss over
+``batch_size * grad_accum_steps`` slides, a global number. Under torchrun the
+slides of each update are dealt to the processes (slide i of the update goes
+to rank i mod P) and each process runs its share in passes of at most
+``batch_size`` slides. Each pass's summed loss is scaled by P / (slides in the
+update) before backward; DDP averages gradients over the P processes, so every
+update applies the gradient of the mean loss over its slides, exactly as one
+process does. A process whose share of an update is empty (the last update of
+an epoch, or fewer slides per update than processes) runs a pass with weight 0
+so that DDP's gradient all-reduce still sees every process.
+
+The model's extra losses (e.g. TC-SSA's routing loss) are means over the
+slides of a pass; they are multiplied by the pass's slide count so that they
+too average over the update, whatever the split into passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from tcssa.train.checkpoint import (
+    load_training_state,
+    save_model,
+    save_training_state,
+    write_text,
+)
+from tcssa.train.config import TrainConfig
+from tcssa.train.distributed import SINGLE_PROCESS, Distributed
+from tcssa.train.metrics import classification_metrics
+
+METRICS_LOG = "metrics.jsonl"
+_QUIET = Distributed(rank=1, world_size=1)  # prints nothing: "not the main process"
+RESUME_STATE = "resume.safetensors"
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class SlideTooLargeError(ValueError):
+    """A batch of slides did not fit in memory."""
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 1-based epoch whose weights the model now holds
+    best_val_loss: float  # NaN without a validation set
+    epochs_run: int
+    stopped_early: bool
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Predictions:
+    """Per-slide outputs of ``evaluate``, in dataset order."""
+
+    slide_ids: list[str]
+    labels: np.ndarray  # N true labels
+    probs: np.ndarray  # N x C class probabilities
+    losses: np.ndarray  # N per-slide cross-entropy
+    slot_counts: np.ndarray | None = None  # K patches assigned per slot, summed over slides
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.mean()) if len(self.losses) else math.nan
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    def metrics(self, class_names: Sequence[str] | None = None, where: str = "") -> dict[str, float]:
+        return classification_metrics(self.labels, self.probs, class_names, where)
+
+
+# ------------------------------------------------------------------ helpers
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (NumPy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def epoch_order(num_slides: int, seed: int, fold: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(derived_seed(seed, fold, epoch, 0x5EED))
+    return torch.randperm(num_slides, generator=generator).tolist()
+
+
+def plan_epoch(
+    num_slides: int, config: TrainConfig, fold: int, epoch: int, rank: int, world_size: int
+) -> list[tuple[int, int, list[int], int]]:
+    """This process's passes in one epoch: (update, pass, slide indices, slides in the update).
+
+    An empty share becomes one pass over the update's first slide, marked by
+    ``slides in the update = 0`` so that its loss weighs nothing.
+    """
+    order = epoch_order(num_slides, config.seed, fold, epoch)
+    per_update = config.slides_per_update
+    passes = []
+    for update, start in enumerate(range(0, num_slides, per_update)):
+        slides = order[start : start + per_update]
+        share = slides[rank::world_size]
+        if not share:
+            passes.append((update, 0, [slides[0]], 0))
+            continue
+        for p, at in enumerate(range(0, len(share), config.batch_size)):
+            passes.append((update, p, share[at : at + config.batch_size], len(slides)))
+    return passes
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), MemoryError) if t is not None)
+    if isinstance(err, oom_types):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _too_large(err: BaseException, batch: Any, phase: str) -> SlideTooLargeError:
+    sizes = batch.mask.sum(dim=1).tolist()
+    slides = ", ".join(f"{sid} ({n:,} patches)" for sid, n in zip(batch.slide_ids, sizes, strict=True))
+    return SlideTooLargeError(
+        f"out of memory during {phase} on slide(s) {slides}: {str(err).splitlines()[0][:200]}. "
+        "Cap the patches per training slide with --max-patches (e.g. --max-patches 8000), "
+        "lower --batch-size, or run on a device with more memory."
+    )
+
+
+def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+    coords = batch.coords.to(device) if getattr(batch, "coords", None) is not None else None
+    return batch.features.to(device), batch.mask.to(device), coords, batch.labels.to(device)
+
+
+def _loader(dataset: Any, batches: list[list[int]], collate: Callable, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
+
+
+def default_collate() -> Callable:
+    from tcssa.data import collate_bags
+
+    return collate_bags
+
+
+# ----------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    collate: Callable | None = None,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    dist: Distributed = SINGLE_PROCESS,
+    with_routing: bool = False,
+    num_workers: int = 0,
+    desc: str | None = None,
+) -> Predictions:
+    """Class probabilities and losses for every slide of ``dataset`` (eval mode: deterministic).
+
+    Under several processes each evaluates its share and all receive the
+    gathered result. ``with_routing`` also sums the slot assignments of models
+    that have ``routing`` (tcssa), for the collapse report.
+    """
+    collate = collate or default_collate()
+    device = torch.device(device)
+    model.eval()
+    mine = list(range(len(dataset)))[dist.rank :: dist.world_size]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    records: list[tuple[int, str, int, list[float], float]] = []
+    slot_counts = None
+    route = with_routing and hasattr(model, "routing")
+    bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if dist.is_main else True)
+    for indices, batch in zip(batches, _loader(dataset, batches, collate, num_workers), strict=True):
+        x, mask, coords, labels = _to_device(batch, device)
+        try:
+            logits, _ = model(x, mask=mask, coords=coords)
+            if route:
+                counts = model.routing(x, mask).slot_counts.sum(dim=0).cpu()
+                slot_counts = counts if slot_counts is None else slot_counts + counts
+        except (RuntimeError, MemoryError) as err:
+            if _is_out_of_memory(err):
+                raise _too_large(err, batch, "evaluation") from err
+            raise
+        logits = logits.float()
+        losses = F.cross_entropy(logits, labels, reduction="none").cpu().tolist()
+        probs = logits.softmax(dim=-1).cpu().tolist()
+        for j, index in enumerate(indices):
+            records.append((index, batch.slide_ids[j], int(labels[j]), probs[j], losses[j]))
+        bar.update(1)
+    bar.close()
+
+    gathered = [r for part in dist.all_gather_objects(records) for r in part]
+    gathered.sort(key=lambda r: r[0])
+    if route:
+        counts = (
+            slot_counts if slot_counts is not None else torch.zeros(model_num_slots(model), dtype=torch.long)
+        )
+        slot_counts = dist.all_sum(counts.to(device)).cpu()
+    num_classes = len(gathered[0][3]) if gathered else 0
+    return Predictions(
+        slide_ids=[r[1] for r in gathered],
+        labels=np.array([r[2] for r in gathered], dtype=np.int64),
+        probs=np.array([r[3] for r in gathered], dtype=np.float64).reshape(len(gathered), num_classes),
+        losses=np.array([r[4] for r in gathered], dtype=np.float64),
+        slot_counts=slot_counts.numpy() if route else None,
+    )
+
+
+def model_num_slots(model: nn.Module) -> int:
+    tokens = getattr(model, "num_tokens", None)
+    if tokens is None:
+        raise ValueError("model has routing but no num_tokens")
+    return int(tokens)
+
+
+# ---------------------------------------------------------------------- fit
+def fit(
+    model: nn.Module,
+    train_set: Any,
+    val_set: Any,
+    config: TrainConfig,
+    *,
+    collate: Callable | None = None,
+    fold: int = 0,
+    out_dir: str | Path | None = None,
+    model_config: dict[str, Any] | None = None,
+    resume: bool = False,
+    dist: Distributed = SINGLE_PROCESS,
+    class_names: Sequence[str] | None = None,
+    verbose: bool = True,
+) -> FitResult:
+    """Train ``model`` on ``train_set``, early-stopping on ``val_set``'s loss; leaves the best weights in it.
+
+    With ``out_dir`` (written by rank 0 only): ``metrics.jsonl`` (one line per
+    epoch), the best weights as ``model.safetensors`` + ``model_config.json``
+    whenever the validation loss improves, and ``resume.safetensors`` at every
+    epoch end. ``resume=True`` continues from that state when it exists.
+    Without a validation set the scheduler and early stopping are off and the
+    last epoch's weights are kept. ``verbose=False`` shows no progress.
+    """
+    collate = collate or default_collate()
+    device = dist.device(config.device)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    write = out_dir is not None and dist.is_main
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
+    )
+    has_val = val_set is not None and len(val_set) > 0
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_val_loss": math.inf,
+        "bad_epochs": 0,
+        "train_seconds": 0.0,
+        "history": [],
+    }
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    state_path = out_dir / RESUME_STATE if out_dir is not None else None
+    if resume and state_path is not None and state_path.is_file():
+        saved = load_training_state(state_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["progress"]
+        best_weights = saved.get("best_model")
+        if best_weights is None and state["best_epoch"] == state["epoch"]:
+            best_weights = copy.deepcopy(model.state_dict())
+    if write:
+        # The log lists exactly the epochs the state covers: lines from an epoch cut short go.
+        write_text(out_dir / METRICS_LOG, "".join(_json_line(h) for h in state["history"]))
+
+    train_model: nn.Module = model
+    if dist.enabled:
+        ddp_device = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ddp_device)
+
+    stopped_early = state["bad_epochs"] >= config.early_stopping_patience
+    while state["epoch"] < config.epochs and not stopped_early:
+        epoch = state["epoch"] + 1
+        started = time.perf_counter()
+        desc = f"fold {fold} epoch {epoch}/{config.epochs}"
+        bar = tqdm(desc=desc, disable=None if dist.is_main and verbose else True)
+        train_log = _train_epoch(
+            train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
+        )
+        seconds = time.perf_counter() - started
+        record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
+
+        if has_val:
+            val = evaluate(
+                model,
+                val_set,
+                collate=collate,
+                batch_size=config.eval_batch_size,
+                device=device,
+                dist=dist,
+                num_workers=config.num_workers,
+            )
+            record["val_loss"] = val.loss
+            with _quiet_metric_warnings():
+                record.update({f"val_{k}": v for k, v in val.metrics(class_names).items()})
+            scheduler.step(val.loss)
+            improved = val.loss < state["best_val_loss"]
+        else:
+            improved = True
+        record["seconds"] = seconds
+        state["train_seconds"] += seconds
+        state["epoch"] = epoch
+        state["history"].append(record)
+        if improved:
+            state["best_epoch"], state["bad_epochs"] = epoch, 0
+            state["best_val_loss"] = record.get("val_loss", math.nan)
+            best_weights = copy.deepcopy(model.state_dict())
+            if write:
+                save_model(out_dir, model, model_config or {})
+        else:
+            state["bad_epochs"] += 1
+        stopped_early = state["bad_epochs"] >= config.early_stopping_patience
+        if write:
+            saved = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "progress": state,
+            }
+            if state["best_epoch"] != epoch:
+                saved["best_model"] = best_weights
+            save_training_state(state_path, saved)
+            with open(out_dir / METRICS_LOG, "a") as log:
+                log.write(_json_line(record))
+        _finish_epoch_bar(bar, desc, record, dist if verbose else _QUIET)
+
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    if write:
+        save_model(out_dir, model, model_config or {})
+    dist.barrier()
+    return FitResult(
+        best_epoch=state["best_epoch"],
+        best_val_loss=state["best_val_loss"] if has_val else math.nan,
+        epochs_run=state["epoch"],
+        stopped_early=stopped_early and state["epoch"] < config.epochs,
+        train_seconds=state["train_seconds"],
+        history=state["history"],
+    )
+
+
+def _train_epoch(
+    train_model: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_set: Any,
+    config: TrainConfig,
+    collate: Callable,
+    fold: int,
+    epoch: int,
+    dist: Distributed,
+    bar: tqdm,
+) -> dict[str, float]:
+    device = next(model.parameters()).device
+    model.train()
+    if hasattr(train_set, "set_epoch"):  # BagDataset draws its --max-patches subsets per (seed, epoch)
+        train_set.set_epoch(epoch)
+    passes = plan_epoch(len(train_set), config, fold, epoch, dist.rank, dist.world_size)
+    batches = [indices for _, _, indices, _ in passes]
+    loader = iter(_loader(train_set, batches, collate, config.num_workers))
+    num_updates = passes[-1][0] + 1 if passes else 0
+    bar.reset(total=num_updates)
+    # Running sums over this process's slides: task loss, then each named extra loss.
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)
+    sums: dict[str, torch.Tensor] = {"task": zero()}
+    count = 0
+    i = 0
+    for update in range(num_updates):
+        optimizer.zero_grad(set_to_none=True)
+        update_sum = torch.zeros((), dtype=torch.float64, device=device)
+        group = []
+        while i < len(passes) and passes[i][0] == update:
+            group.append(passes[i])
+            i += 1
+        for position, (_, pass_index, _, update_size) in enumerate(group):
+            batch = next(loader)
+            torch.manual_seed(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index))
+            last = position == len(group) - 1
+            sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
+            x, mask, coords, labels = _to_device(batch, device)
+            n = labels.shape[0]
+            try:
+                with sync:
+                    logits, extra = train_model(x, mask=mask, coords=coords)
+                    task = F.cross_entropy(logits.float(), labels, reduction="sum")
+                    total = task + n * sum(extra.values(), torch.zeros((), device=device))
+                    weight = dist.world_size / update_size if update_size else 0.0
+                    (total * weight).backward()
+            except (RuntimeError, MemoryError) as err:
+                if _is_out_of_memory(err):
+                    raise _too_large(err, batch, "training") from err
+                raise
+            for name in extra:  # every process must all-reduce the same names, even after weight-0 passes
+                sums.setdefault(name, zero())
+            if update_size:  # a weight-0 pass only keeps DDP in step
+                update_sum += total.detach().double()
+                sums["task"] += task.detach().double()
+                for name, value in extra.items():
+                    sums[name] += n * value.detach().double()
+                count += n
+        # Every process checks the same all-reduced number, so all stop together.
+        if not math.isfinite(float(dist.all_sum(update_sum))):
+            raise NonFiniteLossError(
+                f"fold {fold}, epoch {epoch}, update {update + 1}: the training loss is "
+                f"{float(update_sum)}; stopping. The checkpoint of the last complete epoch is kept "
+                "(resume state and best model). Check the features for extreme values, or lower --lr."
+            )
+        optimizer.step()
+        bar.set_postfix(loss=f"{float(update_sum) / group[0][3] if group[0][3] else 0.0:.4f}", refresh=False)
+        bar.update(1)
+
+    names = sorted(sums)
+    totals = dist.all_sum(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)]))
+    slides = max(1.0, float(totals[-1]))
+    log = {f"train_{k}_loss": float(totals[j]) / slides for j, k in enumerate(names)}
+    log["train_loss"] = sum(float(totals[j]) for j in range(len(names))) / slides
+    return log
+
+
+@contextlib.contextmanager
+def _quiet_metric_warnings():
+    # A validation set of a few slides often lacks a class; the test-set metrics warn about it.
+    import warnings
+
+    from tcssa.train.metrics import MissingClassWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingClassWarning)
+        yield
+
+
+def _finish_epoch_bar(bar: tqdm, desc: str, record: dict[str, Any], dist: Distributed) -> None:
+    """Leave one line per epoch with the training loss and validation AUC (printed when no terminal)."""
+    shown = {"loss": f"{record['train_loss']:.4f}"}
+    if "val_loss" in record:
+        shown.update(val_loss=f"{record['val_loss']:.4f}", val_auc=f"{record['val_auc']:.4f}")
+    if bar.disable:
+        if dist.is_main:
+            print(f"{desc}: " + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+    else:
+        bar.set_postfix(shown)
+    bar.close()
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    # Strict JSON: a NaN (e.g. the AUC of a one-class validation set) is written as null.
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean) + "\n"

@@ -1,0 +1,533 @@
+"""Run directories: train a model on every fold of a cohort, evaluate a checkpoint, compare models.
+
+A run directory (``tcssa train``) holds, as the shared contract fixes::
+
+    config.json  class_map.json  splits.csv  summary.csv  fold_{k}_predictions.csv
+    fold_{k}/model.safetensors  fold_{k}/model_config.json  fold_{k}/metrics.jsonl
+    slot_utilisation.csv (models with slots)
+
+plus, while a fold is in progress, ``fold_{k}/resume.safetensors`` and, once it
+is done, ``fold_{k}/result.json`` (its metrics; a finished fold is skipped on
+``--resume``). A comparison directory (``tcssa compare``) holds
+``comparison.csv``, ``comparison.md`` and one run directory per model, all on
+the same folds. Under torchrun every process trains and evaluates; rank 0
+alone writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tcssa.train.checkpoint import read_json, write_json, write_text
+from tcssa.train.config import TrainConfig
+from tcssa.train.distributed import SINGLE_PROCESS, Distributed
+from tcssa.train.engine import Predictions, derived_seed, evaluate, fit
+from tcssa.train.metrics import METRIC_NAMES, summarize_folds
+
+SUMMARY_COLUMNS = [
+    "fold",
+    *(f"test_{m}" for m in METRIC_NAMES),
+    "val_auc",
+    "val_loss",
+    "epochs",
+    "train_seconds",
+]
+COMPARISON_COLUMNS = [
+    "model",
+    "auc_mean",
+    "auc_std",
+    "bacc_mean",
+    "bacc_std",
+    "f1_mean",
+    "f1_std",
+    "tokens",
+    "train_seconds",
+]
+#: A slot holding more than this share of a fold's test-set assignments counts as collapse.
+COLLAPSE_SHARE = 0.5
+# Options that change how a run executes, not what it computes: they may differ on --resume.
+_RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
+
+
+class SlotCollapseWarning(UserWarning):
+    """One slot takes more than half of all routing assignments on a fold's test set."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path | None
+    rows: list[dict[str, Any]]  # one per fold, SUMMARY_COLUMNS
+    model: str
+    tokens: int | None  # tokens per slide the classifier head sees (None: the whole bag)
+    slot_counts: dict[int, list[int]] = field(default_factory=dict)  # fold -> test-set assignments per slot
+
+    @property
+    def summary(self) -> dict[str, float]:
+        return summarize_folds(self.rows, [f"test_{m}" for m in METRIC_NAMES])
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(r["train_seconds"] for r in self.rows))
+
+
+# ------------------------------------------------------------------ folds
+def check_splits(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
+    """Splits restricted to the cohort's slides, with every class present in every training set.
+
+    A slide of the split file without a feature file is an error unless
+    ``skip_missing`` (then it is dropped, and counted in the error-free path by
+    the cohort's ``missing`` list); a slide in the split that the labels do not
+    list is always an error.
+    """
+    from tcssa.data import Split
+
+    known = set(cohort.slide_ids)
+    missing = set(cohort.missing)
+    checked = []
+    for split in splits:
+        parts = {}
+        for part in ("train", "val", "test"):
+            ids = list(getattr(split, part))
+            unknown = [s for s in ids if s not in known and s not in missing]
+            if unknown:
+                raise ValueError(
+                    f"fold {split.fold}: {len(unknown)} {part} slide(s) of the split are not in the labels: "
+                    f"{', '.join(unknown[:10])}"
+                )
+            absent = [s for s in ids if s in missing]
+            if absent and not skip_missing:
+                raise ValueError(
+                    f"fold {split.fold}: {len(absent)} {part} slide(s) have no feature file: "
+                    f"{', '.join(absent[:10])} (pass --skip-missing to leave them out)"
+                )
+            parts[part] = [s for s in ids if s in known]
+        if not parts["train"] or not parts["test"]:
+            raise ValueError(f"fold {split.fold}: the training or test set is empty")
+        present = {cohort.labels[s] for s in parts["train"]}
+        lacking = [cohort.class_names[c] for c in range(cohort.num_classes) if c not in present]
+        if lacking:
+            counts = cohort.label_counts()
+            raise ValueError(
+                f"fold {split.fold}: class(es) {lacking} have no training slide "
+                f"(cohort counts: {', '.join(f'{k}={counts[k]}' for k in lacking)}); the model could never "
+                "predict them. Use fewer folds, or a split file where every class is in each training set."
+            )
+        checked.append(Split(fold=split.fold, **parts))
+    return checked
+
+
+def make_splits(cohort: Any, config: TrainConfig, split_csv: str | Path | None) -> list[Any]:
+    from tcssa.data import load_splits, make_kfold_splits
+
+    if split_csv is not None:
+        return load_splits(split_csv)
+    return make_kfold_splits(cohort, folds=config.folds, seed=config.seed, val_fraction=config.val_fraction)
+
+
+# ------------------------------------------------------------------ train
+def train_run(
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    split_csv: str | Path | None = None,
+    splits: Sequence[Any] | None = None,
+    skip_missing: bool = False,
+    resume: bool = False,
+    dist: Distributed = SINGLE_PROCESS,
+) -> RunResult:
+    """Train ``config.model`` on every fold and write the run directory ``out_dir``.
+
+    Folds come from ``splits`` if given, else from ``split_csv``, else from a
+    stratified, patient-grouped ``config.folds``-fold split of the cohort.
+    """
+    from tcssa.data import Cohort
+
+    cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
+    if splits is None:
+        splits = make_splits(cohort, config, split_csv)
+    splits = check_splits(splits, cohort, skip_missing)
+    out_dir = Path(out_dir)
+    run_config = {
+        **config.to_dict(),
+        "features_dir": str(Path(features_dir).resolve()),
+        "labels_csv": str(Path(labels_csv).resolve()),
+        "split_csv": None if split_csv is None else str(Path(split_csv).resolve()),
+        "skip_missing": skip_missing,
+        "num_slides": len(cohort.slide_ids),
+        "missing_slides": list(cohort.missing),
+        "class_names": list(cohort.class_names),
+        "in_dim": cohort.dim,
+        "world_size": dist.world_size,
+    }
+    _prepare_out_dir(out_dir, run_config, resume, dist)
+    if dist.is_main:
+        from tcssa.data import save_class_map, save_splits
+
+        save_class_map(cohort.class_names, out_dir / "class_map.json")
+        save_splits(splits, out_dir / "splits.csv")
+        if cohort.missing:
+            print(
+                f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
+                f"{', '.join(cohort.missing[:10])}{' ...' if len(cohort.missing) > 10 else ''}"
+            )
+    return _run_folds(cohort, splits, config, out_dir, resume, dist)
+
+
+def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
+    saved_path = out_dir / "config.json"
+    if saved_path.is_file():
+        if not resume:
+            raise ValueError(
+                f"{out_dir} already holds a run (config.json); pass --resume to continue it, "
+                "or choose another --out"
+            )
+        saved = read_json(saved_path)
+        changed = sorted(
+            k
+            for k in set(saved) | set(run_config)
+            if k not in _RUNTIME_OPTIONS | {"world_size"} and saved.get(k) != run_config.get(k)
+        )
+        if changed:
+            details = "; ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
+            raise ValueError(f"cannot resume {out_dir}: the settings differ from the saved run ({details})")
+    if dist.is_main:
+        write_json(saved_path, run_config)
+    dist.barrier()
+
+
+def _run_folds(
+    cohort: Any,
+    splits: Sequence[Any],
+    config: TrainConfig,
+    out_dir: Path | None,
+    resume: bool,
+    dist: Distributed,
+) -> RunResult:
+    from tcssa.data import BagDataset
+    from tcssa.mil import build_model
+
+    rows: list[dict[str, Any]] = []
+    slot_counts: dict[int, list[int]] = {}
+    tokens = None
+    for split in splits:
+        fold = split.fold
+        fold_dir = out_dir / f"fold_{fold}" if out_dir is not None else None
+        model = build_model(
+            config.model,
+            cohort.dim,
+            cohort.num_classes,
+            num_slots=config.num_slots,
+            seed=derived_seed(config.seed, fold) >> 1,
+            **config.model_options,
+        )
+        tokens = model.num_tokens
+        if resume and fold_dir is not None and (fold_dir / "result.json").is_file():
+            result = read_json(fold_dir / "result.json")
+            rows.append({k: math.nan if v is None else v for k, v in result["row"].items()})
+            if result.get("slot_counts") is not None:
+                slot_counts[fold] = result["slot_counts"]
+            continue
+        seed = derived_seed(config.seed, fold)
+        cache = int(config.cache_gb * 2**30)
+        train_set = BagDataset(cohort, split.train, config.max_patches, seed=seed, cache_bytes=cache)
+        val_set = BagDataset(cohort, split.val, cache_bytes=cache) if split.val else None
+        test_set = BagDataset(cohort, split.test)
+        model_config = {"model": model.config, "class_names": list(cohort.class_names), "fold": fold}
+        fitted = fit(
+            model,
+            train_set,
+            val_set,
+            config,
+            fold=fold,
+            out_dir=fold_dir,
+            model_config=model_config,
+            resume=resume,
+            dist=dist,
+            class_names=cohort.class_names,
+        )
+        preds = evaluate(
+            model,
+            test_set,
+            batch_size=config.eval_batch_size,
+            device=dist.device(config.device),
+            dist=dist,
+            with_routing=True,
+            num_workers=config.num_workers,
+            desc=f"fold {fold} test",
+        )
+        with warnings.catch_warnings():
+            if not dist.is_main:
+                warnings.simplefilter("ignore")
+            test = preds.metrics(cohort.class_names, where=f"fold {fold} test set")
+        best = fitted.history[fitted.best_epoch - 1] if fitted.best_epoch else {}
+        row = {
+            "fold": fold,
+            **{f"test_{k}": v for k, v in test.items()},
+            "val_auc": best.get("val_auc", math.nan),
+            "val_loss": best.get("val_loss", math.nan),
+            "epochs": fitted.epochs_run,
+            "train_seconds": round(fitted.train_seconds, 3),
+        }
+        rows.append(row)
+        if preds.slot_counts is not None:
+            slot_counts[fold] = preds.slot_counts.tolist()
+            if dist.is_main:
+                _warn_collapse(fold, _shares(slot_counts[fold]))
+        if dist.is_main and fold_dir is not None:
+            write_text(out_dir / f"fold_{fold}_predictions.csv", predictions_csv(preds))
+            write_json(
+                fold_dir / "result.json",
+                {
+                    "row": _json_safe(row),
+                    "best_epoch": fitted.best_epoch,
+                    "stopped_early": fitted.stopped_early,
+                    "slot_counts": slot_counts.get(fold),
+                },
+            )
+            (fold_dir / "resume.safetensors").unlink(missing_ok=True)
+            _write_summary(out_dir, rows, slot_counts)
+        dist.barrier()
+    if dist.is_main and out_dir is not None:
+        _write_summary(out_dir, rows, slot_counts)
+    return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_counts=slot_counts)
+
+
+def _shares(counts: Sequence[int]) -> list[float]:
+    total = float(sum(counts))
+    return [c / total if total else 0.0 for c in counts]
+
+
+def _warn_collapse(fold: int, shares: Sequence[float]) -> None:
+    top = int(np.argmax(shares))
+    if shares[top] > COLLAPSE_SHARE:
+        used = sum(s > 0 for s in shares)
+        warnings.warn(
+            f"slot collapse on fold {fold}: slot {top} takes {shares[top]:.0%} of all test-set routing "
+            f"assignments ({used} of {len(shares)} slots used). The paper sees this when the auxiliary "
+            "loss weight lambda is too low; try a larger model option aux_weight.",
+            SlotCollapseWarning,
+            stacklevel=2,
+        )
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def predictions_csv(preds: Predictions) -> str:
+    """``slide_id,label,pred,p_0..p_{C-1}``, one row per slide."""
+    num_classes = preds.probs.shape[1]
+    columns = ["slide_id", "label", "pred", *(f"p_{c}" for c in range(num_classes))]
+    rows = [
+        {
+            "slide_id": sid,
+            "label": int(label),
+            "pred": int(pred),
+            **{f"p_{c}": float(p) for c, p in enumerate(probs)},
+        }
+        for sid, label, pred, probs in zip(
+            preds.slide_ids, preds.labels, preds.preds, preds.probs, strict=True
+        )
+    ]
+    return csv_text(rows, columns)
+
+
+def _write_summary(out_dir: Path, rows: list[dict[str, Any]], slot_counts: dict[int, list[int]]) -> None:
+    write_text(out_dir / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
+    if slot_counts:
+        util = [
+            {"fold": fold, "slot": k, "count": int(c), "share": share}
+            for fold, counts in sorted(slot_counts.items())
+            for k, (c, share) in enumerate(zip(counts, _shares(counts), strict=True))
+        ]
+        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["fold", "slot", "count", "share"]))
+
+
+# ------------------------------------------------------------------- eval
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    *,
+    skip_missing: bool = False,
+    batch_size: int = 1,
+    device: str = "auto",
+) -> dict[str, float]:
+    """Evaluate a saved model on a labelled set; writes predictions.csv, metrics.json (+ slot use).
+
+    Labels are read with the checkpoint's class names, so a test list with the
+    classes in another order (or a subset of them) maps onto the same indices.
+    """
+    from tcssa.data import BagDataset, Cohort
+
+    model, model_config = load_checkpoint(checkpoint)
+    class_names = model_config["class_names"]
+    cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing, class_names=class_names)
+    if cohort.dim != model.in_dim:
+        raise ValueError(
+            f"{features_dir}: features have D={cohort.dim}, but the checkpoint {checkpoint} was trained "
+            f"on D={model.in_dim}"
+        )
+    started = time.perf_counter()
+    preds = evaluate(
+        model,
+        BagDataset(cohort, cohort.slide_ids),
+        batch_size=batch_size,
+        device=SINGLE_PROCESS.device(device),
+        with_routing=True,
+        desc="evaluating",
+    )
+    metrics = preds.metrics(class_names, where=str(labels_csv))
+    out_dir = Path(out_dir)
+    write_text(out_dir / "predictions.csv", predictions_csv(preds))
+    report = {
+        **_json_safe(metrics),
+        "loss": preds.loss,
+        "num_slides": len(preds.slide_ids),
+        "missing_slides": list(cohort.missing),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(out_dir / "metrics.json", report)
+    if preds.slot_counts is not None:
+        shares = _shares(preds.slot_counts.tolist())
+        _warn_collapse(model_config.get("fold", 0), shares)
+        util = [
+            {"slot": k, "count": int(c), "share": s}
+            for k, (c, s) in enumerate(zip(preds.slot_counts.tolist(), shares, strict=True))
+        ]
+        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["slot", "count", "share"]))
+    return metrics
+
+
+def load_checkpoint(checkpoint: str | Path):
+    """(model in eval mode, its model_config.json) from a checkpoint folder or .safetensors file."""
+    from tcssa.mil import build_model
+    from tcssa.train.checkpoint import load_weights, resolve_checkpoint
+
+    weights, config_path = resolve_checkpoint(checkpoint)
+    model_config = read_json(config_path)
+    if not isinstance(model_config.get("model"), dict) or "class_names" not in model_config:
+        raise ValueError(f"{config_path}: not a tcssa model config (needs 'model' and 'class_names')")
+    build_args = dict(model_config["model"])
+    model = build_model(build_args.pop("name"), **build_args)
+    load_weights(model, weights)
+    return model.eval(), model_config
+
+
+# ---------------------------------------------------------------- compare
+def compare(
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    models: Sequence[str],
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    split_csv: str | Path | None = None,
+    skip_missing: bool = False,
+    resume: bool = False,
+    dist: Distributed = SINGLE_PROCESS,
+) -> list[dict[str, Any]]:
+    """Train every model on the same folds; write comparison.csv/.md; return the table's rows.
+
+    Each row: model, auc_mean, auc_std, bacc_mean, bacc_std, f1_mean, f1_std
+    (test-set metrics over folds, std with ddof=1), tokens (what the head sees
+    per slide: K, or "all" for full-bag models), train_seconds (summed over folds).
+    """
+    from tcssa.data import Cohort, save_splits
+    from tcssa.mil import MODEL_NAMES
+
+    config = config or TrainConfig()
+    models = list(dict.fromkeys(models))
+    if not models:
+        raise ValueError("no models to compare")
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
+    out_dir = Path(out_dir)
+    cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
+    splits = check_splits(make_splits(cohort, config, split_csv), cohort, skip_missing)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_splits(splits, out_dir / "splits.csv")
+    rows = []
+    for name in models:
+        if dist.is_main:
+            print(f"== {name} ==", flush=True)
+        result = train_run(
+            features_dir,
+            labels_csv,
+            out_dir / name,
+            config.override(model=name),
+            split_csv=split_csv,
+            splits=splits,
+            skip_missing=skip_missing,
+            resume=resume,
+            dist=dist,
+        )
+        rows.append(comparison_row(result))
+        if dist.is_main:
+            write_comparison(out_dir, rows)
+    return rows
+
+
+def comparison_row(result: RunResult) -> dict[str, Any]:
+    summary = result.summary
+    row: dict[str, Any] = {"model": result.model}
+    for metric in ("auc", "bacc", "f1"):
+        row[f"{metric}_mean"] = summary[f"test_{metric}_mean"]
+        row[f"{metric}_std"] = summary[f"test_{metric}_std"]
+    row["tokens"] = result.tokens if result.tokens is not None else "all"
+    row["train_seconds"] = round(result.train_seconds, 1)
+    return row
+
+
+def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    write_text(out_dir / "comparison.csv", csv_text(rows, COMPARISON_COLUMNS))
+    write_text(out_dir / "comparison.md", comparison_markdown(rows))
+
+
+def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    fmt = lambda m, s: "n/a" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+    lines = [
+        "| model | AUC | balanced acc. | macro F1 | tokens | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {fmt(r['auc_mean'], r['auc_std'])} | {fmt(r['bacc_mean'], r['bacc_std'])} "
+            f"| {fmt(r['f1_mean'], r['f1_std'])} | {r['tokens']} | {r['train_seconds']:.0f} |"
+        )
+    lines.append("")
+    lines.append("Test-set metrics, mean ± standard deviation over folds; train s summed over folds.")
+    return "\n".join(lines) + "\n"

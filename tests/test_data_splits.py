@@ -1,0 +1,136 @@
+"""Patient-level splits: stratified, grouped by case, deterministic, and saved as diffable CSV."""
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tcssa.data import (
+    Cohort,
+    Split,
+    check_splits,
+    load_splits,
+    make_kfold_splits,
+    make_train_val_test_split,
+    save_splits,
+)
+
+
+def _cohort(num_cases=60, with_cases=True, seed=0):
+    """Cases with 1-3 slides each; label per case, 1/3 positive."""
+    rng = random.Random(seed)
+    slide_ids, labels, cases = [], {}, {}
+    for case in range(num_cases):
+        for k in range(rng.choice([1, 1, 2, 3])):
+            slide = f"c{case:03d}_s{k}"
+            slide_ids.append(slide)
+            labels[slide] = int(case % 3 == 0)
+            cases[slide] = f"c{case:03d}"
+    return Cohort(
+        slide_ids=slide_ids,
+        paths={s: Path(f"{s}.h5") for s in slide_ids},
+        labels=labels,
+        class_names=["neg", "pos"],
+        case_ids=cases if with_cases else None,
+    )
+
+
+def _sides_per_case(split, cohort):
+    sides = {}
+    for name, ids in split.parts().items():
+        for slide in ids:
+            sides.setdefault(cohort.case_ids[slide], set()).add(name)
+    return sides
+
+
+def test_kfold_test_parts_partition_the_cohort_and_no_patient_spans_two_sides():
+    cohort = _cohort()
+    splits = make_kfold_splits(cohort, folds=5, seed=0)
+    assert [s.fold for s in splits] == [0, 1, 2, 3, 4]
+    tested = Counter(slide for s in splits for slide in s.test)
+    assert set(tested) == set(cohort.slide_ids) and set(tested.values()) == {1}
+    for split in splits:
+        assert sorted(split.train + split.val + split.test) == sorted(cohort.slide_ids)
+        assert all(len(sides) == 1 for sides in _sides_per_case(split, cohort).values())
+        assert split.val, "validation carved from train"
+
+
+def test_folds_are_stratified_and_val_is_about_the_asked_share():
+    cohort = _cohort(num_cases=150)
+    overall = sum(cohort.labels.values()) / len(cohort.slide_ids)
+    for split in make_kfold_splits(cohort, folds=5, seed=1, val_fraction=0.15):
+        share = sum(cohort.labels[s] for s in split.test) / len(split.test)
+        assert abs(share - overall) < 0.1
+        assert 0.08 < len(split.val) / (len(split.train) + len(split.val)) < 0.22
+        assert {cohort.labels[s] for s in split.val} == {0, 1}
+
+
+def test_splits_are_deterministic_by_seed_and_ignore_row_order():
+    cohort = _cohort()
+    first = make_kfold_splits(cohort, seed=7)
+    assert make_kfold_splits(cohort, seed=7) == first
+    shuffled = cohort.subset(list(reversed(cohort.slide_ids)))
+    assert make_kfold_splits(shuffled, seed=7) == first
+    assert make_kfold_splits(cohort, seed=8) != first
+
+
+def test_without_case_ids_each_slide_is_its_own_group():
+    cohort = _cohort(with_cases=False)
+    splits = make_kfold_splits(cohort, folds=3, val_fraction=0)
+    assert all(s.val == [] for s in splits)
+    assert sum(len(s.test) for s in splits) == len(cohort.slide_ids)
+
+
+def test_train_val_test_split():
+    cohort = _cohort(num_cases=100)
+    split = make_train_val_test_split(cohort, test_fraction=0.25, val_fraction=0.2, seed=0)
+    assert 0.18 < len(split.test) / len(cohort.slide_ids) < 0.32
+    assert all(len(sides) == 1 for sides in _sides_per_case(split, cohort).values())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    splits = make_kfold_splits(_cohort(), folds=3, seed=0)
+    path = save_splits(splits, tmp_path / "splits.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "fold,split,slide_id"
+    assert lines[1].startswith("0,train,")
+    assert len(lines) == 1 + sum(len(s.train) + len(s.val) + len(s.test) for s in splits)
+    assert load_splits(path) == splits
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a BOM from a spreadsheet round trip
+    assert load_splits(path) == splits
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("slide_id,fold,split\na,0,train\n", "expected columns fold,split,slide_id"),
+        ("fold,split,slide_id\n0,training,a\n", "line 2: split must be train, val or test"),
+        ("fold,split,slide_id\nx,train,a\n", "line 2: fold must be an integer"),
+        ("fold,split,slide_id\n0,train,a\n0,test,a\n", "slide a is in both train and test"),
+        ("fold,split,slide_id\n", "no splits listed"),
+    ],
+)
+def test_bad_splits_files(tmp_path, text, message):
+    path = tmp_path / "bad_splits.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"bad_splits.csv.*{message}"):
+        load_splits(path)
+
+
+def test_check_splits_catches_a_patient_on_both_sides():
+    leaky = [Split(0, train=["p1_a", "p2_a"], val=[], test=["p1_b"])]
+    cases = {"p1_a": "p1", "p1_b": "p1", "p2_a": "p2"}
+    with pytest.raises(ValueError, match=r"fold 0: 1 case\(s\) have slides on more than one side: p1"):
+        check_splits(leaky, cases)
+    check_splits(leaky)  # without case ids only slide overlaps count
+
+
+def test_too_few_cases_and_bad_arguments():
+    cohort = _cohort(num_cases=4)
+    with pytest.raises(ValueError, match="5 folds need at least 5 cases, got 4"):
+        make_kfold_splits(cohort, folds=5)
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        make_kfold_splits(cohort, folds=1)
+    with pytest.raises(ValueError, match="val_fraction"):
+        make_kfold_splits(cohort, folds=2, val_fraction=1.0)

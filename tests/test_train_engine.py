@@ -1,0 +1,236 @@
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tcssa.train.checkpoint import load_training_state
+from tcssa.train.config import TrainConfig
+from tcssa.train.distributed import Distributed
+from tcssa.train.engine import (
+    NonFiniteLossError,
+    SlideTooLargeError,
+    evaluate,
+    fit,
+    plan_epoch,
+)
+from train_fixtures import TinyMIL, TinySlotMIL, make_bags, pad_collate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: a second intra-op thread only adds synchronisation cost on a shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _split(items):
+    return items[:24], items[24:32], items[32:]
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=k)
+
+
+def test_same_seed_gives_the_same_model_and_metrics():
+    train, val, test = _split(make_bags(40))
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=2)
+    runs = []
+    for _ in range(2):
+        model = TinySlotMIL(seed=3)  # noise and dropout in training: RNG must be reseeded
+        result = fit(model, train, val, config, collate=pad_collate)
+        preds = evaluate(model, test, collate=pad_collate)
+        runs.append((_weights(model), result.history, preds.probs))
+    _assert_same_weights(runs[0][0], runs[1][0])
+    assert [h["val_loss"] for h in runs[0][1]] == [h["val_loss"] for h in runs[1][1]]
+    assert (runs[0][2] == runs[1][2]).all()
+
+    other = TinySlotMIL(seed=3)
+    fit(other, train, val, config.override(seed=1), collate=pad_collate)
+    assert not torch.equal(other.head.weight, runs[0][0]["head.weight"])
+
+
+@pytest.mark.parametrize("batch_size,accum", [(2, 2), (1, 4)])
+def test_an_update_averages_over_its_slides_however_they_are_split(batch_size, accum):
+    # 4 slides per update in one padded pass, or in several passes with gradient accumulation.
+    train, val, _ = _split(make_bags(40))
+    reference = TinyMIL()
+    fit(reference, train, val, TrainConfig(epochs=2, lr=1e-2, batch_size=4), collate=pad_collate)
+    model = TinyMIL()
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=batch_size, grad_accum_steps=accum)
+    fit(model, train, val, config, collate=pad_collate)
+    _assert_same_weights(_weights(reference), _weights(model), atol=1e-6)
+
+
+def test_plan_deals_every_slide_of_an_update_to_one_process():
+    config = TrainConfig(batch_size=2, grad_accum_steps=2)
+    single = plan_epoch(10, config, fold=0, epoch=1, rank=0, world_size=1)
+    ranks = [plan_epoch(10, config, fold=0, epoch=1, rank=r, world_size=3) for r in range(3)]
+    for update in range(3):  # 10 slides in updates of 4, 4, 2
+        slides = [i for u, _, idx, _ in single if u == update for i in idx]
+        dealt = [i for plan in ranks for u, _, idx, size in plan if u == update and size for i in idx]
+        assert sorted(dealt) == sorted(slides)
+        # a process with nothing to do in the 2-slide update still runs one weight-0 pass
+        assert all(any(u == update for u, *_ in plan) for plan in ranks)
+    assert [size for u, _, _, size in ranks[2] if u == 2] == [0]
+
+
+def test_evaluation_is_deterministic_and_padding_free():
+    _, _, test = _split(make_bags(40))
+    model = TinySlotMIL()
+    one = evaluate(model, test, collate=pad_collate, batch_size=1, with_routing=True)
+    padded = evaluate(model, test, collate=pad_collate, batch_size=5, with_routing=True)
+    assert one.slide_ids == [bag.slide_id for bag, _ in test]
+    torch.testing.assert_close(torch.tensor(one.probs), torch.tensor(padded.probs), atol=1e-6, rtol=1e-5)
+    assert (one.slot_counts == padded.slot_counts).all()
+    # top-2 routing: every real patch is counted twice
+    assert one.slot_counts.sum() == 2 * sum(bag.features.shape[0] for bag, _ in test)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    train, val, _ = _split(make_bags(40, signal=3.0))
+    flipped_val = [(bag, 1 - label) for bag, label in val]  # learning the task makes val worse
+    model = TinyMIL()
+    config = TrainConfig(epochs=30, lr=5e-2, early_stopping_patience=3, lr_patience=10)
+    result = fit(model, train, flipped_val, config, collate=pad_collate)
+    assert result.stopped_early
+    assert result.epochs_run == result.best_epoch + 3 < 30
+    best = min(result.history, key=lambda h: h["val_loss"])
+    assert best["epoch"] == result.best_epoch
+    again = evaluate(model, flipped_val, collate=pad_collate)
+    assert again.loss == pytest.approx(result.best_val_loss, abs=1e-6)
+
+
+class FailingAfter:
+    """A dataset that raises after ``limit`` reads, as if the process died mid-epoch."""
+
+    def __init__(self, items, limit, error=KeyboardInterrupt):
+        self.items, self.limit, self.reads, self.error = items, limit, 0, error
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise self.error("interrupted")
+        return self.items[i]
+
+
+def test_resume_after_an_interruption_mid_epoch_gives_the_same_result(tmp_path):
+    train, val, _ = _split(make_bags(40))
+    config = TrainConfig(epochs=4, lr=1e-2, batch_size=2)
+    whole = TinySlotMIL()
+    expected = fit(whole, train, val, config, collate=pad_collate, out_dir=tmp_path / "whole")
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):  # dies in epoch 3, after 2 complete epochs
+        fit(TinySlotMIL(), FailingAfter(train, 2 * 24 + 7), val, config, collate=pad_collate, out_dir=cut)
+    assert load_training_state(cut / "resume.safetensors")["progress"]["epoch"] == 2
+
+    resumed = TinySlotMIL(seed=99)  # the weights come from the saved state, not from this init
+    result = fit(resumed, train, val, config, collate=pad_collate, out_dir=cut, resume=True)
+    _assert_same_weights(_weights(whole), _weights(resumed))
+    assert result.best_epoch == expected.best_epoch
+    drop = lambda h: {k: v for k, v in h.items() if k != "seconds"}
+    assert [drop(h) for h in result.history] == [drop(h) for h in expected.history]
+    lines = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+class NaNAfter(FailingAfter):
+    def __getitem__(self, i):
+        self.reads += 1
+        bag, label = self.items[i]
+        if self.reads > self.limit:
+            bag = type(bag)(bag.features * math.nan, bag.slide_id)
+        return bag, label
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    train, val, _ = _split(make_bags(40))
+    config = TrainConfig(epochs=5, lr=1e-2, batch_size=2)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*loss is nan.*last complete epoch"):
+        fit(TinyMIL(), NaNAfter(train, 24 + 5), val, config, collate=pad_collate, out_dir=tmp_path)
+    state = load_training_state(tmp_path / "resume.safetensors")
+    assert state["progress"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+class AllocationFails(TinyMIL):
+    def forward(self, x, mask=None, coords=None):
+        if x.shape[1] > 10:
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+            )
+        return super().forward(x, mask, coords)
+
+
+def test_a_slide_too_large_for_memory_names_it_and_suggests_max_patches():
+    train, val, _ = _split(make_bags(40))
+    with pytest.raises(SlideTooLargeError, match=r"slide_\d+ \(1[12] patches\).*--max-patches"):
+        fit(AllocationFails(), train, val, TrainConfig(epochs=1), collate=pad_collate)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, config, out):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist = Distributed.from_env("cpu")
+    train, val, test = _split(make_bags(40))
+    model = TinyMIL()
+    result = fit(model, train, val, config, collate=pad_collate, dist=dist, out_dir=os.path.dirname(out))
+    preds = evaluate(model, test, collate=pad_collate, dist=dist)
+    if dist.is_main:
+        torch.save({"weights": _weights(model), "history": result.history, "probs": preds.probs}, out)
+    dist.shutdown()
+
+
+def test_two_processes_train_the_same_model_as_one(tmp_path):
+    # 5 slides per update: uneven shares (3 + 2) and a last update of 4 slides.
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=5)
+    (tmp_path / "ddp").mkdir()
+    out = tmp_path / "ddp" / "ddp.pt"
+    # fork: the children reuse the imported torch instead of importing it again (seconds each).
+    mp.start_processes(
+        _ddp_worker, args=(2, _free_port(), config, str(out)), nprocs=2, join=True, start_method="fork"
+    )
+    ddp = torch.load(out, weights_only=False)
+
+    train, val, test = _split(make_bags(40))
+    model = TinyMIL()
+    result = fit(model, train, val, config, collate=pad_collate, out_dir=tmp_path / "one")
+    _assert_same_weights(_weights(model), ddp["weights"], atol=1e-6)
+    # Adam hides a constant factor on the gradient; its first moment (a running mean of the
+    # gradients) does not, so it checks that each update applies the mean over its slides.
+    moments = [
+        load_training_state(tmp_path / run / "resume.safetensors")["optimizer"]["state"]
+        for run in ("one", "ddp")
+    ]
+    for index, state in moments[0].items():
+        torch.testing.assert_close(state["exp_avg"], moments[1][index]["exp_avg"], atol=1e-7, rtol=1e-4)
+    for one, two in zip(result.history, ddp["history"], strict=True):
+        assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-5)
+        assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-5)
+    preds = evaluate(model, test, collate=pad_collate)
+    torch.testing.assert_close(torch.tensor(preds.probs), torch.tensor(ddp["probs"]), atol=1e-6, rtol=1e-5)
