@@ -16,6 +16,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tcssa.bench import QUICK, BenchConfig, format_table, run_bench
+
+    config = QUICK if args.quick else BenchConfig()
+    overrides = {"dim": args.dim, "repeats": args.repeats, "seed": args.seed, "threads": args.threads}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
+    print(format_table(result))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _train_config(args: argparse.Namespace):
     from tcssa.train import TrainConfig
 
@@ -337,6 +351,40 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     prefill.add_argument("--repeats", type=int, default=3, help="timed repeats per length (default 3)")
     prefill.add_argument("--out", help="CSV file to write the measurements to")
     prefill.set_defaults(func=_cmd_vqa_prefill)
+
+
+_BENCH_SECTIONS = ("single", "agreement", "streaming", "cohort", "training", "auc")  # tcssa.bench.SECTIONS
+
+
+def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="speed and memory of TC-SSA against the published code's formulation, 10^3 to 10^6 patches",
+        description="Measure time and peak memory of TC-SSA (one slide, cohorts, training, streaming from "
+        "h5, bfloat16) and of the alternatives, each as a ratio to the published code's formulation "
+        "measured in the same run. Prints the table; writes bench.json, bench.csv, bench_scaling.png.",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="small sizes (D=128, N<=20000, one thread): a check that it runs"
+    )
+    bench.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    bench.add_argument("--dim", type=int, help="feature dimension D (default 1024; 128 with --quick)")
+    bench.add_argument(
+        "--repeats", type=int, help="timed repeats per measurement (default 5; 2 with --quick)"
+    )
+    bench.add_argument("--seed", type=int, help="seed for the synthetic slides and the models (default 0)")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    bench.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(_BENCH_SECTIONS),
+        choices=_BENCH_SECTIONS,
+        help="which parts to run (default: all)",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.set_defaults(func=_cmd_bench)
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tcssa.data.synthetic import make_synthetic_cohort, parse_overrides
 
@@ -596,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vqa_commands(commands)
     _add_data_commands(commands)
     _add_mil_commands(commands)
+    _add_bench_commands(commands)
     return parser
 
 
