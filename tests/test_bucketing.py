@@ -66,3 +66,14 @@ def test_compress_slides_equals_one_by_one_in_input_order():
     batched = compress_slides(model, slides, batch_size=3, max_patches=400)
     for slide, tokens in zip(slides, batched, strict=True):
         torch.testing.assert_close(tokens, model(slide).tokens[0], atol=1e-5, rtol=1e-5)
+
+
+def test_pad_slides_reuses_a_large_enough_buffer():
+    buffer = torch.full((100,), 7.0)
+    x, mask = pad_slides([torch.ones(3, 4), torch.ones(2, 4) * 2], buffer)
+    assert x.shape == (2, 3, 4) and x.is_contiguous()
+    assert x.data_ptr() == buffer.data_ptr()  # padded in place: no new block per batch
+    assert x[1, 2].tolist() == [0.0] * 4 and mask.tolist() == [[True] * 3, [True, True, False]]
+    small = torch.empty(5)
+    y, _ = pad_slides([torch.ones(3, 4)], small)  # too small: a fresh tensor
+    assert y.data_ptr() != small.data_ptr() and torch.equal(y, torch.ones(1, 3, 4))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tcssa import TCSSA
-from tcssa.streaming import feature_shape, iter_h5_chunks, read_h5_features
+from tcssa.streaming import feature_shape, iter_h5_chunks
 
 D = 24
 
@@ -63,13 +63,12 @@ def test_bfloat16_model_streams_bfloat16_chunks(slide):
     torch.testing.assert_close(out.tokens, model(x.to(torch.bfloat16)).tokens, atol=0.05, rtol=0.02)
 
 
-def test_read_h5_features_and_shape(slide, tmp_path):
+def test_feature_shape_and_clam_layout(slide, tmp_path):
     path, x = slide
     assert feature_shape(path) == (1037, D)
-    loaded = read_h5_features(path, dtype=torch.bfloat16, chunk_size=100)
-    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, x.to(torch.bfloat16))
     batched = write(tmp_path / "clam.h5", x.numpy()[None])  # CLAM's 1 x N x D layout
-    assert torch.equal(read_h5_features(batched), x.float())
+    assert feature_shape(batched) == (1037, D)
+    assert torch.equal(torch.cat(list(iter_h5_chunks(batched, 400))), x.float())
 
 
 def test_training_mode_is_refused(slide):

@@ -27,6 +27,7 @@ How it measures
 
 from __future__ import annotations
 
+import copy
 import csv
 import gc
 import json
@@ -51,6 +52,7 @@ from tqdm.auto import tqdm
 from tcssa import routing_loss
 from tcssa.bucketing import LengthBucketSampler, compress_slides, pad_slides
 from tcssa.compressor import TCSSA
+from tcssa.streaming import iter_h5_chunks
 
 MIB = 1 << 20
 
@@ -176,7 +178,13 @@ class BenchConfig:
     train_repeats: int = 3
     memory_cap_gib: float = 8.0  # address space a probe may add (dense attention stops here)
     agreement_size: int = 100_000  # bfloat16 vs float32 routing agreement
+    auc_slides: int = 120  # synthetic rare-lesion cohort for the AUC of the two training loops
+    auc_dim: int = 512
+    auc_patches: tuple[int, int] = (1_000, 10_000)
+    auc_epochs: int = 10
+    alternatives: tuple[str, ...] = ("abmil", "transmil", "dense-attention")  # item 7
     probe_workers: int = 1  # memory probes at once (they do not time anything)
+    probe_time_budget_s: float = 300.0  # a method whose call took longer skips the larger sizes
     threads: int | None = None  # torch threads (None: torch's default)
     seed: int = 0
     quick: bool = False
@@ -195,6 +203,11 @@ QUICK = BenchConfig(
     train_repeats=1,
     memory_cap_gib=2.0,
     agreement_size=4_000,
+    auc_slides=16,
+    auc_dim=32,
+    auc_patches=(200, 600),
+    auc_epochs=1,
+    alternatives=("abmil", "dense-attention"),  # TransMIL alone would take most of the minute
     probe_workers=4,
     threads=1,
     quick=True,
@@ -239,12 +252,12 @@ def write_h5_slide(path: Path, num_patches: int, dim: int, seed: int = 0, chunk:
     return path
 
 
-def _mil_model(name: str, dim: int, num_classes: int = 2) -> nn.Module | None:
+def _mil_model(name: str, dim: int, num_classes: int = 2, seed: int = 0) -> nn.Module | None:
     try:
         from tcssa.mil import build_model
     except ImportError:
         return None
-    return build_model(name, dim, num_classes, seed=0)
+    return build_model(name, dim, num_classes, seed=seed)
 
 
 def build_method(name: str, config: BenchConfig) -> Callable | None:
@@ -295,15 +308,21 @@ def _seconds(fn: Callable, *args) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each call over ``repeats`` rounds, the calls run round-robin so that a
-    burst of load on the shared machine hits all of them alike. One untimed warm-up each."""
-    for call in calls.values():
-        call()
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]], repeats: int | dict[str, int], warmup: bool = True
+) -> dict[str, float]:
+    """Median seconds of each call over its repeats, the calls run round-robin so that a burst of
+    load on the shared machine hits all of them alike; with ``warmup``, one untimed call each
+    first. ``repeats`` may differ per call (a call that takes minutes gets fewer)."""
+    counts = repeats if isinstance(repeats, dict) else dict.fromkeys(calls, repeats)
+    if warmup:
+        for call in calls.values():
+            call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+    for round_ in range(max(counts.values(), default=0)):
         for name, call in calls.items():
-            times[name].append(_seconds(call))
+            if round_ < counts[name]:
+                times[name].append(_seconds(call))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -373,6 +392,7 @@ def run_probe(spec: dict) -> list[dict]:
                 row["probe_seconds"] = _seconds(run, data)
             row["peak_rss_mib"] = _peak_rss_mib()
             row["work_mib"] = row["peak_rss_mib"] - row["rss_before_mib"]
+            row["probe_s"] = row["probe_seconds"]
             row["status"] = "ok"
         except (RuntimeError, MemoryError) as err:  # torch reports a failed allocation as RuntimeError
             row["status"] = f"out of memory (cap {spec.get('cap_gib')} GiB): {str(err).splitlines()[0][:120]}"
@@ -380,6 +400,8 @@ def run_probe(spec: dict) -> list[dict]:
             break
         data = None
         results.append(row)
+        if row["probe_seconds"] > config.probe_time_budget_s:  # larger sizes would take longer still
+            break
     return results
 
 
@@ -483,10 +505,13 @@ def train_epoch_reference(model: ReferenceClassifier, optimizer, slides, labels,
 
 
 def train_epoch_batched(model: nn.Module, optimizer, slides, labels, sampler: LengthBucketSampler) -> None:
-    """Several slides per step: bucketed by N, padded with a mask; the extra losses come weighted."""
+    """Several slides per step: bucketed by N, padded with a mask into one reused buffer; the
+    model's extra losses come weighted."""
     model.train()
+    longest = sorted(len(s) for s in slides)[-sampler.batch_size :]
+    buffer = slides[0].new_empty(len(longest) * longest[-1] * slides[0].shape[-1])
     for batch in sampler:
-        x, mask = pad_slides([slides[i] for i in batch])
+        x, mask = pad_slides([slides[i] for i in batch], buffer)
         logits, losses = model(x, mask)
         loss = F.cross_entropy(logits, labels[batch]) + sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
@@ -495,11 +520,19 @@ def train_epoch_batched(model: nn.Module, optimizer, slides, labels, sampler: Le
 
 
 def build_classifiers(dim: int, num_classes: int, num_slots: int, seed: int):
-    """(reference classifier + its AdamW, batched TC-SSA classifier + fused AdamW)."""
-    torch.manual_seed(seed)
+    """(reference classifier + its AdamW, batched TC-SSA classifier + fused AdamW), same initial weights.
+
+    The batched model is ``tcssa.mil``'s ``tcssa`` when that package is present, else the inline
+    ``BatchedClassifier``; the reference starts from its weights, so that the two training loops
+    differ only in how they feed the slides and step the optimizer.
+    """
+    batched = _mil_model("tcssa", dim, num_classes, seed)
+    if batched is None:
+        torch.manual_seed(seed)
+        batched = BatchedClassifier(dim, num_classes, num_slots)
     reference = ReferenceClassifier(dim, num_classes, num_slots)
-    torch.manual_seed(seed)
-    batched = _mil_model("tcssa", dim, num_classes) or BatchedClassifier(dim, num_classes, num_slots)
+    reference.compressor.load_state_dict(batched.compressor.reference_state_dict())
+    reference.head.load_state_dict(batched.head.state_dict())
     hyper = {"lr": 1e-4, "weight_decay": 1e-5}
     # AdamW's default on CPU is its per-parameter loop, what the published code gets.
     return (
@@ -557,7 +590,7 @@ class _Bench:
     # ------------------------------------------------------------ single slide
     def single_slide(self) -> None:
         c = self.config
-        methods = ["reference", "tcssa", "tcssa-bf16", "abmil", "transmil", "dense-attention"]
+        methods = ["reference", "tcssa", "tcssa-bf16", *c.alternatives]
         floors = ["gate-product", "gate-product-bf16", "expert-read", "expert-read-bf16"]
         built = {name: build_method(name, c) for name in methods + floors}
         available = [name for name in methods if built[name] is not None]
@@ -579,10 +612,12 @@ class _Bench:
             inputs = {name: method_input(name, x) for name in built}
             # A method whose probe failed (or stopped) at this size is not timed here either.
             runnable = floors + [m for m in available if memory.get((m, n), {}).get("status") == "ok"]
-            slow = n * n * c.dim > 2e12  # dense attention at this size takes a while: fewer repeats
             calls = {m: (lambda m=m, inputs=inputs: built[m](inputs[m])) for m in runnable}
+            # A call that took its probe more than 20 s is timed once (the probe ran it already).
+            slow = {m: memory.get((m, n), {}).get("probe_seconds", 0) > 20 for m in calls}
+            repeats = {m: 1 if slow[m] else c.repeats for m in calls}
             with torch.inference_mode():
-                seconds = interleaved_medians(calls, 2 if slow else c.repeats)
+                seconds = interleaved_medians(calls, repeats, warmup=n == c.sizes[0])
             for name in available + floors:
                 row = {
                     "section": "single slide",
@@ -593,7 +628,7 @@ class _Bench:
                 if name in seconds:
                     row.update(_time_fields(seconds[name], n))
                 elif "status" not in row:
-                    row["status"] = "not run (a smaller N ran out of memory)"
+                    row["status"] = "not run (a smaller N ran out of memory or time)"
                 self.result.rows.append(row)
             x = inputs = calls = None  # free this size's slide before the next one
         self._single_slide_ratios()
@@ -602,7 +637,8 @@ class _Bench:
         rows = {(r["method"], r["n"]): r for r in self.result.rows if r["section"] == "single slide"}
         for (name, n), row in rows.items():
             ref = rows.get(("reference", n), {})
-            if "time_ms" in row and "time_ms" in ref:
+            floor_part = name.startswith(("gate-product", "expert-read"))
+            if "time_ms" in row and "time_ms" in ref and not floor_part:
                 row["speedup_vs_reference"] = ref["time_ms"] / row["time_ms"]
             if "peak_rss_mib" in row and "peak_rss_mib" in ref:
                 row["peak_rss_vs_reference"] = row["peak_rss_mib"] / ref["peak_rss_mib"]
@@ -659,21 +695,29 @@ class _Bench:
         probes = {row["n"]: row for row in probe_memory("tcssa-h5", c.stream_sizes, c, files=files)}
         run = build_method("tcssa-h5", c)
         for n in tqdm(c.stream_sizes, desc="streaming", disable=not self.progress, leave=False):
-            repeats = max(1, c.repeats if n <= 100_000 else 2)
+            repeats = c.repeats if n <= 100_000 else 2
             with torch.inference_mode():
-                seconds = interleaved_medians({"h5": lambda n=n: run(files[str(n)])}, repeats)["h5"]
+                call = {"h5": lambda n=n: run(files[str(n)])}
+                seconds = interleaved_medians(call, repeats, warmup=n == c.stream_sizes[0])["h5"]
             row = {"section": "streaming", "method": "tcssa-h5", "n": n, **_memory_fields(probes.get(n))}
             row.update(_time_fields(seconds, n))
             row["chunk_size"] = c.chunk_size
             self.result.rows.append(row)
+        # The same slide the published way, whole in memory as float32: its peak, for contrast.
+        largest = max(c.stream_sizes)
+        in_memory = probe_memory("reference", [largest], c)[0]
+        row = {"section": "streaming", "method": "reference (in memory)", "n": largest}
+        row.update(_memory_fields(in_memory))
+        row["note"] = "reference (in memory): the float32 slide whole in RAM; memory probe only (not timed)"
+        if "probe_seconds" in in_memory:
+            row["probe_s"] = in_memory["probe_seconds"]
+        self.result.rows.append(row)
         smallest = min(c.stream_sizes)  # exactness against the in-memory forward
         torch.manual_seed(c.seed)
         model = TCSSA(c.dim, num_slots=c.num_slots).eval()
-        from tcssa.streaming import read_h5_features
-
         with torch.inference_mode():
             streamed = model.compress_h5(files[str(smallest)], chunk_size=max(1, smallest // 7))
-            whole = model(read_h5_features(files[str(smallest)]))
+            whole = model(next(iter_h5_chunks(files[str(smallest)], smallest)))
         self.result.rows.append(
             {
                 "section": "agreement",
@@ -735,13 +779,95 @@ class _Bench:
             self.result.rows.append(row)
 
     def cohort_auc(self) -> None:
+        """Both training loops on the synthetic rare-lesion cohort (issue 4's task), same epochs and
+        fold; test AUC of each, and of the batched model evaluated in bfloat16."""
         try:
-            import tcssa.data  # noqa: F401
+            from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
         except ImportError:
             self.result.rows.append(
                 {"section": "auc", "method": "train-batched", "status": "skipped: tcssa.data not available"}
             )
             return
+        c = self.config
+        low, high = c.auc_patches
+        synth = make_synthetic_cohort(
+            self.work_dir / "rare", "rare", c.auc_slides, c.auc_dim, c.seed, low, high, progress=False
+        )
+        cohort = Cohort.from_folder(synth.features_dir, synth.labels_csv)
+        split = make_kfold_splits(cohort, folds=5, seed=c.seed)[0]
+        train_ids = split.train + split.val  # fixed epochs, no early stopping: val is not needed
+        load = lambda ids, dtype=torch.float32: [read_bag(cohort.paths[i], dtype).features for i in ids]  # noqa: E731
+        train_x, test_x = load(train_ids), load(split.test)
+        train_y = torch.tensor([cohort.labels[i] for i in train_ids])
+        test_y = [cohort.labels[i] for i in split.test]
+        reference, ref_opt, batched, opt = build_classifiers(
+            c.auc_dim, cohort.num_classes, c.num_slots, c.seed
+        )
+        sampler = LengthBucketSampler([len(x) for x in train_x], c.train_batch_size, seed=c.seed)
+        rng = torch.Generator().manual_seed(c.seed)
+        seconds = {"train-reference": 0.0, "train-batched": 0.0}
+        for epoch in tqdm(range(c.auc_epochs), desc="auc training", disable=not self.progress, leave=False):
+            order = torch.randperm(len(train_x), generator=rng).tolist()
+            sampler.set_epoch(epoch)
+            seconds["train-reference"] += _seconds(
+                train_epoch_reference, reference, ref_opt, train_x, train_y, order
+            )
+            seconds["train-batched"] += _seconds(train_epoch_batched, batched, opt, train_x, train_y, sampler)
+        test_half = load(split.test, torch.bfloat16)  # float16 on disk straight to bfloat16
+        low_precision = copy.deepcopy(batched).bfloat16()
+        reference.eval(), batched.eval(), low_precision.eval()
+        scores = {
+            "train-reference": _class1_scores(lambda x: reference(x)[0], test_x),
+            "train-batched": _class1_scores(lambda x: batched(x)[0], test_x),
+            "train-batched, eval in bfloat16": _class1_scores(lambda x: low_precision(x)[0], test_half),
+        }
+        common = {"section": "auc", "slides": len(train_ids), "n": sum(len(x) for x in train_x)}
+        for method, score in scores.items():
+            row = {**common, "method": method, "test_auc": _auc(test_y, score), "status": "ok"}
+            trained = seconds.get(method)
+            if trained:
+                row.update(time_ms=1000 * trained, slides_per_s=c.auc_epochs * len(train_ids) / trained)
+                row["speedup_vs_reference"] = seconds["train-reference"] / trained
+            row["note"] = (
+                f"synthetic 'rare' cohort: {c.auc_slides} slides, D={c.auc_dim}, N {low:,}-{high:,}; "
+                f"fold 0: {len(train_ids)} train, {len(split.test)} test slides; {c.auc_epochs} epochs each"
+            )
+            self.result.rows.append(row)
+        if hasattr(batched, "routing"):  # top-2 agreement of the trained gate, bfloat16 vs float32
+            with torch.inference_mode():
+                same = [
+                    (
+                        batched.routing(x).topk_index.sort(-1).values
+                        == low_precision.routing(h).topk_index.sort(-1).values
+                    )
+                    .all(-1)
+                    .float()
+                    .mean()
+                    for x, h in zip(test_x, test_half, strict=True)
+                ]
+            self.result.rows.append(
+                {
+                    "section": "agreement",
+                    "method": "trained tcssa-bf16 vs float32 (rare cohort test slides)",
+                    "n": sum(len(x) for x in test_x),
+                    "top2_agreement": float(torch.stack(same).mean()),
+                }
+            )
+
+
+@torch.inference_mode()
+def _class1_scores(predict: Callable[[Tensor], Tensor], slides: list[Tensor]) -> list[float]:
+    scores = []
+    for x in slides:
+        logits = predict(x)
+        scores.append(float(logits.float().softmax(-1)[0, -1]))
+    return scores
+
+
+def _auc(labels: list[int], scores: list[float]) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else None
 
 
 def _time_fields(seconds: float, n: int) -> dict:
@@ -751,7 +877,7 @@ def _time_fields(seconds: float, n: int) -> dict:
 def _memory_fields(probe: dict | None) -> dict:
     if not probe:
         return {}
-    out = {k: probe[k] for k in ("peak_rss_mib", "work_mib") if k in probe}
+    out = {k: probe[k] for k in ("peak_rss_mib", "work_mib", "probe_s") if k in probe}
     if probe.get("status", "ok") != "ok":
         out["status"] = probe["status"]
     return out
@@ -899,6 +1025,7 @@ COLUMNS = [
     "floor_fraction",
     "slides",
     "slides_per_s",
+    "probe_s",
     "batch_size",
     "chunk_size",
     "top2_agreement",
@@ -990,7 +1117,8 @@ def plot_scaling(result: BenchResult, path: Path) -> None:
         ax.set_xlabel("patches per slide N")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     machine = result.meta.get("machine", {})
     fig.suptitle(
         f"TC-SSA speed and memory, D={result.meta.get('config', {}).get('dim')} ({machine.get('cpu')})"

@@ -100,13 +100,23 @@ class LengthBucketSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
-def pad_slides(slides: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Stack n_i x D slides into B x max(n) x D (zeros after each slide) and a B x max(n) mask."""
-    longest = max(len(s) for s in slides)
-    x = slides[0].new_zeros(len(slides), longest, slides[0].shape[-1])
-    mask = torch.zeros(len(slides), longest, dtype=torch.bool, device=x.device)
+def pad_slides(slides: Sequence[Tensor], buffer: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Stack n_i x D slides into B x max(n) x D (zeros after each slide) and a B x max(n) mask.
+
+    ``buffer``: a flat tensor of the slides' dtype to pad into when it is large enough, so that
+    a loop over batches reuses one block of memory instead of faulting in a fresh one per batch
+    (the batch is then a view of it: finish with one batch before padding the next).
+    """
+    batch, longest, dim = len(slides), max(len(s) for s in slides), slides[0].shape[-1]
+    size = batch * longest * dim
+    if buffer is not None and buffer.numel() >= size and buffer.dtype == slides[0].dtype:
+        x = buffer[:size].view(batch, longest, dim)
+    else:
+        x = slides[0].new_empty(batch, longest, dim)  # not zeros: every element is written below
+    mask = torch.zeros(batch, longest, dtype=torch.bool, device=x.device)
     for i, s in enumerate(slides):
         x[i, : len(s)] = s
+        x[i, len(s) :] = 0
         mask[i, : len(s)] = True
     return x, mask
 

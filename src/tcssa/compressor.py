@@ -108,39 +108,48 @@ class _SlotSums:
 class SlotExperts(nn.Module):
     """K independent residual MLP experts, stored stacked and applied in one batched pass.
 
-    Expert k: y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k))). Weights are
-    kept in nn.Linear's (out, in) layout so that the published code's
-    per-expert ``nn.Sequential`` maps onto them one to one.
+    Expert k: y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k))). The weights are
+    stored (in, out), the transpose of nn.Linear's layout, so that ``c @ W`` has its
+    weight gradient come out in the weight's own layout: autograd then need not copy
+    2 x K x H x D gradients into place every training step (measured, docs/RESULTS.md).
+    ``TCSSA.reference_state_dict`` converts to and from the published per-expert layout.
     """
 
     def __init__(self, num_slots: int, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.dropout = dropout
-        self.w1 = nn.Parameter(torch.empty(num_slots, hidden, dim))
+        self.w1 = nn.Parameter(torch.empty(num_slots, dim, hidden))  # W1_k^T
         self.b1 = nn.Parameter(torch.empty(num_slots, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_slots, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_slots, hidden, dim))  # W2_k^T
         self.b2 = nn.Parameter(torch.empty(num_slots, dim))
         self.ln_weight = nn.Parameter(torch.ones(num_slots, dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_slots, dim))
         self.reset_parameters()
 
+    @property
+    def hidden(self) -> int:
+        return self.w1.shape[-1]
+
     def reset_parameters(self) -> None:
-        # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), expert by expert.
-        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
-            bound = 1.0 / math.sqrt(weight.shape[-1])
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
+        # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), expert by expert, drawn
+        # in nn.Linear's (out, in) order so that a seed gives the same experts in either layout.
+        with torch.no_grad():
+            for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+                num_slots, fan_in, fan_out = weight.shape
+                bound = 1.0 / math.sqrt(fan_in)
+                drawn = torch.empty(num_slots, fan_out, fan_in).uniform_(-bound, bound)
+                weight.copy_(drawn.transpose(1, 2))
+                nn.init.uniform_(bias, -bound, bound)
         nn.init.ones_(self.ln_weight)
         nn.init.zeros_(self.ln_bias)
 
     def forward(self, slots: Tensor) -> Tensor:
         c = slots.transpose(0, 1)  # K x B x D: the slot is the batch dim of bmm
-        h = torch.baddbmm(self.b1.unsqueeze(1), c, self.w1.transpose(1, 2))
+        h = torch.baddbmm(self.b1.unsqueeze(1), c, self.w1)
         h = F.dropout(F.gelu(h), self.dropout, self.training)
-        out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2.transpose(1, 2))
+        out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2).transpose(0, 1)  # B x K x D
         out = F.layer_norm(out, out.shape[-1:], eps=LAYER_NORM_EPS)
-        out = out * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
-        return slots + out.transpose(0, 1)
+        return slots + out * self.ln_weight + self.ln_bias
 
 
 class TCSSA(nn.Module):
@@ -366,9 +375,9 @@ class TCSSA(nn.Module):
         }
         for k in range(self.num_slots):
             base = f"{prefix}experts.{k}.net."
-            out[base + "0.weight"] = e.w1[k].detach().clone()
+            out[base + "0.weight"] = e.w1[k].detach().t().contiguous()
             out[base + "0.bias"] = e.b1[k].detach().clone()
-            out[base + "3.weight"] = e.w2[k].detach().clone()
+            out[base + "3.weight"] = e.w2[k].detach().t().contiguous()
             out[base + "3.bias"] = e.b2[k].detach().clone()
             out[base + "4.weight"] = e.ln_weight[k].detach().clone()
             out[base + "4.bias"] = e.ln_bias[k].detach().clone()
@@ -383,16 +392,17 @@ class TCSSA(nn.Module):
         """
         weights = _extract_reference_weights(state_dict)
         num_slots, hidden, dim = weights["w1"].shape
-        if (dim, num_slots, hidden) != (self.dim, self.num_slots, self.experts.w1.shape[1]):
+        if (dim, num_slots, hidden) != (self.dim, self.num_slots, self.experts.hidden):
             raise ValueError(
                 f"reference checkpoint has D={dim}, K={num_slots}, H={hidden}, but this TCSSA has "
-                f"D={self.dim}, K={self.num_slots}, H={self.experts.w1.shape[1]}"
+                f"D={self.dim}, K={self.num_slots}, H={self.experts.hidden}"
             )
         with torch.no_grad():
             self.gate.weight.copy_(weights["gate_weight"])
             self.gate.bias.copy_(weights["gate_bias"])
             for name in ("w1", "b1", "w2", "b2", "ln_weight", "ln_bias"):
-                getattr(self.experts, name).copy_(weights[name])
+                value = weights[name]
+                getattr(self.experts, name).copy_(value.transpose(1, 2) if name in ("w1", "w2") else value)
         return self
 
     @classmethod

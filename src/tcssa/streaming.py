@@ -4,7 +4,7 @@ A 10^6 x 1024 slide is 2 GiB as float16 on disk and 4 GiB as float32 in memory;
 ``TCSSA.compress_h5`` walks it chunk by chunk instead (see ``compress_chunks``),
 so memory holds one chunk whatever N is. Each chunk is converted from the
 on-disk dtype straight to the requested one (float16 -> bfloat16 never passes
-through float32 for the whole slide).
+through float32 for the whole slide). Reading a whole slide at once is ``tcssa.data.read_bag``.
 """
 
 from __future__ import annotations
@@ -73,20 +73,3 @@ def iter_h5_chunks(
             stop = min(start + chunk_size, num_patches)
             block = features[0, start:stop] if squeeze else features[start:stop]
             yield torch.from_numpy(block).to(dtype)
-
-
-def read_h5_features(
-    path: str | Path, dtype: torch.dtype = torch.float32, chunk_size: int = 65_536, dataset: str = FEATURES
-) -> Tensor:
-    """The whole N x D feature matrix in ``dtype``, filled chunk by chunk.
-
-    Peak memory is the result plus one on-disk chunk: float16 on disk loads to
-    bfloat16 without a float32 (or even a full float16) copy of the slide.
-    """
-    num_patches, dim = feature_shape(path, dataset)
-    out = torch.empty(num_patches, dim, dtype=dtype)
-    start = 0
-    for chunk in iter_h5_chunks(path, chunk_size, dtype=dtype, dataset=dataset):
-        out[start : start + len(chunk)] = chunk
-        start += len(chunk)
-    return out
