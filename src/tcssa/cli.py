@@ -337,6 +337,8 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     prefill.add_argument("--repeats", type=int, default=3, help="timed repeats per length (default 3)")
     prefill.add_argument("--out", help="CSV file to write the measurements to")
     prefill.set_defaults(func=_cmd_vqa_prefill)
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tcssa.data.synthetic import make_synthetic_cohort, parse_overrides
 
