@@ -124,8 +124,11 @@ def test_stage1_with_a_mil_checkpoint_keeps_it_by_reference(workspace, tmp_path)
     state["head.net.0.weight"] = torch.zeros(2, D)
     checkpoint = tmp_path / "model.safetensors"
     save_file(state, str(checkpoint))
-    loaded = load_compressor(checkpoint)
-    assert (loaded.num_slots, loaded.dim) == (4, D)
+    # tcssa train's layout: fold_k/model.safetensors + model_config.json {"model": build_model config}
+    config = {"model": {"name": "tcssa", "in_dim": D, "num_slots": 4, "expert_dropout": 0.1}, "fold": 0}
+    (tmp_path / "model_config.json").write_text(json.dumps(config))
+    loaded = load_compressor(tmp_path)  # the fold folder
+    assert (loaded.num_slots, loaded.dim, loaded.config.expert_dropout) == (4, D, 0.1)
     data = f"--data {root}/train.csv --features {root}/features --projector-hidden 16"
     assert (
         vqa(f"train --stage 1 --lm {root}/lm {data} --out {tmp_path}/run --mil-checkpoint {checkpoint}") == 0

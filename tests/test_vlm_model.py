@@ -166,3 +166,19 @@ def test_gradients_reach_projector_and_compressor_through_the_lm(tokenizer, lm):
 def test_position_ids_ignore_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids_from(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+def test_prefill_flops_count_attention_and_grow_with_slide_tokens(lm):
+    from tcssa.vlm.prefill import TEXT_TOKENS, measure_prefill
+
+    runs = measure_prefill(lm, [4, 30, 60], repeats=1, progress=False)
+    assert [r.sequence_length for r in runs] == [4 + TEXT_TOKENS, 30 + TEXT_TOKENS, 60 + TEXT_TOKENS]
+    assert runs[2].gflops > runs[1].gflops > runs[0].gflops > 0 and runs[0].flops_ratio_vs_first == 1.0
+    # Attention is counted: with QK^T and PV (4 n^2 h per layer) taken out, what is left grows
+    # linearly in the sequence length n (projections, MLPs; one position's logits).
+    cfg = lm.config
+    rest = [r.gflops - 4 * r.sequence_length**2 * cfg.hidden_size * cfg.num_hidden_layers / 1e9 for r in runs]
+    n = [r.sequence_length for r in runs]
+    slope_a = (rest[1] - rest[0]) / (n[1] - n[0])
+    slope_b = (rest[2] - rest[1]) / (n[2] - n[1])
+    assert slope_a == pytest.approx(slope_b, rel=1e-6)

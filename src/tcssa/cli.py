@@ -250,7 +250,7 @@ def _cmd_vqa_demo(args: argparse.Namespace) -> int:
 def _cmd_vqa_prefill(args: argparse.Namespace) -> int:
     from tcssa.vlm.prefill import run_prefill_benchmark
 
-    run_prefill_benchmark(args.lm, args.tokens, args.out, repeats=args.repeats)
+    run_prefill_benchmark(args.lm, args.tokens, args.out, repeats=args.repeats, threads=args.threads)
     return 0
 
 
@@ -350,6 +350,7 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     )
     prefill.add_argument("--repeats", type=int, default=3, help="timed repeats per length (default 3)")
     prefill.add_argument("--out", help="CSV file to write the measurements to")
+    prefill.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     prefill.set_defaults(func=_cmd_vqa_prefill)
 
 

@@ -31,11 +31,14 @@ LORA_DIR = "lora"
 def load_compressor(path: str | Path, **overrides) -> TCSSA:
     """A TC-SSA compressor from a MIL checkpoint.
 
-    ``.safetensors`` from ``tcssa train`` (the ``tcssa`` model's state: compressor keys under
-    ``compressor.``; dropout and noise read from ``model_config.json`` beside it when present), or a
-    ``.pt``/``.pth`` checkpoint of the published code (``gate.*``, ``experts.{k}.net.*``).
+    ``tcssa train``'s ``fold_k/`` folder or its ``model.safetensors`` (the ``tcssa`` model's state:
+    compressor keys under ``compressor.``; top-k, dropout and noise read from ``model_config.json``
+    beside it when present), or a ``.pt``/``.pth`` checkpoint of the published code (``gate.*``,
+    ``experts.{k}.net.*``).
     """
     path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"MIL checkpoint not found: {path}")
     if path.suffix in (".pt", ".pth", ".bin"):
@@ -58,7 +61,9 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
     config_file = path.parent / "model_config.json"
     if config_file.is_file():
         saved = json.loads(config_file.read_text())
-        saved = saved.get("options", saved)
+        saved = saved.get("model", saved)  # tcssa train writes {"model": build_model's config, ...}
+        if saved.get("name", "tcssa") != "tcssa":
+            raise ValueError(f"{path}: a {saved['name']!r} MIL model has no TC-SSA compressor")
         options = {k: saved[k] for k in ("top_k", "expert_dropout", "noise_std") if k in saved}
     compressor = TCSSA(dim, num_slots=num_slots, expert_hidden=hidden, **{**options, **overrides})
     compressor.load_state_dict(weights, strict=True)

@@ -55,7 +55,8 @@ class DemoSize:
     stage2_epochs: float
     batch_size: int
     stage1_lr: float = 1e-3
-    stage2_lr: float = 2e-3
+    stage2_lr: float = 5e-3
+    mil_epochs: int = 10  # TC-SSA MIL pretraining of the compressor (0: train it jointly in stage 1)
 
 
 QUICK = DemoSize(
@@ -148,6 +149,7 @@ def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool
 
     features: dict[str, torch.Tensor] = {}
     slides: list[tuple[str, str, str, dict]] = []  # (slide id, kind, case id, truth row)
+    cohorts = {}
     for kind, count in (("rare", size.rare_slides), ("subtype", size.subtype_slides)):
         options = {"num_subtypes": 3} if kind == "subtype" else {}
         cohort = make_synthetic_cohort(
@@ -162,6 +164,7 @@ def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool
             progress=progress,
             **options,
         )
+        cohorts[kind] = cohort
         with open(cohort.truth_csv, newline="") as handle:
             for row in csv.DictReader(handle):
                 slide_id = f"{kind}_{row['slide_id']}"  # the two cohorts number their slides alike
@@ -171,7 +174,7 @@ def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool
     cases = sorted({case for _, _, case, _ in slides})
     rng.shuffle(cases)
     test_cases = set(cases[: max(1, round(0.3 * len(cases)))])
-    train_q, test_q, captions = [], [], []
+    train_q, test_q, captions, mil_train = [], [], [], []
     for slide_id, kind, case, row in slides:
         questions = questions_for_slide(slide_id, kind, row, rng)
         if case in test_cases:
@@ -179,7 +182,34 @@ def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool
         else:
             train_q += questions
             captions.append(caption_for_slide(slide_id, kind, row))
-    return features, train_q, test_q, captions
+            if kind == "rare":
+                mil_train.append(row["slide_id"])
+    return features, train_q, test_q, captions, (cohorts["rare"], mil_train)
+
+
+def pretrain_compressor(
+    out_dir: Path, cohort, slide_ids: list[str], epochs: int, seed: int, progress: bool
+) -> Path:
+    """The paper's route to a compressor: a TC-SSA MIL classifier trained on slide labels (here lesion
+    present or not, training slides of the rare cohort only); returns its checkpoint folder."""
+    from tcssa.data import BagDataset, Cohort
+    from tcssa.mil import build_model
+    from tcssa.train.config import TrainConfig as MILTrainConfig
+    from tcssa.train.engine import fit
+
+    mil_cohort = Cohort.from_folder(cohort.features_dir, cohort.labels_csv)
+    model = build_model("tcssa", mil_cohort.dim, mil_cohort.num_classes, num_slots=32, seed=seed)
+    config = MILTrainConfig(model="tcssa", lr=5e-4, epochs=epochs, seed=seed, device="cpu")
+    fit(
+        model,
+        BagDataset(mil_cohort, slide_ids, seed=seed),
+        None,
+        config,
+        out_dir=out_dir,
+        model_config={"model": model.config, "class_names": list(mil_cohort.class_names)},
+        verbose=progress,
+    )
+    return out_dir
 
 
 def write_questions_csv(items: list[VQAItem], path: Path) -> None:
@@ -225,8 +255,16 @@ def run_vqa_demo(
     several threads on a busy machine spin against each other (measured 10x slower on a shared
     2-core box).
     """
+    previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run_demo(out_dir, quick, seed, size, variants, progress, report)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[dict]:
     from tcssa.vlm.data import ConversationDataset, MemoryFeatures
     from tcssa.vlm.evaluate import accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
     from tcssa.vlm.pipeline import sample_text
@@ -238,7 +276,9 @@ def run_vqa_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
-    features, train_q, test_q, captions = build_demo_data(out_dir, size, seed, progress)
+    features, train_q, test_q, captions, (rare_cohort, mil_slides) = build_demo_data(
+        out_dir, size, seed, progress
+    )
     write_questions_csv(train_q, out_dir / "questions_train.csv")
     write_questions_csv(test_q, out_dir / "questions_test.csv")
     report(
@@ -257,9 +297,21 @@ def run_vqa_demo(
     )
     lm, tokenizer = build_tiny_lm(lm_dir, texts, lm_size, seed=seed)
     # Text only, no slide: the model learns the language of the reports and questions, as a pretrained
-    # LLM would know it; it cannot learn the answers, which depend on the slide.
-    warm_up_lm(lm, tokenizer, texts, size.warm_up_steps, seed=seed, progress=progress)
+    # LLM would know it; it cannot learn the answers, which depend on the slide. Each text is seen
+    # twice in a row, so that the small model also learns to copy from its context, which a
+    # pretrained LLM can do and which reading slide tokens relies on.
+    repeated = [f"{text}\n{text}" for text in texts]
+    warm_up_lm(lm, tokenizer, repeated, size.warm_up_steps, seed=seed, progress=progress)
     lm.save_pretrained(lm_dir)
+
+    mil_dir = None
+    if "slots" in variants and size.mil_epochs:
+        mil_start = time.perf_counter()
+        mil_dir = pretrain_compressor(
+            out_dir / "mil", rare_cohort, mil_slides, size.mil_epochs, seed, progress
+        )
+        seconds = time.perf_counter() - mil_start
+        report(f"compressor: TC-SSA MIL trained on {len(mil_slides)} rare-cohort slides ({seconds:.0f} s)")
 
     results, timings = [], {}
     for variant in variants:
@@ -268,7 +320,12 @@ def run_vqa_demo(
         stage1 = TrainConfig(stage=1, epochs=size.stage1_epochs, batch_size=size.batch_size,
                              lr=size.stage1_lr, seed=seed, progress=progress, log_every=5)  # fmt: skip
         model, tok, info = prepare_stage(
-            1, lm=lm_dir, slide_tokens=variant, feature_dim=size.dim, train_config=stage1
+            1,
+            lm=lm_dir,
+            slide_tokens=variant,
+            feature_dim=size.dim,
+            mil_checkpoint=mil_dir if variant == "slots" else None,
+            train_config=stage1,
         )
         train_stage(
             model,

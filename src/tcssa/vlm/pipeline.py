@@ -155,7 +155,10 @@ def eval_from_files(
     model.to(device)
     prior = None
     if prior_from:
-        prior = [i.answer for i in multiple_choice_only(load_questions(prior_from).items)[0]]
+        prior_items = [i for i in load_questions(prior_from).items if isinstance(i, VQAItem)]
+        prior = [i.answer for i in multiple_choice_only(prior_items)[0]]
+        if not prior:
+            raise ValueError(f"{prior_from}: no multiple-choice question to take answer priors from")
     rows = prior_baseline_rows(items, prior)
     out_dir = Path(out_dir)
     for mode in modes:

@@ -77,6 +77,7 @@ def measure_prefill(lm, slide_token_counts: list[int], repeats: int = 3, progres
         counter = FlopCounterMode(display=False, custom_mapping=_attention_flop_mapping())
         with counter:
             lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1)
+        lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1)  # warm-up, untimed
         times = []
         for _ in range(repeats):
             if param.is_cuda:
@@ -92,8 +93,14 @@ def measure_prefill(lm, slide_token_counts: list[int], repeats: int = 3, progres
 
 
 def run_prefill_benchmark(
-    lm_path: str | Path | None, slide_token_counts: list[int], out: str | Path | None, repeats: int = 3
+    lm_path: str | Path | None,
+    slide_token_counts: list[int],
+    out: str | Path | None,
+    repeats: int = 3,
+    threads: int | None = None,
 ) -> list[PrefillMeasurement]:
+    if threads:
+        torch.set_num_threads(threads)
     if lm_path:
         from tcssa.vlm.checkpoint import load_base_lm
 

@@ -158,7 +158,7 @@ def warm_up_lm(
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     lm.eval()
     return losses
 
