@@ -8,7 +8,14 @@ from safetensors.torch import save_file
 from fake_runs import write_compare_run
 from tcssa.data import write_h5
 from tcssa.mil import build_model
-from tcssa.slot_analysis import choose_slide, embed_patches, rare_patches, slide_figures, top1_slots
+from tcssa.slot_analysis import (
+    choose_slide,
+    embed_patches,
+    mean_patches,
+    rare_patches,
+    slide_figures,
+    top1_slots,
+)
 from tcssa.train.runs import load_checkpoint
 from tcssa.viz import build_report, load_compare_run
 
@@ -80,6 +87,8 @@ def test_slide_figures_in_the_report(tmp_path):
     no_features = slide_figures(compare)
     assert not no_features.plots and "--features" in no_features.notes[0]
 
+    assert mean_patches(compare) is None  # no features folder recorded
+    assert mean_patches(compare, features_dir) == 60  # the only slide whose file is here
     figures = slide_figures(compare, features_dir=features_dir)
     assert figures.plots[0].title == f"Slot map of {slide}, a fold {fold} test slide (60 patches)"
     assert figures.plots[1].title.startswith("Semantic slots: PCA of 60 patch features")

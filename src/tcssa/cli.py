@@ -22,15 +22,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tcssa.slot_analysis import slide_figures
-    from tcssa.viz import build_report
+    from tcssa.slot_analysis import mean_patches, slide_figures
+    from tcssa.viz import build_report, load_compare_run
 
     def analysis(compare):
         return slide_figures(
             compare, features_dir=args.features, slide_id=args.slide, embedding=args.embedding
         )
 
-    out = build_report(args.run_dir, args.out, slide_analysis=None if args.no_slides else analysis)
+    patches = None if args.no_slides else mean_patches(load_compare_run(args.run_dir), args.features)
+    out = build_report(
+        args.run_dir, args.out, slide_analysis=None if args.no_slides else analysis, mean_patches=patches
+    )
     print(f"report written to {out}")
     return 0
 

@@ -92,7 +92,7 @@ class DemoConfig:
 
 
 FULL = DemoConfig(
-    epochs=6,
+    epochs=5,
     train_patches=384,
     sweep_folds=3,
     # ABMIL and TransMIL at their published widths would take most of the time budget of a CPU;

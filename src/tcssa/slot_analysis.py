@@ -132,6 +132,26 @@ def choose_slide(run: ModelRun) -> tuple[int, str]:
     return fold.fold, slide_ids[best]
 
 
+def mean_patches(compare: CompareRun, features_dir: str | Path | None = None) -> float | None:
+    """Mean patches per slide over the run's test slides, read from the feature file headers.
+
+    None when the features are not on this machine (the report then shows no compression ratio).
+    """
+    from tcssa.data import peek_shape, resolve_feature_files
+
+    run = next((r for r in compare.models.values() if r.prediction_slide_ids), None)
+    if run is None:
+        return None
+    features_dir = Path(features_dir) if features_dir is not None else features_dir_of(run)
+    if features_dir is None or not features_dir.is_dir():
+        return None
+    slide_ids = sorted({s for ids in run.prediction_slide_ids.values() for s in ids})
+    found, _ = resolve_feature_files(features_dir, slide_ids, skip_missing=True)
+    if not found:
+        return None
+    return float(np.mean([peek_shape(path)[0] for path in found.values()]))
+
+
 def _find_feature_file(features_dir: Path, slide_id: str) -> Path:
     from tcssa.data import resolve_feature_files
 
