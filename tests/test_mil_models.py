@@ -76,7 +76,8 @@ def test_shapes_and_interface(name):
     logits, losses = model(x, mask, coords)
     assert logits.shape == (2, C) and torch.isfinite(logits).all()
     assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
-    single, _ = model(*slide(9, 3)[:1], coords=slide(9, 3)[1])  # N x D means one slide
+    x_one, coords_one = slide(9, 3)
+    single, _ = model(x_one, coords=coords_one)  # N x D means one slide
     assert single.shape == (1, C)
     expected_tokens = K if name == "tcssa" or name.endswith("-k") else None
     assert model.num_tokens == expected_tokens
@@ -103,14 +104,9 @@ def test_padding_never_changes_a_result(name, interleave):
 def test_pad_values_do_not_matter(name):
     model = make(name).eval()
     slides = [slide(9, 4), slide(3, 5)]
-    a, _ = model(*_xmc(pad_batch(slides, pad_value=0.0)))
-    b, _ = model(*_xmc(pad_batch(slides, pad_value=-1e4)))
+    a, _ = model(*pad_batch(slides, pad_value=0.0))
+    b, _ = model(*pad_batch(slides, pad_value=-1e4))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def _xmc(batch):
-    x, mask, coords = batch
-    return x, mask, coords
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

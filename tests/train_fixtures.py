@@ -93,3 +93,28 @@ class TinySlotMIL(nn.Module):
 
     def routing(self, x: Tensor, mask: Tensor | None = None):
         return self.compressor(x, mask)
+
+
+def write_cohort(root, num_slides: int = 24, dim: int = 16, seed: int = 0, num_classes: int = 2):
+    """A tiny cohort on disk: ``root/features/*.h5`` (with coords) and ``root/labels.csv`` (with cases).
+
+    Positive slides hold a few patches shifted along feature 0, so a model can learn the task.
+    """
+    import numpy as np
+
+    from tcssa.data import write_h5
+
+    rng = np.random.default_rng(seed)
+    features_dir = root / "features"
+    features_dir.mkdir(parents=True)
+    rows = ["slide_id,label,case_id"]
+    for i in range(num_slides):
+        label = i % num_classes
+        n = int(rng.integers(20, 60))
+        x = rng.normal(size=(n, dim)).astype(np.float32)
+        x[: max(2, n // 5), 0] += 3.0 * label
+        coords = np.stack([np.arange(n) % 8, np.arange(n) // 8], axis=1) * 256
+        write_h5(features_dir / f"slide_{i:03d}.h5", x, coords)
+        rows.append(f"slide_{i:03d},class_{label},case_{i:03d}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return features_dir, root / "labels.csv"

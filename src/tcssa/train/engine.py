@@ -59,6 +59,7 @@ from tcssa.train.distributed import SINGLE_PROCESS, Distributed
 from tcssa.train.metrics import classification_metrics
 
 METRICS_LOG = "metrics.jsonl"
+_QUIET = Distributed(rank=1, world_size=1)  # prints nothing: "not the main process"
 RESUME_STATE = "resume.safetensors"
 
 
@@ -144,14 +145,32 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _too_large(err: BaseException, batch: Any, phase: str) -> SlideTooLargeError:
-    sizes = batch.mask.sum(dim=1).tolist()
-    slides = ", ".join(f"{sid} ({n:,} patches)" for sid, n in zip(batch.slide_ids, sizes, strict=True))
+def _too_large(err: BaseException, slides: str, phase: str) -> SlideTooLargeError:
     return SlideTooLargeError(
         f"out of memory during {phase} on slide(s) {slides}: {str(err).splitlines()[0][:200]}. "
         "Cap the patches per training slide with --max-patches (e.g. --max-patches 8000), "
         "lower --batch-size, or run on a device with more memory."
     )
+
+
+def _batch_slides(batch: Any) -> str:
+    sizes = batch.mask.sum(dim=1).tolist()
+    return ", ".join(f"{sid} ({n:,} patches)" for sid, n in zip(batch.slide_ids, sizes, strict=True))
+
+
+def _load_batches(dataset: Any, batches: list[list[int]], collate: Callable, num_workers: int, phase: str):
+    """Yield ``(indices, batch)``; running out of memory while reading or padding names the slides."""
+    loader = iter(_loader(dataset, batches, collate, num_workers))
+    for indices in batches:
+        try:
+            batch = next(loader)
+        except (RuntimeError, MemoryError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            ids = getattr(dataset, "slide_ids", None)
+            slides = ", ".join(str(ids[i]) if ids is not None else f"#{i}" for i in indices)
+            raise _too_large(err, slides, f"{phase} (reading and padding the batch)") from err
+        yield indices, batch
 
 
 def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
@@ -198,7 +217,7 @@ def evaluate(
     slot_counts = None
     route = with_routing and hasattr(model, "routing")
     bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if dist.is_main else True)
-    for indices, batch in zip(batches, _loader(dataset, batches, collate, num_workers), strict=True):
+    for indices, batch in _load_batches(dataset, batches, collate, num_workers, "evaluation"):
         x, mask, coords, labels = _to_device(batch, device)
         try:
             logits, _ = model(x, mask=mask, coords=coords)
@@ -207,7 +226,7 @@ def evaluate(
                 slot_counts = counts if slot_counts is None else slot_counts + counts
         except (RuntimeError, MemoryError) as err:
             if _is_out_of_memory(err):
-                raise _too_large(err, batch, "evaluation") from err
+                raise _too_large(err, _batch_slides(batch), "evaluation") from err
             raise
         logits = logits.float()
         losses = F.cross_entropy(logits, labels, reduction="none").cpu().tolist()
@@ -255,6 +274,7 @@ def fit(
     resume: bool = False,
     dist: Distributed = SINGLE_PROCESS,
     class_names: Sequence[str] | None = None,
+    verbose: bool = True,
 ) -> FitResult:
     """Train ``model`` on ``train_set``, early-stopping on ``val_set``'s loss; leaves the best weights in it.
 
@@ -263,14 +283,14 @@ def fit(
     whenever the validation loss improves, and ``resume.safetensors`` at every
     epoch end. ``resume=True`` continues from that state when it exists.
     Without a validation set the scheduler and early stopping are off and the
-    last epoch's weights are kept.
+    last epoch's weights are kept. ``verbose=False`` shows no progress.
     """
     collate = collate or default_collate()
     device = dist.device(config.device)
     out_dir = Path(out_dir) if out_dir is not None else None
     write = out_dir is not None and dist.is_main
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _adamw(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
     )
@@ -309,7 +329,7 @@ def fit(
         epoch = state["epoch"] + 1
         started = time.perf_counter()
         desc = f"fold {fold} epoch {epoch}/{config.epochs}"
-        bar = tqdm(desc=desc, disable=None if dist.is_main else True)
+        bar = tqdm(desc=desc, disable=None if dist.is_main and verbose else True)
         train_log = _train_epoch(
             train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
         )
@@ -358,7 +378,7 @@ def fit(
             save_training_state(state_path, saved)
             with open(out_dir / METRICS_LOG, "a") as log:
                 log.write(_json_line(record))
-        _finish_epoch_bar(bar, desc, record, dist)
+        _finish_epoch_bar(bar, desc, record, dist if verbose else _QUIET)
 
     if best_weights is not None:
         model.load_state_dict(best_weights)
@@ -373,6 +393,18 @@ def fit(
         train_seconds=state["train_seconds"],
         history=state["history"],
     )
+
+
+def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # The fused kernel updates all parameters in one pass: on CPU about 8x faster than the default
+    # per-parameter loop for TC-SSA's 17M parameters (the step is memory-bound). Older torch builds
+    # or unusual devices without it fall back to the default implementation.
+    try:
+        return torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+        )
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _train_epoch(
@@ -393,7 +425,7 @@ def _train_epoch(
         train_set.set_epoch(epoch)
     passes = plan_epoch(len(train_set), config, fold, epoch, dist.rank, dist.world_size)
     batches = [indices for _, _, indices, _ in passes]
-    loader = iter(_loader(train_set, batches, collate, config.num_workers))
+    loader = _load_batches(train_set, batches, collate, config.num_workers, "training")
     num_updates = passes[-1][0] + 1 if passes else 0
     bar.reset(total=num_updates)
     # Running sums over this process's slides: task loss, then each named extra loss.
@@ -409,7 +441,7 @@ def _train_epoch(
             group.append(passes[i])
             i += 1
         for position, (_, pass_index, _, update_size) in enumerate(group):
-            batch = next(loader)
+            _, batch = next(loader)
             torch.manual_seed(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index))
             last = position == len(group) - 1
             sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
@@ -424,7 +456,7 @@ def _train_epoch(
                     (total * weight).backward()
             except (RuntimeError, MemoryError) as err:
                 if _is_out_of_memory(err):
-                    raise _too_large(err, batch, "training") from err
+                    raise _too_large(err, _batch_slides(batch), "training") from err
                 raise
             for name in extra:  # every process must all-reduce the same names, even after weight-0 passes
                 sums.setdefault(name, zero())

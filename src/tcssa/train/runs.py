@@ -326,7 +326,7 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
@@ -358,18 +358,18 @@ def predictions_csv(preds: Predictions) -> str:
             preds.slide_ids, preds.labels, preds.preds, preds.probs, strict=True
         )
     ]
-    return _csv(rows, columns)
+    return csv_text(rows, columns)
 
 
 def _write_summary(out_dir: Path, rows: list[dict[str, Any]], slot_counts: dict[int, list[int]]) -> None:
-    write_text(out_dir / "summary.csv", _csv(rows, SUMMARY_COLUMNS))
+    write_text(out_dir / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
     if slot_counts:
         util = [
             {"fold": fold, "slot": k, "count": int(c), "share": share}
             for fold, counts in sorted(slot_counts.items())
             for k, (c, share) in enumerate(zip(counts, _shares(counts), strict=True))
         ]
-        write_text(out_dir / "slot_utilisation.csv", _csv(util, ["fold", "slot", "count", "share"]))
+        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["fold", "slot", "count", "share"]))
 
 
 # ------------------------------------------------------------------- eval
@@ -426,7 +426,7 @@ def evaluate_checkpoint(
             {"slot": k, "count": int(c), "share": s}
             for k, (c, s) in enumerate(zip(preds.slot_counts.tolist(), shares, strict=True))
         ]
-        write_text(out_dir / "slot_utilisation.csv", _csv(util, ["slot", "count", "share"]))
+        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["slot", "count", "share"]))
     return metrics
 
 
@@ -513,7 +513,7 @@ def comparison_row(result: RunResult) -> dict[str, Any]:
 
 
 def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    write_text(out_dir / "comparison.csv", _csv(rows, COMPARISON_COLUMNS))
+    write_text(out_dir / "comparison.csv", csv_text(rows, COMPARISON_COLUMNS))
     write_text(out_dir / "comparison.md", comparison_markdown(rows))
 
 
