@@ -186,6 +186,23 @@ def train_run(
 
 
 def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
+    # Rank 0 decides and tells the others: were every process to look for config.json itself, one
+    # could find the file rank 0 has just written and refuse a fresh run.
+    problem = None
+    if dist.is_main:
+        try:
+            _check_out_dir(out_dir, run_config, resume)
+        except ValueError as err:
+            problem = str(err)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+    if dist.is_main:
+        write_json(out_dir / "config.json", run_config)
+    dist.barrier()
+
+
+def _check_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool) -> None:
     saved_path = out_dir / "config.json"
     if saved_path.is_file():
         if not resume:
@@ -202,9 +219,6 @@ def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, di
         if changed:
             details = "; ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume {out_dir}: the settings differ from the saved run ({details})")
-    if dist.is_main:
-        write_json(saved_path, run_config)
-    dist.barrier()
 
 
 def _run_folds(
