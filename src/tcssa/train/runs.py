@@ -81,7 +81,7 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ folds
-def check_splits(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
+def splits_for_cohort(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
     """Splits restricted to the cohort's slides, with every class present in every training set.
 
     A slide of the split file without a feature file is an error unless
@@ -157,7 +157,7 @@ def train_run(
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
     if splits is None:
         splits = make_splits(cohort, config, split_csv)
-    splits = check_splits(splits, cohort, skip_missing)
+    splits = splits_for_cohort(splits, cohort, skip_missing)
     out_dir = Path(out_dir)
     run_config = {
         **config.to_dict(),
@@ -490,7 +490,7 @@ def compare(
         raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
     out_dir = Path(out_dir)
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
-    splits = check_splits(make_splits(cohort, config, split_csv), cohort, skip_missing)
+    splits = splits_for_cohort(make_splits(cohort, config, split_csv), cohort, skip_missing)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_splits(splits, out_dir / "splits.csv")
