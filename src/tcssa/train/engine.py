@@ -333,7 +333,6 @@ def fit(
         train_log = _train_epoch(
             train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
         )
-        seconds = time.perf_counter() - started
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
         if has_val:
@@ -353,7 +352,7 @@ def fit(
             improved = val.loss < state["best_val_loss"]
         else:
             improved = True
-        record["seconds"] = seconds
+        record["seconds"] = seconds = time.perf_counter() - started  # training and validation
         state["train_seconds"] += seconds
         state["epoch"] = epoch
         state["history"].append(record)

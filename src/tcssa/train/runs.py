@@ -81,7 +81,7 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ folds
-def check_splits(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
+def splits_for_cohort(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
     """Splits restricted to the cohort's slides, with every class present in every training set.
 
     A slide of the split file without a feature file is an error unless
@@ -157,7 +157,7 @@ def train_run(
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
     if splits is None:
         splits = make_splits(cohort, config, split_csv)
-    splits = check_splits(splits, cohort, skip_missing)
+    splits = splits_for_cohort(splits, cohort, skip_missing)
     out_dir = Path(out_dir)
     run_config = {
         **config.to_dict(),
@@ -186,6 +186,23 @@ def train_run(
 
 
 def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
+    # Rank 0 decides and tells the others: were every process to look for config.json itself, one
+    # could find the file rank 0 has just written and refuse a fresh run.
+    problem = None
+    if dist.is_main:
+        try:
+            _check_out_dir(out_dir, run_config, resume)
+        except ValueError as err:
+            problem = str(err)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+    if dist.is_main:
+        write_json(out_dir / "config.json", run_config)
+    dist.barrier()
+
+
+def _check_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool) -> None:
     saved_path = out_dir / "config.json"
     if saved_path.is_file():
         if not resume:
@@ -202,9 +219,6 @@ def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, di
         if changed:
             details = "; ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume {out_dir}: the settings differ from the saved run ({details})")
-    if dist.is_main:
-        write_json(saved_path, run_config)
-    dist.barrier()
 
 
 def _run_folds(
@@ -476,7 +490,7 @@ def compare(
         raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
     out_dir = Path(out_dir)
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
-    splits = check_splits(make_splits(cohort, config, split_csv), cohort, skip_missing)
+    splits = splits_for_cohort(make_splits(cohort, config, split_csv), cohort, skip_missing)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_splits(splits, out_dir / "splits.csv")
