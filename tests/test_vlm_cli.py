@@ -81,7 +81,8 @@ def test_train_both_stages_and_evaluate(workspace, capsys):
     assert (root / "s1" / "compressor.safetensors").is_file()  # trained jointly: saved
     assert not (root / "s1" / "lora").exists()
     assert not any(p.name.startswith("model") for p in (root / "s1").iterdir())  # no LM weights copied
-    assert vqa(f"train --stage 2 --init {root}/s1 --out {root}/s2 --batch-size 3 {common}") == 0
+    stage2 = f"train --stage 2 --init {root}/s1 --out {root}/s2 --batch-size 3 --gradient-checkpointing"
+    assert vqa(f"{stage2} {common}") == 0
     assert (root / "s2" / "lora" / "adapter_model.safetensors").is_file()
     config = json.loads((root / "s2" / "train_config.json").read_text())
     assert config["lora_r"] == 16 and config["lora_alpha"] == 32 and config["lora_dropout"] == 0.05
