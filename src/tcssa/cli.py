@@ -9,10 +9,29 @@ from tcssa import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tcssa.demo import token_budget_demo
+    from dataclasses import replace
 
-    report = token_budget_demo(args.patches, args.dim, args.num_slots, args.seed)
-    print("\n".join(report.lines()))
+    from tcssa.demo import FULL, QUICK, run_demo
+
+    config = replace(QUICK if args.quick else FULL, seed=args.seed)
+    result = run_demo(args.out, config)
+    print()
+    print("\n".join(result.summary_lines()))
+    print(f"\nreport: {result.report}   (demo took {result.seconds['total']:.0f} s)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tcssa.slot_analysis import slide_figures
+    from tcssa.viz import build_report
+
+    def analysis(compare):
+        return slide_figures(
+            compare, features_dir=args.features, slide_id=args.slide, embedding=args.embedding
+        )
+
+    out = build_report(args.run_dir, args.out, slide_analysis=None if args.no_slides else analysis)
+    print(f"report written to {out}")
     return 0
 
 
@@ -169,13 +188,49 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser("demo", help="compress a synthetic slide and show the token budget")
-    demo.add_argument("--patches", type=int, default=20_000, help="patches in the slide (default 20000)")
-    demo.add_argument("--dim", type=int, default=512, help="feature dimension D (default 512)")
-    demo.add_argument("--num-slots", type=int, default=32, help="slot tokens K (default 32)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: TC-SSA against MIL baselines on a synthetic cohort with rare lesions, "
+        "two sweeps, and an HTML report",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller cohort (80 slides), fewer epochs and sweep points; same report",
+    )
+    demo.add_argument(
+        "--out",
+        default="tcssa-demo",
+        help="output folder (default ./tcssa-demo; an earlier demo there is replaced)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the cohort, folds and models (default 0)")
     demo.set_defaults(func=_cmd_demo)
+
+    report = commands.add_parser(
+        "report", help="(re)build the HTML report of a `tcssa compare` run (or of `tcssa demo`'s output)"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the directory written by `tcssa compare`")
+    report.add_argument("--out", help="where to write the HTML (default RUN_DIR/report.html)")
+    report.add_argument(
+        "--features",
+        help="folder of the slide feature files, for the slot map and embedding "
+        "(default: the folder the run's config.json records)",
+    )
+    report.add_argument(
+        "--slide", help="slide id for the slot map (default: fold 0's most confident positive test slide)"
+    )
+    report.add_argument(
+        "--embedding",
+        choices=("pca", "tsne"),
+        default="pca",
+        help="2-D embedding of the slide's patches (default pca; tsne is slower)",
+    )
+    report.add_argument(
+        "--no-slides",
+        action="store_true",
+        help="skip the slide-level figures (no checkpoint or features read)",
+    )
+    report.set_defaults(func=_cmd_report)
 
 
 # ---------------------------------------------------------------------------------- vqa

@@ -21,7 +21,7 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,11 @@ COMPARISON_COLUMNS = [
 COLLAPSE_SHARE = 0.5
 # Options that change how a run executes, not what it computes: they may differ on --resume.
 _RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
+
+
+#: Builds one part of a fold: (part "train" | "val" | "test", slide ids, fold seed) -> a dataset
+#: whose items are (Bag, label), with ``set_epoch`` for training parts that draw patch subsets.
+DatasetFactory = Callable[[str, list[str], int], Any]
 
 
 class SlotCollapseWarning(UserWarning):
@@ -146,11 +151,18 @@ def train_run(
     skip_missing: bool = False,
     resume: bool = False,
     dist: Distributed = SINGLE_PROCESS,
+    datasets: DatasetFactory | None = None,
+    verbose: bool = True,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train ``config.model`` on every fold and write the run directory ``out_dir``.
 
     Folds come from ``splits`` if given, else from ``split_csv``, else from a
     stratified, patient-grouped ``config.folds``-fold split of the cohort.
+    ``datasets`` replaces the default ``BagDataset`` of each fold's part (e.g.
+    slides held in memory across many runs, see ``tcssa.data.memory``).
+    ``verbose=False`` hides the per-epoch progress; ``on_fold`` is called with
+    each finished fold's summary row (for a caller's own progress display).
     """
     from tcssa.data import Cohort
 
@@ -182,7 +194,7 @@ def train_run(
                 f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
                 f"{', '.join(cohort.missing[:10])}{' ...' if len(cohort.missing) > 10 else ''}"
             )
-    return _run_folds(cohort, splits, config, out_dir, resume, dist)
+    return _run_folds(cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold)
 
 
 def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
@@ -228,6 +240,9 @@ def _run_folds(
     out_dir: Path | None,
     resume: bool,
     dist: Distributed,
+    datasets: DatasetFactory | None = None,
+    verbose: bool = True,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     from tcssa.data import BagDataset
     from tcssa.mil import build_model
@@ -254,10 +269,15 @@ def _run_folds(
                 slot_counts[fold] = result["slot_counts"]
             continue
         seed = derived_seed(config.seed, fold)
-        cache = int(config.cache_gb * 2**30)
-        train_set = BagDataset(cohort, split.train, config.max_patches, seed=seed, cache_bytes=cache)
-        val_set = BagDataset(cohort, split.val, cache_bytes=cache) if split.val else None
-        test_set = BagDataset(cohort, split.test)
+        if datasets is not None:
+            train_set = datasets("train", list(split.train), seed)
+            val_set = datasets("val", list(split.val), seed) if split.val else None
+            test_set = datasets("test", list(split.test), seed)
+        else:
+            cache = int(config.cache_gb * 2**30)
+            train_set = BagDataset(cohort, split.train, config.max_patches, seed=seed, cache_bytes=cache)
+            val_set = BagDataset(cohort, split.val, cache_bytes=cache) if split.val else None
+            test_set = BagDataset(cohort, split.test)
         model_config = {"model": model.config, "class_names": list(cohort.class_names), "fold": fold}
         fitted = fit(
             model,
@@ -270,6 +290,7 @@ def _run_folds(
             resume=resume,
             dist=dist,
             class_names=cohort.class_names,
+            verbose=verbose,
         )
         preds = evaluate(
             model,
@@ -295,6 +316,8 @@ def _run_folds(
             "train_seconds": round(fitted.train_seconds, 3),
         }
         rows.append(row)
+        if on_fold is not None:
+            on_fold(row)
         if preds.slot_counts is not None:
             slot_counts[fold] = preds.slot_counts.tolist()
             if dist.is_main:
