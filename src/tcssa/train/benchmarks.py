@@ -77,11 +77,20 @@ class _Bag:
         return int(self.features.shape[1])
 
 
+#: Standardised values are clipped to this many training standard deviations.
+CLIP_STD = 10.0
+
+
 def _standardise(bags: Sequence[np.ndarray], train_index: Sequence[int]) -> list[np.ndarray]:
+    """Z-scores with the training instances' statistics, clipped to +-CLIP_STD.
+
+    Clipping matters for sparse descriptors (fox, tiger): a feature almost constant in the training
+    bags but not in a test bag would otherwise reach 1e4 standard deviations and swamp the logits.
+    """
     instances = np.concatenate([bags[i] for i in train_index])
     mean, std = instances.mean(axis=0), instances.std(axis=0)
     std[std < 1e-8] = 1.0  # a constant feature stays at 0 instead of dividing by 0
-    return [((b - mean) / std).astype(np.float32) for b in bags]
+    return [np.clip((b - mean) / std, -CLIP_STD, CLIP_STD).astype(np.float32) for b in bags]
 
 
 def run_benchmark(
