@@ -184,6 +184,19 @@ def test_a_slide_too_large_for_memory_names_it_and_suggests_max_patches():
         fit(AllocationFails(), train, val, TrainConfig(epochs=1), collate=pad_collate)
 
 
+def test_running_out_of_memory_while_padding_a_batch_names_the_slides():
+    train, val, _ = _split(make_bags(40))
+
+    def collate(items):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+
+    class Named(list):
+        slide_ids = [bag.slide_id for bag, _ in train]
+
+    with pytest.raises(SlideTooLargeError, match=r"reading and padding.*slide_0\d\d.*--max-patches"):
+        fit(TinyMIL(), Named(train), val, TrainConfig(epochs=1), collate=collate)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

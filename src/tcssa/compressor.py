@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -64,6 +65,7 @@ class CompressorOutput:
     ``topk_index`` is -1 and ``topk_weight`` 0 at padded patches. In eval mode
     ``aux_loss`` is 0; ``losses`` always holds the three terms (averaged over
     the slides of the batch), as diagnostics in eval and as training terms.
+    ``probs`` is None from the streaming paths unless asked for (``keep_probs``).
     """
 
     tokens: Tensor  # B x K x D slot tokens y_k
@@ -72,46 +74,82 @@ class CompressorOutput:
     topk_index: Tensor  # B x N x top_k slot of each assignment (long)
     topk_weight: Tensor  # B x N x top_k truncated weight P~ (not renormalised)
     slot_counts: Tensor  # B x K real patches assigned to each slot (long)
-    probs: Tensor = field(repr=False)  # B x N x K routing probabilities P
+    probs: Tensor | None = field(repr=False)  # B x N x K routing probabilities P (None: not kept)
     slots: Tensor = field(repr=False)  # B x K x D aggregated c_k, before the experts
+
+
+@dataclass
+class _Routing:
+    """Steps 1-4 for a batch (or a chunk of one slide)."""
+
+    lse: Tensor  # B x N logsumexp_k z~_jk, for the z-loss (the B x N x K logits need not be kept)
+    probs: Tensor  # B x N x K routing probabilities P
+    topk_weight: Tensor  # B x N x top_k truncated weights P~ (0 at padded patches)
+    topk_index: Tensor  # B x N x top_k slot indices
+
+
+@dataclass
+class _SlotSums:
+    """Per-slide sums over real patches: all that steps 5-6 and the routing loss need."""
+
+    slot_sum: Tensor  # B x K x D  sum_j P~_jk x_j
+    slot_mass: Tensor  # B x K     sum_j P~_jk
+    slot_counts: Tensor  # B x K   top-k assignments per slot (long)
+    prob_sum: Tensor  # B x K      sum_j P_jk (for Pbar)
+    lse_sum: Tensor  # B           sum_j logsumexp_k z~_jk (for the z-loss)
+    num_real: Tensor  # B          real patches
+
+    def __iadd__(self, other: _SlotSums) -> _SlotSums:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
 
 
 class SlotExperts(nn.Module):
     """K independent residual MLP experts, stored stacked and applied in one batched pass.
 
-    Expert k: y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k))). Weights are
-    kept in nn.Linear's (out, in) layout so that the published code's
-    per-expert ``nn.Sequential`` maps onto them one to one.
+    Expert k: y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k))). The weights are
+    stored (in, out), the transpose of nn.Linear's layout, so that ``c @ W`` has its
+    weight gradient come out in the weight's own layout: autograd then need not copy
+    2 x K x H x D gradients into place every training step (measured, docs/RESULTS.md).
+    ``TCSSA.reference_state_dict`` converts to and from the published per-expert layout.
     """
 
     def __init__(self, num_slots: int, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.dropout = dropout
-        self.w1 = nn.Parameter(torch.empty(num_slots, hidden, dim))
+        self.w1 = nn.Parameter(torch.empty(num_slots, dim, hidden))  # W1_k^T
         self.b1 = nn.Parameter(torch.empty(num_slots, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_slots, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_slots, hidden, dim))  # W2_k^T
         self.b2 = nn.Parameter(torch.empty(num_slots, dim))
         self.ln_weight = nn.Parameter(torch.ones(num_slots, dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_slots, dim))
         self.reset_parameters()
 
+    @property
+    def hidden(self) -> int:
+        return self.w1.shape[-1]
+
     def reset_parameters(self) -> None:
-        # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), expert by expert.
-        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
-            bound = 1.0 / math.sqrt(weight.shape[-1])
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
+        # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), expert by expert, drawn
+        # in nn.Linear's (out, in) order so that a seed gives the same experts in either layout.
+        with torch.no_grad():
+            for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+                num_slots, fan_in, fan_out = weight.shape
+                bound = 1.0 / math.sqrt(fan_in)
+                drawn = torch.empty(num_slots, fan_out, fan_in).uniform_(-bound, bound)
+                weight.copy_(drawn.transpose(1, 2))
+                nn.init.uniform_(bias, -bound, bound)
         nn.init.ones_(self.ln_weight)
         nn.init.zeros_(self.ln_bias)
 
     def forward(self, slots: Tensor) -> Tensor:
         c = slots.transpose(0, 1)  # K x B x D: the slot is the batch dim of bmm
-        h = torch.baddbmm(self.b1.unsqueeze(1), c, self.w1.transpose(1, 2))
+        h = torch.baddbmm(self.b1.unsqueeze(1), c, self.w1)
         h = F.dropout(F.gelu(h), self.dropout, self.training)
-        out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2.transpose(1, 2))
+        out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2).transpose(0, 1)  # B x K x D
         out = F.layer_norm(out, out.shape[-1:], eps=LAYER_NORM_EPS)
-        out = out * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
-        return slots + out.transpose(0, 1)
+        return slots + out * self.ln_weight + self.ln_bias
 
 
 class TCSSA(nn.Module):
@@ -142,66 +180,142 @@ class TCSSA(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
         x, mask = self._check_input(x, mask)
-
-        logits = self.gate(x)  # 1. z_j = W_g x_j + b
-        self._check_finite(logits)
-        if self.training and self.noise_std > 0:  # 2. exploration noise, training only
-            logits = logits + torch.randn_like(logits) * self.noise_std
-        probs = logits.softmax(dim=-1)  # 3. P_j
-
-        # 4. top-2 assignment; padded patches get weight 0 and index -1.
-        topk_weight, topk_index = probs.topk(self.top_k, dim=-1)
-        topk_weight = topk_weight * mask.unsqueeze(-1)
-        weights = torch.zeros_like(probs).scatter(-1, topk_index, topk_weight)  # P~, B x N x K
-
-        # 5. c_k = sum_j P~_jk x_j / (sum_j P~_jk + 1e-9); an empty slot gives c_k = 0.
-        slot_sum = weights.transpose(1, 2) @ x  # B x K x D
-        slot_mass = weights.sum(dim=1).unsqueeze(-1)  # B x K x 1
-        slots = slot_sum / (slot_mass + AGGREGATION_EPS)
-
-        tokens = self.experts(slots)  # 6. y_k = c_k + LN(W2 Dropout(GELU(W1 c_k)))
-
-        slot_counts, losses = self._routing_statistics(logits, probs, topk_index, mask)
-        if self.training:
-            aux = routing_loss.aux_loss(losses["switch"], losses["entropy"], losses["z"])
-        else:
-            aux = logits.new_zeros(())
+        routing = self._route(x, mask)
+        sums = self._sum_slide(x, mask, routing)
+        slots, tokens, losses, aux = self._finish(sums)
+        index = routing.topk_index
         return CompressorOutput(
             tokens=tokens,
             aux_loss=aux,
             losses=losses,
-            topk_index=topk_index.masked_fill(~mask.unsqueeze(-1), -1),
-            topk_weight=topk_weight,
-            slot_counts=slot_counts,
-            probs=probs,
+            topk_index=index if mask is None else index.masked_fill(~mask.unsqueeze(-1), -1),
+            topk_weight=routing.topk_weight,
+            slot_counts=sums.slot_counts,
+            probs=routing.probs,
             slots=slots,
         )
 
-    def _routing_statistics(
-        self, logits: Tensor, probs: Tensor, topk_index: Tensor, mask: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-slide Pbar, f and slot counts over real patches only; losses averaged over slides."""
-        batch = probs.shape[0]
-        real = mask.to(probs.dtype)
-        num_real = real.sum(dim=1, keepdim=True)  # B x 1
-        # Counting from indices (not from weights > 0) so that an underflowed P still counts.
-        slot_counts = torch.zeros(batch, self.num_slots, dtype=torch.long, device=probs.device)
-        slot_counts.scatter_add_(
-            1,
-            topk_index.reshape(batch, -1),
-            mask.unsqueeze(-1).expand_as(topk_index).reshape(batch, -1).long(),
+    # ---------------------------------------------------------- streaming
+    @torch.inference_mode()
+    def compress_chunks(
+        self, chunks: Iterable[Tensor], *, keep_probs: bool = False, source: str = "the slide"
+    ) -> CompressorOutput:
+        """Compress ONE slide given as consecutive chunks of its patches (each n_i x D), in eval mode.
+
+        Memory holds one chunk, the K x D sums and the N x top_k assignments, never the
+        whole slide; the tokens equal the in-memory forward's (up to float summation order).
+        """
+        if self.training:
+            raise ValueError("compress_chunks/compress_h5 stream in eval mode only: call model.eval() first")
+        sums, indices, weights, probs, offset = None, [], [], [], 0
+        for chunk in chunks:
+            x, _ = self._check_input(chunk, None)
+            if x.shape[0] != 1:
+                raise ValueError(f"{source}: a chunk must be n x D (one slide), not {tuple(x.shape)}")
+            routing = self._route(x, None, where=f" of {source}", patch_offset=offset)
+            part = self._sum_slide(x, None, routing)
+            if sums is None:
+                sums = part
+            else:
+                sums += part
+            indices.append(routing.topk_index)
+            weights.append(routing.topk_weight)
+            if keep_probs:
+                probs.append(routing.probs)
+            offset += x.shape[1]
+        if sums is None:
+            raise ValueError(f"{source} has no patches (N = 0)")
+        slots, tokens, losses, aux = self._finish(sums)
+        return CompressorOutput(
+            tokens=tokens,
+            aux_loss=aux,
+            losses=losses,
+            topk_index=torch.cat(indices, dim=1),
+            topk_weight=torch.cat(weights, dim=1),
+            slot_counts=sums.slot_counts,
+            probs=torch.cat(probs, dim=1) if keep_probs else None,
+            slots=slots,
         )
-        assign_share = slot_counts.to(probs.dtype) / num_real  # f_i
-        mean_prob = torch.einsum("bnk,bn->bk", probs, real) / num_real  # Pbar_i
+
+    def compress_h5(
+        self, path, chunk_size: int = 16_384, *, keep_probs: bool = False, progress: bool = False
+    ) -> CompressorOutput:
+        """Compress the ``features`` of one TRIDENT/CLAM h5 file, read ``chunk_size`` patches at a time.
+
+        Eval mode only. Peak memory is the model plus about one chunk (in the model's dtype),
+        whatever N is; float16 features on disk go straight to the model's dtype, chunk by chunk.
+        """
+        from tcssa.streaming import iter_h5_chunks
+
+        chunks = iter_h5_chunks(path, chunk_size, dtype=self.gate.weight.dtype, progress=progress)
+        return self.compress_chunks(chunks, keep_probs=keep_probs, source=str(path))
+
+    def _route(self, x: Tensor, mask: Tensor | None, where: str = "", patch_offset: int = 0) -> _Routing:
+        """Steps 1-4 for B x N x D features (mask None: every patch is real)."""
+        logits = self.gate(x)  # 1. z_j = W_g x_j + b
+        self._check_finite(logits, where, patch_offset)
+        if self.training and self.noise_std > 0:  # 2. exploration noise, training only
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        probs = logits.softmax(dim=-1)  # 3. P_j
+        lse = torch.logsumexp(logits, dim=-1)  # for the z-loss; the logits themselves can go
+        topk_weight, topk_index = probs.topk(self.top_k, dim=-1)  # 4. P~ = m * P, not renormalised
+        if mask is not None:  # padded patches get weight 0 (and index -1 in the output)
+            topk_weight = topk_weight * mask.unsqueeze(-1)
+        return _Routing(lse, probs, topk_weight, topk_index)
+
+    def _sum_slide(self, x: Tensor, mask: Tensor | None, routing: _Routing) -> _SlotSums:
+        """The sums over patches that step 5 and the routing loss need.
+
+        Sums, not means, so that a slide streamed in chunks (``compress_h5``) adds up to
+        exactly what the whole slide in memory gives.
+        """
+        probs, index = routing.probs, routing.topk_index
+        weights = torch.zeros_like(probs).scatter_(-1, index, routing.topk_weight)  # P~, B x N x K
+        lse = routing.lse
+        # Counting from indices (not from weights > 0) so that an underflowed P still counts.
+        real_assignments = torch.ones_like(index) if mask is None else mask.unsqueeze(-1).expand_as(index)
+        slot_counts = torch.zeros(probs.shape[0], self.num_slots, dtype=torch.long, device=probs.device)
+        slot_counts.scatter_add_(1, index.flatten(1), real_assignments.flatten(1).long())
+        if mask is None:
+            prob_sum, lse_sum = probs.sum(dim=1), lse.sum(dim=-1)
+            num_real = torch.full_like(lse_sum, probs.shape[1])
+        else:
+            real = mask.to(probs.dtype)
+            prob_sum = torch.einsum("bnk,bn->bk", probs, real)
+            lse_sum, num_real = (lse * real).sum(dim=-1), real.sum(dim=-1)
+        return _SlotSums(
+            slot_sum=weights.transpose(1, 2) @ x,  # sum_j P~_jk x_j, B x K x D
+            slot_mass=weights.sum(dim=1),  # sum_j P~_jk, B x K
+            slot_counts=slot_counts,
+            prob_sum=prob_sum,
+            lse_sum=lse_sum,
+            num_real=num_real,
+        )
+
+    def _finish(self, sums: _SlotSums) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
+        """Steps 5-6 and the routing loss from the sums: (slots, tokens, losses, aux_loss)."""
+        # 5. c_k = sum_j P~_jk x_j / (sum_j P~_jk + 1e-9); an empty slot gives c_k = 0.
+        slots = sums.slot_sum / (sums.slot_mass.unsqueeze(-1) + AGGREGATION_EPS)
+        tokens = self.experts(slots)  # 6. y_k = c_k + LN(W2 Dropout(GELU(W1 c_k)))
+
+        num_real = sums.num_real.unsqueeze(-1)  # B x 1
+        mean_prob = sums.prob_sum / num_real  # Pbar_i
+        assign_share = sums.slot_counts.to(mean_prob.dtype) / num_real  # f_i
+        mean_lse = sums.lse_sum / sums.num_real
         losses = {
             "switch": routing_loss.switch_loss(mean_prob, assign_share).mean(),
             "entropy": routing_loss.entropy_loss(mean_prob).mean(),
-            "z": routing_loss.z_loss(logits, mask).mean(),
+            # routing_loss.z_loss, taken from per-slide sums so that streamed chunks add up.
+            "z": (routing_loss.Z_LOSS_SCALE * mean_lse.square()).mean(),
         }
-        return slot_counts, losses
+        if self.training:
+            aux = routing_loss.aux_loss(losses["switch"], losses["entropy"], losses["z"])
+        else:
+            aux = slots.new_zeros(())
+        return slots, tokens, losses, aux
 
     # ------------------------------------------------------------ input checks
-    def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if not isinstance(x, Tensor):
             raise ValueError(f"TCSSA expects a torch.Tensor of patch features, got {type(x).__name__}")
         if x.dim() == 2:
@@ -223,9 +337,7 @@ class TCSSA(nn.Module):
             raise ValueError(f"TCSSA expects floating-point features, got dtype {x.dtype}")
         if x.dtype != self.gate.weight.dtype:
             x = x.to(self.gate.weight.dtype)
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        else:
+        if mask is not None:  # None stays None: every patch is real, and the masking work is skipped
             if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(
                     f"mask must have shape B x N = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
@@ -237,15 +349,19 @@ class TCSSA(nn.Module):
         return x, mask
 
     @staticmethod
-    def _check_finite(logits: Tensor) -> None:
+    def _check_finite(logits: Tensor, where: str = "", patch_offset: int = 0) -> None:
         # NaN or Inf in any feature always makes its gate logits non-finite, so checking the
-        # B x N x K logits catches bad features at 1/D of the cost of scanning B x N x D.
+        # B x N x K logits catches bad features at 1/D of the cost of scanning B x N x D; one sum
+        # decides, and only a failure pays for finding the patch.
+        if bool(torch.isfinite(logits.sum())):
+            return
         finite = torch.isfinite(logits).all(dim=-1)
-        if not bool(finite.all()):
+        if not bool(finite.all()):  # (the sum alone may overflow on huge but finite logits)
             bad = (~finite).nonzero()
             b, n = bad[0].tolist()
+            n += patch_offset
             raise ValueError(
-                f"features contain NaN or Inf (or overflow the gate): {len(bad)} patch(es), "
+                f"features{where} contain NaN or Inf (or overflow the gate): {len(bad)} patch(es), "
                 f"first at batch index {b}, patch {n}. Padded positions must hold finite values too."
             )
 
@@ -259,9 +375,9 @@ class TCSSA(nn.Module):
         }
         for k in range(self.num_slots):
             base = f"{prefix}experts.{k}.net."
-            out[base + "0.weight"] = e.w1[k].detach().clone()
+            out[base + "0.weight"] = e.w1[k].detach().t().contiguous()
             out[base + "0.bias"] = e.b1[k].detach().clone()
-            out[base + "3.weight"] = e.w2[k].detach().clone()
+            out[base + "3.weight"] = e.w2[k].detach().t().contiguous()
             out[base + "3.bias"] = e.b2[k].detach().clone()
             out[base + "4.weight"] = e.ln_weight[k].detach().clone()
             out[base + "4.bias"] = e.ln_bias[k].detach().clone()
@@ -276,16 +392,17 @@ class TCSSA(nn.Module):
         """
         weights = _extract_reference_weights(state_dict)
         num_slots, hidden, dim = weights["w1"].shape
-        if (dim, num_slots, hidden) != (self.dim, self.num_slots, self.experts.w1.shape[1]):
+        if (dim, num_slots, hidden) != (self.dim, self.num_slots, self.experts.hidden):
             raise ValueError(
                 f"reference checkpoint has D={dim}, K={num_slots}, H={hidden}, but this TCSSA has "
-                f"D={self.dim}, K={self.num_slots}, H={self.experts.w1.shape[1]}"
+                f"D={self.dim}, K={self.num_slots}, H={self.experts.hidden}"
             )
         with torch.no_grad():
             self.gate.weight.copy_(weights["gate_weight"])
             self.gate.bias.copy_(weights["gate_bias"])
             for name in ("w1", "b1", "w2", "b2", "ln_weight", "ln_bias"):
-                getattr(self.experts, name).copy_(weights[name])
+                value = weights[name]
+                getattr(self.experts, name).copy_(value.transpose(1, 2) if name in ("w1", "w2") else value)
         return self
 
     @classmethod

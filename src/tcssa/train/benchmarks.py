@@ -7,8 +7,7 @@ standard deviation. The score is bag-level test accuracy, mean over all folds
 and repeats, with the standard error of the 5 repeat means (how Ilse et al.
 report it) beside the published numbers.
 
-``python -m tcssa.train.benchmarks --out DIR`` (or ``tcssa benchmark-mil``)
-writes ``benchmark_mil.csv`` and ``benchmark_mil.md``.
+``tcssa benchmark-mil --out DIR`` writes ``benchmark_mil.csv`` and ``benchmark_mil.md``.
 """
 
 from __future__ import annotations
@@ -190,32 +189,8 @@ def benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tcssa benchmark-mil", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder for benchmark_mil.csv and benchmark_mil.md")
-    parser.add_argument(
-        "--datasets", default=",".join(DATASETS), help=f"comma-separated (default: {','.join(DATASETS)})"
-    )
-    parser.add_argument(
-        "--models", default="abmil,tcssa", help="comma-separated model names (default abmil,tcssa)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="repeats of 10-fold cross-validation (default 5)"
-    )
-    parser.add_argument("--epochs", type=int, default=BENCHMARK_CONFIG.epochs, help="maximum epochs per fold")
-    parser.add_argument(
-        "--num-slots", type=int, default=BENCHMARK_CONFIG.num_slots, help="K for tcssa (default 4)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fold shuffles and models")
-    parser.add_argument("--data-dir", help="folder with the benchmark files (default: tcssa.data's sources)")
-
-
 def run_from_args(args: argparse.Namespace) -> int:
+    """``tcssa benchmark-mil``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
     from tcssa.train.runs import csv_text
 
     config = BENCHMARK_CONFIG.override(epochs=args.epochs, num_slots=args.num_slots, seed=args.seed)
@@ -228,7 +203,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         write_text(out / "benchmark_mil.md", benchmark_table(rows))
         print(benchmark_table([r for r in rows if r["dataset"] == name]), end="", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -145,14 +145,32 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _too_large(err: BaseException, batch: Any, phase: str) -> SlideTooLargeError:
-    sizes = batch.mask.sum(dim=1).tolist()
-    slides = ", ".join(f"{sid} ({n:,} patches)" for sid, n in zip(batch.slide_ids, sizes, strict=True))
+def _too_large(err: BaseException, slides: str, phase: str) -> SlideTooLargeError:
     return SlideTooLargeError(
         f"out of memory during {phase} on slide(s) {slides}: {str(err).splitlines()[0][:200]}. "
         "Cap the patches per training slide with --max-patches (e.g. --max-patches 8000), "
         "lower --batch-size, or run on a device with more memory."
     )
+
+
+def _batch_slides(batch: Any) -> str:
+    sizes = batch.mask.sum(dim=1).tolist()
+    return ", ".join(f"{sid} ({n:,} patches)" for sid, n in zip(batch.slide_ids, sizes, strict=True))
+
+
+def _load_batches(dataset: Any, batches: list[list[int]], collate: Callable, num_workers: int, phase: str):
+    """Yield ``(indices, batch)``; running out of memory while reading or padding names the slides."""
+    loader = iter(_loader(dataset, batches, collate, num_workers))
+    for indices in batches:
+        try:
+            batch = next(loader)
+        except (RuntimeError, MemoryError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            ids = getattr(dataset, "slide_ids", None)
+            slides = ", ".join(str(ids[i]) if ids is not None else f"#{i}" for i in indices)
+            raise _too_large(err, slides, f"{phase} (reading and padding the batch)") from err
+        yield indices, batch
 
 
 def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
@@ -199,7 +217,7 @@ def evaluate(
     slot_counts = None
     route = with_routing and hasattr(model, "routing")
     bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if dist.is_main else True)
-    for indices, batch in zip(batches, _loader(dataset, batches, collate, num_workers), strict=True):
+    for indices, batch in _load_batches(dataset, batches, collate, num_workers, "evaluation"):
         x, mask, coords, labels = _to_device(batch, device)
         try:
             logits, _ = model(x, mask=mask, coords=coords)
@@ -208,7 +226,7 @@ def evaluate(
                 slot_counts = counts if slot_counts is None else slot_counts + counts
         except (RuntimeError, MemoryError) as err:
             if _is_out_of_memory(err):
-                raise _too_large(err, batch, "evaluation") from err
+                raise _too_large(err, _batch_slides(batch), "evaluation") from err
             raise
         logits = logits.float()
         losses = F.cross_entropy(logits, labels, reduction="none").cpu().tolist()
@@ -315,7 +333,6 @@ def fit(
         train_log = _train_epoch(
             train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
         )
-        seconds = time.perf_counter() - started
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
         if has_val:
@@ -335,7 +352,7 @@ def fit(
             improved = val.loss < state["best_val_loss"]
         else:
             improved = True
-        record["seconds"] = seconds
+        record["seconds"] = seconds = time.perf_counter() - started  # training and validation
         state["train_seconds"] += seconds
         state["epoch"] = epoch
         state["history"].append(record)
@@ -407,7 +424,7 @@ def _train_epoch(
         train_set.set_epoch(epoch)
     passes = plan_epoch(len(train_set), config, fold, epoch, dist.rank, dist.world_size)
     batches = [indices for _, _, indices, _ in passes]
-    loader = iter(_loader(train_set, batches, collate, config.num_workers))
+    loader = _load_batches(train_set, batches, collate, config.num_workers, "training")
     num_updates = passes[-1][0] + 1 if passes else 0
     bar.reset(total=num_updates)
     # Running sums over this process's slides: task loss, then each named extra loss.
@@ -423,7 +440,7 @@ def _train_epoch(
             group.append(passes[i])
             i += 1
         for position, (_, pass_index, _, update_size) in enumerate(group):
-            batch = next(loader)
+            _, batch = next(loader)
             torch.manual_seed(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index))
             last = position == len(group) - 1
             sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
@@ -438,7 +455,7 @@ def _train_epoch(
                     (total * weight).backward()
             except (RuntimeError, MemoryError) as err:
                 if _is_out_of_memory(err):
-                    raise _too_large(err, batch, "training") from err
+                    raise _too_large(err, _batch_slides(batch), "training") from err
                 raise
             for name in extra:  # every process must all-reduce the same names, even after weight-0 passes
                 sums.setdefault(name, zero())

@@ -21,7 +21,7 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,11 @@ COLLAPSE_SHARE = 0.5
 _RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
 
 
+#: Builds one part of a fold: (part "train" | "val" | "test", slide ids, fold seed) -> a dataset
+#: whose items are (Bag, label), with ``set_epoch`` for training parts that draw patch subsets.
+DatasetFactory = Callable[[str, list[str], int], Any]
+
+
 class SlotCollapseWarning(UserWarning):
     """One slot takes more than half of all routing assignments on a fold's test set."""
 
@@ -81,7 +86,7 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ folds
-def check_splits(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
+def splits_for_cohort(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
     """Splits restricted to the cohort's slides, with every class present in every training set.
 
     A slide of the split file without a feature file is an error unless
@@ -146,18 +151,25 @@ def train_run(
     skip_missing: bool = False,
     resume: bool = False,
     dist: Distributed = SINGLE_PROCESS,
+    datasets: DatasetFactory | None = None,
+    verbose: bool = True,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train ``config.model`` on every fold and write the run directory ``out_dir``.
 
     Folds come from ``splits`` if given, else from ``split_csv``, else from a
     stratified, patient-grouped ``config.folds``-fold split of the cohort.
+    ``datasets`` replaces the default ``BagDataset`` of each fold's part (e.g.
+    slides held in memory across many runs, see ``tcssa.data.memory``).
+    ``verbose=False`` hides the per-epoch progress; ``on_fold`` is called with
+    each finished fold's summary row (for a caller's own progress display).
     """
     from tcssa.data import Cohort
 
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
     if splits is None:
         splits = make_splits(cohort, config, split_csv)
-    splits = check_splits(splits, cohort, skip_missing)
+    splits = splits_for_cohort(splits, cohort, skip_missing)
     out_dir = Path(out_dir)
     run_config = {
         **config.to_dict(),
@@ -182,10 +194,27 @@ def train_run(
                 f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
                 f"{', '.join(cohort.missing[:10])}{' ...' if len(cohort.missing) > 10 else ''}"
             )
-    return _run_folds(cohort, splits, config, out_dir, resume, dist)
+    return _run_folds(cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold)
 
 
 def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
+    # Rank 0 decides and tells the others: were every process to look for config.json itself, one
+    # could find the file rank 0 has just written and refuse a fresh run.
+    problem = None
+    if dist.is_main:
+        try:
+            _check_out_dir(out_dir, run_config, resume)
+        except ValueError as err:
+            problem = str(err)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+    if dist.is_main:
+        write_json(out_dir / "config.json", run_config)
+    dist.barrier()
+
+
+def _check_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool) -> None:
     saved_path = out_dir / "config.json"
     if saved_path.is_file():
         if not resume:
@@ -202,9 +231,6 @@ def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, di
         if changed:
             details = "; ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume {out_dir}: the settings differ from the saved run ({details})")
-    if dist.is_main:
-        write_json(saved_path, run_config)
-    dist.barrier()
 
 
 def _run_folds(
@@ -214,6 +240,9 @@ def _run_folds(
     out_dir: Path | None,
     resume: bool,
     dist: Distributed,
+    datasets: DatasetFactory | None = None,
+    verbose: bool = True,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     from tcssa.data import BagDataset
     from tcssa.mil import build_model
@@ -240,10 +269,15 @@ def _run_folds(
                 slot_counts[fold] = result["slot_counts"]
             continue
         seed = derived_seed(config.seed, fold)
-        cache = int(config.cache_gb * 2**30)
-        train_set = BagDataset(cohort, split.train, config.max_patches, seed=seed, cache_bytes=cache)
-        val_set = BagDataset(cohort, split.val, cache_bytes=cache) if split.val else None
-        test_set = BagDataset(cohort, split.test)
+        if datasets is not None:
+            train_set = datasets("train", list(split.train), seed)
+            val_set = datasets("val", list(split.val), seed) if split.val else None
+            test_set = datasets("test", list(split.test), seed)
+        else:
+            cache = int(config.cache_gb * 2**30)
+            train_set = BagDataset(cohort, split.train, config.max_patches, seed=seed, cache_bytes=cache)
+            val_set = BagDataset(cohort, split.val, cache_bytes=cache) if split.val else None
+            test_set = BagDataset(cohort, split.test)
         model_config = {"model": model.config, "class_names": list(cohort.class_names), "fold": fold}
         fitted = fit(
             model,
@@ -256,6 +290,7 @@ def _run_folds(
             resume=resume,
             dist=dist,
             class_names=cohort.class_names,
+            verbose=verbose,
         )
         preds = evaluate(
             model,
@@ -281,6 +316,8 @@ def _run_folds(
             "train_seconds": round(fitted.train_seconds, 3),
         }
         rows.append(row)
+        if on_fold is not None:
+            on_fold(row)
         if preds.slot_counts is not None:
             slot_counts[fold] = preds.slot_counts.tolist()
             if dist.is_main:
@@ -476,7 +513,7 @@ def compare(
         raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
     out_dir = Path(out_dir)
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
-    splits = check_splits(make_splits(cohort, config, split_csv), cohort, skip_missing)
+    splits = splits_for_cohort(make_splits(cohort, config, split_csv), cohort, skip_missing)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_splits(splits, out_dir / "splits.csv")

@@ -1,0 +1,98 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from tcssa import TCSSA
+from tcssa.bench import (
+    COLUMNS,
+    QUICK,
+    BenchResult,
+    ReferenceTCSSA,
+    _fit_exponent,
+    evaluate_targets,
+    format_table,
+    probe_memory,
+)
+from tcssa.cli import main
+
+
+def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "## single slide" in printed and "## targets" in printed
+
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert set(payload) == {"meta", "targets", "rows"}
+    assert payload["meta"]["config"]["quick"] is True
+    assert payload["meta"]["machine"]["cores"] >= 1
+    assert [t["item"] for t in payload["targets"]] == ["1", "2", "3", "4", "5", "6", "7", "8"]
+    sections = {r["section"] for r in payload["rows"]}
+    assert {"single slide", "agreement", "streaming", "cohort compression", "cohort training"} <= sections
+
+    with (tmp_path / "bench.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    single = {(r["method"], int(r["n"])): r for r in rows if r["section"] == "single slide"}
+    for method in ("reference", "tcssa", "tcssa-bf16", "dense-attention"):
+        for n in QUICK.sizes:
+            row = single[method, n]
+            assert float(row["time_ms"]) > 0 and float(row["peak_rss_mib"]) > 0, row
+    assert float(single["reference", QUICK.sizes[0]]["speedup_vs_reference"]) == 1.0
+    exact = [r for r in rows if r["method"] == "tcssa vs reference (float32, same weights)"]
+    assert float(exact[0]["token_rel_error"]) < 1e-5
+    streamed = [r for r in rows if r["method"] == "compress_h5 vs in-memory forward (float32)"]
+    assert float(streamed[0]["token_max_abs_diff"]) < 1e-4
+    assert (tmp_path / "bench_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_reference_is_the_same_function_as_tcssa():
+    torch.manual_seed(0)
+    ours = TCSSA(24, num_slots=6, expert_hidden=16)
+    reference = ReferenceTCSSA(24, num_slots=6, hidden=16)
+    reference.load_state_dict(ours.reference_state_dict())
+    x = torch.randn(200, 24)
+    ours.eval(), reference.eval()
+    torch.testing.assert_close(reference(x)[0], ours(x).tokens[0], atol=1e-5, rtol=1e-5)
+    # training mode, noise and dropout off: the same auxiliary loss
+    ours.train(), reference.train()
+    ours.noise_std = reference.noise_std = 0.0
+    for module in (ours, reference):
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    ours.experts.dropout = 0.0
+    torch.testing.assert_close(reference(x)[1], ours(x).aux_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_probe_reports_peak_and_out_of_memory():
+    config = QUICK
+    rows = probe_memory("dense-attention", [500, 4000], config, cap_gib=0.05)
+    assert rows[0]["status"] == "ok"
+    assert rows[0]["peak_rss_mib"] >= rows[0]["rss_before_mib"] > 0
+    assert rows[1]["status"].startswith("out of memory")  # two 4000 x 4000 float32 matrices > 50 MiB
+
+
+def test_targets_are_judged_from_the_rows():
+    rows = [
+        {"section": "single slide", "method": "reference", "n": 1000, "time_ms": 10.0, "peak_rss_mib": 500.0},
+        {"section": "single slide", "method": "tcssa", "n": 1000, "time_ms": 5.0, "peak_rss_mib": 499.0},
+        {"section": "cohort compression", "method": "cohort-reference", "n": 9, "slides_per_s": 2.0},
+        {"section": "cohort compression", "method": "cohort-batched", "n": 9, "slides_per_s": 2.5},
+    ]
+    rows[1].update(speedup_vs_reference=2.0, peak_rss_vs_reference=499 / 500)
+    rows[3].update(speedup_vs_reference=1.25, slides=48)
+    targets = {t["item"]: t for t in evaluate_targets(BenchResult(rows=rows), QUICK)}
+    assert targets["1"]["met"] is True
+    assert targets["2"]["met"] is False and "1.25x" in targets["2"]["measured"]
+    assert targets["8"]["met"] is None
+    text = format_table(BenchResult(rows=rows, targets=list(targets.values())))
+    assert "[MET]" in text and "[NOT MET]" in text
+
+
+@pytest.mark.parametrize("slope", [1.0, 2.0])
+def test_exponent_fit(slope):
+    rows = [{"n": n, "time_ms": 3e-3 * n**slope} for n in (1e4, 1e5, 1e6)]
+    assert _fit_exponent(rows) == pytest.approx(slope)
