@@ -397,7 +397,11 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser("demo", help="synthetic VQA on the synthetic cohort: slots vs random-k vs mean")
     demo.add_argument("--out", required=True, help="folder for the demo's data, runs and vqa_results.csv")
-    demo.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on a laptop CPU)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run that checks the pipeline (times and results: docs/RESULTS.md)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
         "--threads", type=int, default=1, help="CPU threads for torch (default 1: the demo's ops are tiny)"
