@@ -155,3 +155,22 @@ def test_cli_errors_are_clear(workspace, capsys):
     assert "TCGA-77" in capsys.readouterr().err
     assert vqa(f"eval --run {root}/nope --questions {root}/test.csv {where}") == 2
     assert "not a SlideLM run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage2_under_torchrun_shards_the_data(workspace, tmp_path):
+    """Two CPU processes (gloo): each trains on half of the samples, rank 0 alone writes the run."""
+    import subprocess
+    import sys
+
+    root = workspace
+    common = f"--data {root}/train.csv --features {root}/features --num-tokens 4 --projector-hidden 16"
+    assert vqa(f"train --stage 1 --lm {root}/lm --out {tmp_path}/s1 --batch-size 2 {common}") == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tcssa", "vqa"]
+    stage2 = f"train --stage 2 --init {tmp_path}/s1 --out {tmp_path}/s2 --batch-size 1 {common}"
+    command = [*launcher, *shlex.split(stage2)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 3  # 6 samples / 2 processes / batch 1, one epoch
+    assert (tmp_path / "s2" / "lora" / "adapter_model.safetensors").is_file()
