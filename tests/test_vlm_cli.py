@@ -174,3 +174,11 @@ def test_stage2_under_torchrun_shards_the_data(workspace, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 3  # 6 samples / 2 processes / batch 1, one epoch
     assert (tmp_path / "s2" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_refuses_to_run_as_several_processes(workspace, monkeypatch, capsys):
+    root = workspace
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    where = f"--questions {root}/test.csv --features {root}/features --out {root}/x"
+    assert vqa(f"eval --run {root}/s1 {where}") == 2
+    assert "runs as one process" in capsys.readouterr().err

@@ -125,6 +125,13 @@ def eval_from_files(
     report=print,
 ) -> list[dict]:
     """Evaluate a run folder on a question file; writes accuracy.csv, predictions_{mode}.csv, missing."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "tcssa vqa eval runs as one process (every process would score every question and write the "
+            "same files); launch it without torchrun / accelerate launch, and pick a GPU with --device"
+        )
     import torch
 
     from tcssa.vlm.checkpoint import load_run
