@@ -182,3 +182,22 @@ def test_eval_refuses_to_run_as_several_processes(workspace, monkeypatch, capsys
     where = f"--questions {root}/test.csv --features {root}/features --out {root}/x"
     assert vqa(f"eval --run {root}/s1 {where}") == 2
     assert "runs as one process" in capsys.readouterr().err
+
+
+def test_wsi_vqa_case_ids_reach_slide_features_through_a_slide_map(workspace):
+    root = workspace
+    records = [
+        {"Id": "TCGA-AA-0001", "Question": "grade?", "Choice": ["G1", "G2", "G3"], "Answer": "G2."},
+        {"Id": "TCGA-AA-0002", "Question": "grade?", "Choice": ["G1", "G2", "G3"], "Answer": "G3"},
+        {"Id": "TCGA-AA-0002", "Question": "vital status?", "Answer": "Alive"},  # open: left out
+    ]
+    (root / "wsi.json").write_text(json.dumps(records))
+    (root / "map.csv").write_text("key,slide_id\nTCGA-AA-0001,TCGA-00\nTCGA-AA-0002,TCGA-01\n")
+    out = root / "wsi_eval"
+    where = f"--questions {root}/wsi.json --features {root}/features --mode loglik"
+    assert vqa(f"eval --run {root}/s2 {where} --out {out} --slide-map {root}/map.csv") == 0
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert summary["n_questions"] == 2 and summary["n_open_left_out"] == 1
+    assert summary["n_questions_missing_features"] == 0
+    assert vqa(f"eval --run {root}/s2 {where} --out {out}") == 0  # without the map: both missing
+    assert json.loads((out / "eval_summary.json").read_text())["n_questions_missing_features"] == 2
