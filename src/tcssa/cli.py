@@ -277,6 +277,7 @@ def _cmd_vqa_train(args: argparse.Namespace) -> int:
         num_tokens=args.num_tokens,
         projector_hidden=args.projector_hidden,
         skip_missing=args.skip_missing,
+        slide_map=args.slide_map,
     )
     return 0
 
@@ -297,6 +298,7 @@ def _cmd_vqa_eval(args: argparse.Namespace) -> int:
         prior_from=args.prior_from,
         limit=args.limit,
         device=args.device,
+        slide_map=args.slide_map,
     )
     return 0
 
@@ -376,6 +378,10 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--skip-missing", action="store_true", help="leave out (and report) slides without features"
     )
+    train.add_argument(
+        "--slide-map",
+        help="CSV key,slide_id: the files' slide keys (e.g. WSI-VQA case ids) -> feature-file ids",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.set_defaults(func=_cmd_vqa_train)
 
@@ -393,11 +399,19 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--prior-from", help="training question file for the most-frequent-letter baseline")
     ev.add_argument("--limit", type=int, help="evaluate only the first N questions")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ev.add_argument(
+        "--slide-map",
+        help="CSV key,slide_id: the files' slide keys (e.g. WSI-VQA case ids) -> feature-file ids",
+    )
     ev.set_defaults(func=_cmd_vqa_eval)
 
     demo = sub.add_parser("demo", help="synthetic VQA on the synthetic cohort: slots vs random-k vs mean")
     demo.add_argument("--out", required=True, help="folder for the demo's data, runs and vqa_results.csv")
-    demo.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on a laptop CPU)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run that checks the pipeline (times and results: docs/RESULTS.md)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
         "--threads", type=int, default=1, help="CPU threads for torch (default 1: the demo's ops are tiny)"

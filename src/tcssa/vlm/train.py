@@ -171,7 +171,13 @@ def train_stage(
 
     out_dir = Path(out_dir)
     mixed = "bf16" if lm_dtype(config.precision) == torch.bfloat16 else "no"
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum)
+    # cpu=True on a machine without CUDA lets torchrun / accelerate launch start CPU processes (gloo);
+    # with CUDA, Accelerate picks one GPU per process.
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
     set_seed(config.seed)
     compressor_from_mil = info.get("compressor_source") is not None
     counts = set_trainable(model, config, compressor_from_mil)
