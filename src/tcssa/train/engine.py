@@ -90,6 +90,7 @@ class Predictions:
     probs: np.ndarray  # N x C class probabilities
     losses: np.ndarray  # N per-slide cross-entropy
     slot_counts: np.ndarray | None = None  # K patches assigned per slot, summed over slides
+    num_patches: int = 0  # real patches over all slides
 
     @property
     def loss(self) -> float:
@@ -215,10 +216,12 @@ def evaluate(
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     records: list[tuple[int, str, int, list[float], float]] = []
     slot_counts = None
+    num_patches = 0
     route = with_routing and hasattr(model, "routing")
     bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if dist.is_main else True)
     for indices, batch in _load_batches(dataset, batches, collate, num_workers, "evaluation"):
         x, mask, coords, labels = _to_device(batch, device)
+        num_patches += int(mask.sum())
         try:
             logits, _ = model(x, mask=mask, coords=coords)
             if route:
@@ -250,6 +253,7 @@ def evaluate(
         probs=np.array([r[3] for r in gathered], dtype=np.float64).reshape(len(gathered), num_classes),
         losses=np.array([r[4] for r in gathered], dtype=np.float64),
         slot_counts=slot_counts.numpy() if route else None,
+        num_patches=sum(dist.all_gather_objects(num_patches)),
     )
 
 

@@ -53,7 +53,12 @@ COMPARISON_COLUMNS = [
     "tokens",
     "train_seconds",
 ]
-#: A slot holding more than this share of a fold's test-set assignments counts as collapse.
+#: slot_utilisation.csv: assignments per slot on each fold's test set; ``share`` of all assignments
+#: (sums to 1, the contract's column), ``patch_share`` of the patches (sums to top-k = 2).
+SLOT_COLUMNS = ["fold", "slot", "count", "share", "patch_share"]
+#: A slot that receives more than this share of a fold's test-set patches counts as collapse. With
+#: top-2 routing every patch is assigned to two slots, so one slot can hold at most half of the
+#: assignments; the share of patches (the paper: "one slot taking > 60% of patches") can reach 1.
 COLLAPSE_SHARE = 0.5
 # Options that change how a run executes, not what it computes: they may differ on --resume.
 _RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
@@ -65,7 +70,46 @@ DatasetFactory = Callable[[str, list[str], int], Any]
 
 
 class SlotCollapseWarning(UserWarning):
-    """One slot takes more than half of all routing assignments on a fold's test set."""
+    """One slot receives more than half of a fold's test-set patches."""
+
+
+@dataclass
+class SlotUse:
+    """How a set of slides was routed: patches assigned to each slot (top-k) and patches in all."""
+
+    counts: list[int]
+    num_patches: int
+
+    @property
+    def shares(self) -> list[float]:
+        """Each slot's share of all assignments (sums to 1)."""
+        total = float(sum(self.counts))
+        return [c / total if total else 0.0 for c in self.counts]
+
+    @property
+    def patch_shares(self) -> list[float]:
+        """Share of the patches routed to each slot (sums to top-k)."""
+        return [c / self.num_patches if self.num_patches else 0.0 for c in self.counts]
+
+    def rows(self, **key: Any) -> list[dict[str, Any]]:
+        return [
+            {**key, "slot": k, "count": int(c), "share": s, "patch_share": p}
+            for k, (c, s, p) in enumerate(zip(self.counts, self.shares, self.patch_shares, strict=True))
+        ]
+
+    def warn_if_collapsed(self, where: str) -> None:
+        patch_shares = self.patch_shares
+        top = int(np.argmax(patch_shares))
+        if patch_shares[top] > COLLAPSE_SHARE:
+            used = sum(c > 0 for c in self.counts)
+            warnings.warn(
+                f"slot collapse on {where}: slot {top} receives {patch_shares[top]:.0%} of the test-set "
+                f"patches ({self.shares[top]:.0%} of all routing assignments; {used} of {len(self.counts)} "
+                "slots used). The paper sees this when the auxiliary loss weight lambda is too low; try a "
+                "larger model option aux_weight.",
+                SlotCollapseWarning,
+                stacklevel=2,
+            )
 
 
 @dataclass
@@ -74,7 +118,7 @@ class RunResult:
     rows: list[dict[str, Any]]  # one per fold, SUMMARY_COLUMNS
     model: str
     tokens: int | None  # tokens per slide the classifier head sees (None: the whole bag)
-    slot_counts: dict[int, list[int]] = field(default_factory=dict)  # fold -> test-set assignments per slot
+    slot_use: dict[int, SlotUse] = field(default_factory=dict)  # fold -> test-set routing
 
     @property
     def summary(self) -> dict[str, float]:
@@ -248,7 +292,7 @@ def _run_folds(
     from tcssa.mil import build_model
 
     rows: list[dict[str, Any]] = []
-    slot_counts: dict[int, list[int]] = {}
+    slot_use: dict[int, SlotUse] = {}
     tokens = None
     for split in splits:
         fold = split.fold
@@ -265,8 +309,8 @@ def _run_folds(
         if resume and fold_dir is not None and (fold_dir / "result.json").is_file():
             result = read_json(fold_dir / "result.json")
             rows.append({k: math.nan if v is None else v for k, v in result["row"].items()})
-            if result.get("slot_counts") is not None:
-                slot_counts[fold] = result["slot_counts"]
+            if result.get("slot_use") is not None:
+                slot_use[fold] = SlotUse(**result["slot_use"])
             continue
         seed = derived_seed(config.seed, fold)
         if datasets is not None:
@@ -319,9 +363,9 @@ def _run_folds(
         if on_fold is not None:
             on_fold(row)
         if preds.slot_counts is not None:
-            slot_counts[fold] = preds.slot_counts.tolist()
+            slot_use[fold] = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
             if dist.is_main:
-                _warn_collapse(fold, _shares(slot_counts[fold]))
+                slot_use[fold].warn_if_collapsed(f"fold {fold}")
         if dist.is_main and fold_dir is not None:
             write_text(out_dir / f"fold_{fold}_predictions.csv", predictions_csv(preds))
             write_json(
@@ -330,33 +374,15 @@ def _run_folds(
                     "row": _json_safe(row),
                     "best_epoch": fitted.best_epoch,
                     "stopped_early": fitted.stopped_early,
-                    "slot_counts": slot_counts.get(fold),
+                    "slot_use": vars(slot_use[fold]) if fold in slot_use else None,
                 },
             )
             (fold_dir / "resume.safetensors").unlink(missing_ok=True)
-            _write_summary(out_dir, rows, slot_counts)
+            _write_summary(out_dir, rows, slot_use)
         dist.barrier()
     if dist.is_main and out_dir is not None:
-        _write_summary(out_dir, rows, slot_counts)
-    return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_counts=slot_counts)
-
-
-def _shares(counts: Sequence[int]) -> list[float]:
-    total = float(sum(counts))
-    return [c / total if total else 0.0 for c in counts]
-
-
-def _warn_collapse(fold: int, shares: Sequence[float]) -> None:
-    top = int(np.argmax(shares))
-    if shares[top] > COLLAPSE_SHARE:
-        used = sum(s > 0 for s in shares)
-        warnings.warn(
-            f"slot collapse on fold {fold}: slot {top} takes {shares[top]:.0%} of all test-set routing "
-            f"assignments ({used} of {len(shares)} slots used). The paper sees this when the auxiliary "
-            "loss weight lambda is too low; try a larger model option aux_weight.",
-            SlotCollapseWarning,
-            stacklevel=2,
-        )
+        _write_summary(out_dir, rows, slot_use)
+    return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_use=slot_use)
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -398,15 +424,11 @@ def predictions_csv(preds: Predictions) -> str:
     return csv_text(rows, columns)
 
 
-def _write_summary(out_dir: Path, rows: list[dict[str, Any]], slot_counts: dict[int, list[int]]) -> None:
+def _write_summary(out_dir: Path, rows: list[dict[str, Any]], slot_use: dict[int, SlotUse]) -> None:
     write_text(out_dir / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
-    if slot_counts:
-        util = [
-            {"fold": fold, "slot": k, "count": int(c), "share": share}
-            for fold, counts in sorted(slot_counts.items())
-            for k, (c, share) in enumerate(zip(counts, _shares(counts), strict=True))
-        ]
-        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["fold", "slot", "count", "share"]))
+    if slot_use:
+        util = [row for fold, use in sorted(slot_use.items()) for row in use.rows(fold=fold)]
+        write_text(out_dir / "slot_utilisation.csv", csv_text(util, SLOT_COLUMNS))
 
 
 # ------------------------------------------------------------------- eval
@@ -457,13 +479,9 @@ def evaluate_checkpoint(
     }
     write_json(out_dir / "metrics.json", report)
     if preds.slot_counts is not None:
-        shares = _shares(preds.slot_counts.tolist())
-        _warn_collapse(model_config.get("fold", 0), shares)
-        util = [
-            {"slot": k, "count": int(c), "share": s}
-            for k, (c, s) in enumerate(zip(preds.slot_counts.tolist(), shares, strict=True))
-        ]
-        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["slot", "count", "share"]))
+        use = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
+        use.warn_if_collapsed(str(labels_csv))
+        write_text(out_dir / "slot_utilisation.csv", csv_text(use.rows(), SLOT_COLUMNS[1:]))
     return metrics
 
 
