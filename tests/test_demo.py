@@ -16,6 +16,7 @@ from tcssa.demo import (
     DemoConfig,
     _datasets,
     _precomputed_stores,
+    _prepare,
     _train_config,
     lesion_fraction_auc,
     run_demo,
@@ -112,7 +113,9 @@ def test_demo_config_checks_its_sweeps():
         DemoConfig(budgets=(8, 16))
     with pytest.raises(ValueError, match="increasing"):
         DemoConfig(lesion_edges=(0.01, 0.005))
-    assert QUICK.num_slides < TINY.num_slides * 10 and QUICK.budgets == (8, 32, 128)
+    with pytest.raises(ValueError, match="sweep_folds must be between 2 and folds=5"):
+        DemoConfig(sweep_folds=6)
+    assert QUICK.num_slides < TINY.num_slides * 10 and QUICK.budgets == (8, 32, 64)
 
 
 def test_the_demo_end_to_end(tmp_path, capsys):
@@ -122,10 +125,12 @@ def test_the_demo_end_to_end(tmp_path, capsys):
     names = [row["model"] for row in csv.DictReader(open(out / "comparison.csv"))]
     assert names == list(TINY.models)
     for model in TINY.models:
-        assert (out / model / "summary.csv").is_file() and (
-            out / model / "fold_0" / "model.safetensors"
-        ).is_file()
+        fold_dir = out / model / "fold_0"
+        assert (out / model / "summary.csv").is_file() and (fold_dir / "model.safetensors").is_file()
+        assert (fold_dir / "metrics.jsonl").is_file() and not (fold_dir / "resume.safetensors").exists()
     budget = list(csv.DictReader(open(out / "sweeps" / "token_budget.csv")))
+    assert {int(r["n_folds"]) for r in budget} == {TINY.sweep_folds}  # every point on the same folds
+    assert not list((out / "sweeps").rglob("model.safetensors"))
     assert sorted((r["model"], int(r["num_tokens"])) for r in budget) == [
         ("random-k", 8), ("random-k", 32), ("tcssa", 8), ("tcssa", 32)
     ]  # fmt: skip
@@ -142,14 +147,17 @@ def test_the_demo_end_to_end(tmp_path, capsys):
     assert lines[0].split()[:2] == ["model", "AUC"] and len(lines) == 1 + len(TINY.models) + 5
     assert "patches -> 32 slot tokens" in "\n".join(lines)
 
-    again = run_demo(
-        out, replace(TINY, models=("tcssa", "random-k"), lesion_models=("tcssa",)), progress=False
-    )
-    assert not (out / "abmil").exists() and again.report.is_file()  # an earlier demo is replaced
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("mine")
+    _prepare(out)  # running the demo again into the same folder starts from an empty one
+    assert list(out.iterdir()) == []
+
+
+def test_the_demo_never_empties_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no earlier demo"):
-        run_demo(tmp_path / "other", TINY, progress=False)
+        run_demo(tmp_path, TINY, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="not a folder"):
+        run_demo(tmp_path / "notes.txt", TINY, progress=False)
 
 
 def test_demo_command_help_and_the_untrained_budget(capsys):

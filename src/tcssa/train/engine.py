@@ -279,6 +279,7 @@ def fit(
     dist: Distributed = SINGLE_PROCESS,
     class_names: Sequence[str] | None = None,
     verbose: bool = True,
+    resumable: bool = True,
 ) -> FitResult:
     """Train ``model`` on ``train_set``, early-stopping on ``val_set``'s loss; leaves the best weights in it.
 
@@ -286,6 +287,10 @@ def fit(
     epoch), the best weights as ``model.safetensors`` + ``model_config.json``
     whenever the validation loss improves, and ``resume.safetensors`` at every
     epoch end. ``resume=True`` continues from that state when it exists.
+    ``resumable=False`` writes neither the resume state nor the improving
+    checkpoints along the way, only the final best weights: for many short
+    runs (``tcssa demo``), where writing the optimizer state every epoch
+    costs a third of the time.
     Without a validation set the scheduler and early stopping are off and the
     last epoch's weights are kept. ``verbose=False`` shows no progress.
     """
@@ -364,12 +369,12 @@ def fit(
             state["best_epoch"], state["bad_epochs"] = epoch, 0
             state["best_val_loss"] = record.get("val_loss", math.nan)
             best_weights = copy.deepcopy(model.state_dict())
-            if write:
+            if write and resumable:
                 save_model(out_dir, model, model_config or {})
         else:
             state["bad_epochs"] += 1
         stopped_early = state["bad_epochs"] >= config.early_stopping_patience
-        if write:
+        if write and resumable:
             saved = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -379,6 +384,7 @@ def fit(
             if state["best_epoch"] != epoch:
                 saved["best_model"] = best_weights
             save_training_state(state_path, saved)
+        if write:
             with open(out_dir / METRICS_LOG, "a") as log:
                 log.write(_json_line(record))
         _finish_epoch_bar(bar, desc, record, dist if verbose else _QUIET)

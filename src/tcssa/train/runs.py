@@ -198,6 +198,7 @@ def train_run(
     datasets: DatasetFactory | None = None,
     verbose: bool = True,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
+    resumable: bool = True,
 ) -> RunResult:
     """Train ``config.model`` on every fold and write the run directory ``out_dir``.
 
@@ -207,6 +208,8 @@ def train_run(
     slides held in memory across many runs, see ``tcssa.data.memory``).
     ``verbose=False`` hides the per-epoch progress; ``on_fold`` is called with
     each finished fold's summary row (for a caller's own progress display).
+    ``resumable=False`` skips the per-epoch resume state (see ``fit``); a fold
+    already finished is still skipped on ``resume``.
     """
     from tcssa.data import Cohort
 
@@ -238,7 +241,7 @@ def train_run(
                 f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
                 f"{', '.join(cohort.missing[:10])}{' ...' if len(cohort.missing) > 10 else ''}"
             )
-    return _run_folds(cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold)
+    return _run_folds(cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold, resumable)
 
 
 def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
@@ -287,6 +290,7 @@ def _run_folds(
     datasets: DatasetFactory | None = None,
     verbose: bool = True,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
+    resumable: bool = True,
 ) -> RunResult:
     from tcssa.data import BagDataset
     from tcssa.mil import build_model
@@ -335,6 +339,7 @@ def _run_folds(
             dist=dist,
             class_names=cohort.class_names,
             verbose=verbose,
+            resumable=resumable,
         )
         preds = evaluate(
             model,
