@@ -417,6 +417,16 @@ def _grid_image(coords: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, flo
     return image, step, extent
 
 
+LEGEND_SLOTS = 16  # slots named in a legend: the most used ones; the rest hold few patches
+
+
+def _slot_legend(ax, slot: np.ndarray, colours: np.ndarray, what: str) -> None:
+    used, counts = np.unique(slot, return_counts=True)
+    shown = used[np.argsort(-counts, kind="stable")][:LEGEND_SLOTS]
+    title = f"{len(used)} slots {what}" + (f"; the {len(shown)} largest:" if len(shown) < len(used) else "")
+    _category_legend(ax, [f"slot {k}" for k in shown], colours[shown], title, columns=8)
+
+
 def _category_legend(ax, names: Sequence[str], colours: np.ndarray, title: str, columns: int) -> None:
     handles = [Patch(facecolor=colours[i], edgecolor="none", label=name) for i, name in enumerate(names)]
     ax.legend(
@@ -472,15 +482,7 @@ def slot_map(
         extent=extent, interpolation="nearest",
     )  # fmt: skip
     axes[0].set_title("top-1 TC-SSA slot of each patch", fontsize=11)
-    used, used_counts = np.unique(top1_slot, return_counts=True)
-    shown = used[np.argsort(-used_counts)]
-    _category_legend(
-        axes[0],
-        [f"slot {k}" for k in shown],
-        slot_colours[shown],
-        f"{len(used)} slots used (by patch count)",
-        columns=6,
-    )
+    _slot_legend(axes[0], top1_slot, slot_colours, "used")
     if phenotype is not None:
         phenotype = np.asarray(phenotype)
         names, colours = _phenotype_names_colours(phenotype, phenotype_names)
@@ -534,11 +536,7 @@ def slot_embedding(
     slot_colours = slot_palette(num_slots)
     axes[0].scatter(points[:, 0], points[:, 1], c=slot_colours[slot], s=marker, linewidths=0, alpha=0.8)
     axes[0].set_title("coloured by top-1 slot", fontsize=11)
-    used, used_counts = np.unique(slot, return_counts=True)
-    shown = used[np.argsort(-used_counts)]
-    _category_legend(
-        axes[0], [f"slot {k}" for k in shown], slot_colours[shown], f"{len(used)} slots (by count)", columns=6
-    )
+    _slot_legend(axes[0], slot, slot_colours, "among these patches")
     if phenotype is not None:
         phenotype = np.asarray(phenotype)
         names, colours = _phenotype_names_colours(phenotype, phenotype_names)
