@@ -26,6 +26,11 @@ so that DDP's gradient all-reduce still sees every process.
 The model's extra losses (e.g. TC-SSA's routing loss) are means over the
 slides of a pass; they are multiplied by the pass's slide count so that they
 too average over the update, whatever the split into passes.
+
+So one process with ``batch_size`` 2b and two with b apply the same updates,
+equal within float tolerance for a model without training-time randomness.
+Dropout masks and routing noise are drawn per pass, so with them the two runs
+draw different noise: equally good, not identical.
 """
 
 from __future__ import annotations
