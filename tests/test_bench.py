@@ -48,6 +48,7 @@ def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     streamed = [r for r in rows if r["method"] == "compress_h5 vs in-memory forward (float32)"]
     assert float(streamed[0]["token_max_abs_diff"]) < 1e-4
     assert (tmp_path / "bench_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| method |" in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_reference_is_the_same_function_as_tcssa():

@@ -62,3 +62,21 @@ def test_fast_top2_and_logsumexp_match_the_plain_ones():
     assert torch.equal(routing.topk_index, index)
     torch.testing.assert_close(routing.topk_weight, values)
     torch.testing.assert_close(routing.lse, torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-6)
+
+
+def test_checkpoint_of_the_earlier_expert_layout_loads_transposed():
+    # Before the (in, out) layout the experts were stored (out, in), with no layout marker; with
+    # D = H the shapes alone cannot tell the two apart.
+    torch.manual_seed(0)
+    model = TCSSA(16, num_slots=3, expert_hidden=16).eval()
+    old = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("layout_version")}
+    for name in ("experts.w1", "experts.w2"):
+        old[name] = old[name].transpose(1, 2).contiguous()
+    fresh = TCSSA(16, num_slots=3, expert_hidden=16).eval()
+    fresh.load_state_dict(old)
+    x = torch.randn(1, 40, 16)
+    torch.testing.assert_close(fresh(x).tokens, model(x).tokens, atol=0, rtol=0)
+    assert "experts.layout_version" in model.state_dict()
+    again = TCSSA(16, num_slots=3, expert_hidden=16).eval()
+    again.load_state_dict(model.state_dict())  # the current layout loads as it is
+    torch.testing.assert_close(again(x).tokens, model(x).tokens, atol=0, rtol=0)

@@ -438,7 +438,8 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="speed and memory of TC-SSA against the published code's formulation, 10^3 to 10^6 patches",
         description="Measure time and peak memory of TC-SSA (one slide, cohorts, training, streaming from "
         "h5, bfloat16) and of the alternatives, each as a ratio to the published code's formulation "
-        "measured in the same run. Prints the table; writes bench.json, bench.csv, bench_scaling.png.",
+        "measured in the same run. Prints the table; writes bench.json, bench.csv, bench.md (markdown) and "
+        "bench_scaling.png (time and memory against N).",
     )
     bench.add_argument(
         "--quick", action="store_true", help="small sizes (D=128, N<=20000, one thread): a check that it runs"

@@ -132,7 +132,21 @@ class SlotExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_slots, dim))
         self.ln_weight = nn.Parameter(torch.ones(num_slots, dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_slots, dim))
+        # Saved with the weights, so that a checkpoint of the earlier (out, in) layout, which has
+        # the same shapes when D = H, is recognised and transposed on loading.
+        self.register_buffer("layout_version", torch.tensor(self.LAYOUT_VERSION))
         self.reset_parameters()
+
+    LAYOUT_VERSION = 2  # 1 (no marker): w1, w2 stored (out, in); 2: (in, out)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        marker = prefix + "layout_version"
+        if marker not in state_dict:  # saved before the (in, out) layout
+            for name in ("w1", "w2"):
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name].transpose(1, 2)
+            state_dict[marker] = torch.tensor(self.LAYOUT_VERSION)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def hidden(self) -> int:

@@ -215,23 +215,36 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def format_table(result: BenchResult) -> str:
-    """The rows as plain-text tables, one per section, with only the columns that section fills."""
+def _section_cells(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(columns that the section fills, formatted cells, its notes)."""
+    columns = [c for c in COLUMNS[1:] if any(c in r for r in rows) and c != "note"]
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    return columns, cells, sorted({r["note"] for r in rows if r.get("note")})
+
+
+def _target_lines(result: BenchResult) -> list[str]:
+    marks = {True: "MET", False: "NOT MET", None: "report"}
+    return [f"{t['item']}. [{marks[t['met']]}] {t['target']}: {t['measured']}" for t in result.targets]
+
+
+def format_table(result: BenchResult, markdown: bool = False) -> str:
+    """The rows as tables, one per section, with only the columns that section fills; plain
+    text aligned for a terminal, or markdown (``bench.md``)."""
     lines = []
     for section in dict.fromkeys(r["section"] for r in result.rows):
-        rows = [r for r in result.rows if r["section"] == section]
-        columns = [c for c in COLUMNS[1:] if any(c in r for r in rows) and c != "note"]
-        cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+        columns, cells, notes = _section_cells([r for r in result.rows if r["section"] == section])
+        if markdown:
+            lines += ["", f"### {section}", "", "| " + " | ".join(columns) + " |"]
+            lines += ["|" + "---|" * len(columns)] + ["| " + " | ".join(row) + " |" for row in cells]
+            lines += [""] * bool(notes) + [f"- {note}" for note in notes]
+            continue
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
         lines += ["", f"## {section}", "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
         lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-        notes = sorted({r["note"] for r in rows if r.get("note")})
         lines += [f"  note: {note}" for note in notes]
     if result.targets:
-        lines += ["", "## targets"]
-        for t in result.targets:
-            met = {True: "MET", False: "NOT MET", None: "report"}[t["met"]]
-            lines.append(f"{t['item']}. [{met}] {t['target']}: {t['measured']}")
+        lines += ["", "### targets", ""] if markdown else ["", "## targets"]
+        lines += _target_lines(result)  # "1. [MET] ...": a numbered list in markdown too
     return "\n".join(lines).lstrip("\n")
 
 
@@ -240,6 +253,7 @@ def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
     paths = {
         "json": out_dir / "bench.json",
         "csv": out_dir / "bench.csv",
+        "markdown": out_dir / "bench.md",
         "plot": out_dir / "bench_scaling.png",
     }
     payload = {"meta": result.meta, "targets": result.targets, "rows": result.rows}
@@ -248,6 +262,7 @@ def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
+    paths["markdown"].write_text(format_table(result, markdown=True) + "\n")
     plot_scaling(result, paths["plot"])
     return paths
 

@@ -252,9 +252,9 @@ class _Bench:
 
     def cohort_auc(self) -> None:
         """Both training loops on the synthetic rare-lesion cohort (issue 4's task), same epochs;
-        AUC of each on an independent test cohort, and of the batched model run in bfloat16."""
+        AUC of each on held-out slides, and of the batched model run in bfloat16."""
         try:
-            from tcssa.data import Cohort, make_synthetic_cohort, read_bag
+            from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
         except ImportError:
             self.result.rows.append(
                 {"section": "auc", "method": "train-batched", "status": "skipped: tcssa.data not available"}
@@ -262,26 +262,20 @@ class _Bench:
             return
         c = self.config
         low, high = c.auc_patches
-
-        def cohort_of(name: str, slides: int, seed: int):
-            synth = make_synthetic_cohort(
-                self.work_dir / name, "rare", slides, c.auc_dim, seed, low, high, progress=False
-            )
-            return Cohort.from_folder(synth.features_dir, synth.labels_csv)
-
-        train, test = (
-            cohort_of("rare-train", c.auc_slides, c.seed),
-            cohort_of("rare-test", c.auc_test_slides, c.seed + 1),
+        total = c.auc_slides + c.auc_test_slides  # one cohort (one seed: the same tissue geometry)
+        synth = make_synthetic_cohort(
+            self.work_dir / "rare", "rare", total, c.auc_dim, c.seed, low, high, progress=False
         )
-        load = lambda cohort, dtype=torch.float32: [  # noqa: E731
-            read_bag(cohort.paths[i], dtype).features for i in cohort.slide_ids
-        ]
-        train_x, test_x = load(train), load(test)
-        train_y = torch.tensor([train.labels[i] for i in train.slide_ids])
-        test_y = [test.labels[i] for i in test.slide_ids]
-        train_ids = train.slide_ids
+        cohort = Cohort.from_folder(synth.features_dir, synth.labels_csv)
+        # Two folds grouped by case: about half the slides to learn from, half to test on.
+        split = make_kfold_splits(cohort, folds=2, seed=c.seed)[0]
+        train_ids, test_ids = split.train + split.val, split.test
+        load = lambda ids, dtype=torch.float32: [read_bag(cohort.paths[i], dtype).features for i in ids]  # noqa: E731
+        train_x, test_x = load(train_ids), load(test_ids)
+        train_y = torch.tensor([cohort.labels[i] for i in train_ids])
+        test_y = [cohort.labels[i] for i in test_ids]
         reference, ref_opt, batched, opt = build_classifiers(
-            c.auc_dim, train.num_classes, c.num_slots, c.seed, c.train_batch_size
+            c.auc_dim, cohort.num_classes, c.num_slots, c.seed, c.train_batch_size
         )
         sampler = LengthBucketSampler([len(x) for x in train_x], c.train_batch_size, seed=c.seed)
         rng = torch.Generator().manual_seed(c.seed)
@@ -295,7 +289,7 @@ class _Bench:
             seconds["train-batched"] += time_call(
                 train_epoch_batched, batched, opt, train_x, train_y, sampler
             )
-        test_half = load(test, torch.bfloat16)  # float16 on disk straight to bfloat16
+        test_half = load(test_ids, torch.bfloat16)  # float16 on disk straight to bfloat16
         low_precision = copy.deepcopy(batched).bfloat16()
         reference.eval(), batched.eval(), low_precision.eval()
         scores = {
@@ -311,8 +305,8 @@ class _Bench:
                 row.update(time_ms=1000 * trained, slides_per_s=c.auc_epochs * len(train_ids) / trained)
                 row["speedup_vs_reference"] = seconds["train-reference"] / trained
             row["note"] = (
-                f"synthetic 'rare' cohorts (D={c.auc_dim}, N {low:,}-{high:,}): {len(train_ids)} training "
-                f"slides, {len(test_y)} test slides from another seed; {c.auc_epochs} epochs each; "
+                f"synthetic 'rare' cohort of {total} slides (D={c.auc_dim}, N {low:,}-{high:,}), split by "
+                f"case: {len(train_ids)} to train on, {len(test_y)} to test on; {c.auc_epochs} epochs each; "
                 f"lr 1e-4 one slide per step, 1e-4 x sqrt({c.train_batch_size}) batched"
             )
             self.result.rows.append(row)
