@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from fake_runs import write_compare_run
 from tcssa.data import write_h5
 from tcssa.mil import build_model
-from tcssa.slot_analysis import choose_slide, embed_patches, slide_figures, top1_slots
+from tcssa.slot_analysis import choose_slide, embed_patches, rare_patches, slide_figures, top1_slots
 from tcssa.train.runs import load_checkpoint
 from tcssa.viz import build_report, load_compare_run
 
@@ -101,3 +101,15 @@ def test_slide_figures_without_phenotype_or_coords(tmp_path):
     write_h5(features_dir / f"{slide}.h5", rng.normal(size=(30, DIM)).astype(np.float32))
     figures = slide_figures(compare, features_dir=features_dir)
     assert len(figures.plots) == 1 and "no patch coordinates" in figures.notes[0]
+
+
+def test_rare_phenotypes_are_kept_in_the_embedding_sample():
+    phenotype = np.zeros(1000, dtype=np.int64)
+    phenotype[:5] = 2  # a rare lesion
+    phenotype[5:300] = 1  # common enough to show up in any sample
+    keep = rare_patches(phenotype, max_points=100)
+    np.testing.assert_array_equal(np.sort(keep), np.arange(5))
+    features = np.random.default_rng(0).normal(size=(1000, 4))
+    embedded = embed_patches(features, "pca", max_points=100, keep=keep)
+    assert len(embedded.index) == 100 and set(range(5)) <= set(embedded.index.tolist())
+    assert len(rare_patches(np.zeros(50, dtype=np.int64), 100)) == 0

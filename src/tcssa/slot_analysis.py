@@ -60,16 +60,44 @@ class Embedding:
     axis_notes: tuple[str, str]
 
 
+def rare_patches(groups: np.ndarray, max_points: int) -> np.ndarray:
+    """Indices of every patch of the groups (e.g. phenotypes) too rare to show up in a random sample.
+
+    A group is rare when it holds fewer than ``max_points // 10`` patches; at most ``max_points // 4``
+    patches are kept this way, rarest groups first.
+    """
+    values, counts = np.unique(groups, return_counts=True)
+    keep: list[np.ndarray] = []
+    room = max_points // 4
+    for value in values[np.argsort(counts, kind="stable")]:
+        members = np.flatnonzero(groups == value)
+        if len(members) >= max_points // 10 or len(members) > room:
+            break
+        keep.append(members)
+        room -= len(members)
+    return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+
+
 def embed_patches(
-    features: np.ndarray, method: str = "pca", max_points: int = 3000, seed: int = 0
+    features: np.ndarray,
+    method: str = "pca",
+    max_points: int = 3000,
+    seed: int = 0,
+    keep: np.ndarray | None = None,
 ) -> Embedding:
-    """A 2-D embedding of (a seeded random subset of) a slide's patch features."""
+    """A 2-D embedding of a slide's patch features: all of them, or ``max_points`` of them.
+
+    A sample holds the patches in ``keep`` (e.g. ``rare_patches``) and a seeded random draw of the rest.
+    """
     if method not in EMBEDDING_METHODS:
         raise ValueError(f"unknown embedding {method!r}; choose one of: {', '.join(EMBEDDING_METHODS)}")
     rng = np.random.default_rng(seed)
     index = np.arange(len(features))
     if len(index) > max_points:
-        index = np.sort(rng.choice(len(index), max_points, replace=False))
+        kept = np.unique(keep if keep is not None else np.zeros(0, dtype=np.int64))[:max_points]
+        others = np.setdiff1d(index, kept)
+        drawn = rng.choice(others, max_points - len(kept), replace=False)
+        index = np.sort(np.concatenate([kept, drawn]))
     sample = np.asarray(features[index], dtype=np.float32)
     if method == "pca":
         from sklearn.decomposition import PCA
@@ -170,7 +198,14 @@ def slide_figures(
         figures.append(slot_map(bag.coords.numpy(), slots, num_slots, phenotype, names, label))
     else:
         notes.append(f"{path} has no patch coordinates, so no slot map.")
-    embedded = embed_patches(bag.features.numpy(), embedding, max_points, seed)
+    keep = rare_patches(phenotype, max_points) if phenotype is not None else None
+    embedded = embed_patches(bag.features.numpy(), embedding, max_points, seed, keep)
+    sample_note = ""
+    if len(embedded.index) < bag.num_patches:
+        sample_note = f"A random sample of the slide's {bag.num_patches:,} patches"
+        if keep is not None and len(keep):
+            sample_note += ", with every patch of its rarest phenotypes"
+        sample_note += "."
     figures.append(
         slot_embedding(
             embedded.points,
@@ -180,6 +215,7 @@ def slide_figures(
             None if phenotype is None else phenotype[embedded.index],
             names,
             embedded.axis_notes,
+            sample_note=sample_note,
         )
     )
     return SlideFigures(plots=figures, notes=notes)

@@ -177,12 +177,12 @@ def comparison_bars(scores: Sequence[ModelScore], metric: str = "ROC AUC") -> Pl
     colours = [model_colour(s.model, order) for s in scores]
     ax.barh(positions, means, xerr=stds, color=colours, alpha=0.85, capsize=4, height=0.6)
     for y, mean, std in zip(positions, means, stds, strict=True):
-        if np.isfinite(mean):
-            ax.text(min(mean + std, 1.0) + 0.01, y, f"{mean:.3f} ± {std:.3f}", va="center", fontsize=9)
+        if np.isfinite(mean):  # the value sits right of the error bar, never on it
+            ax.text(mean + std + 0.015, y, f"{mean:.3f} ± {std:.3f}", va="center", fontsize=9)
     labels = [_display_name(s.model) + (f"  ({s.tokens} tokens)" if s.tokens else "") for s in scores]
     ax.set_yticks(positions, labels)
     ax.axvline(0.5, **CHANCE_STYLE)
-    ax.set_xlim(0.0, 1.18)
+    ax.set_xlim(0.0, max(1.2, float(np.nanmax(means + stds)) + 0.2))
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xlabel(f"test {metric} (mean ± std over folds; 0.5 = chance)")
     ax.set_ylabel("model (tokens per slide)")
@@ -293,10 +293,12 @@ def _sweep_axes(points: Sequence[SweepPoint], width: float = 7.5, height: float 
     figure = _new_figure(width, height)
     ax = figure.subplots()
     order = list(dict.fromkeys(p.model for p in points))
-    for model in order:
+    for index, model in enumerate(order):
         mine = sorted((p for p in points if p.model == model), key=lambda p: p.x)
+        # Shift each model a little along the (log) x axis so that error bars at one x do not overlap.
+        dodge = 1.0 + 0.035 * (index - (len(order) - 1) / 2)
         ax.errorbar(
-            [p.x for p in mine],
+            [p.x * dodge for p in mine],
             [p.auc_mean for p in mine],
             yerr=np.nan_to_num([p.auc_std for p in mine]),
             color=model_colour(model, order),
@@ -523,8 +525,12 @@ def slot_embedding(
     phenotype: np.ndarray | None = None,
     phenotype_names: Sequence[str] | None = None,
     axis_notes: Sequence[str] = ("", ""),
+    sample_note: str = "",
 ) -> Plot:
-    """A 2-D embedding of patch features coloured by top-1 slot (and by ground-truth phenotype)."""
+    """A 2-D embedding of patch features coloured by top-1 slot (and by ground-truth phenotype).
+
+    ``sample_note`` (e.g. how the points were sampled from the slide) is appended to the caption.
+    """
     points = np.asarray(points, dtype=float)
     slot = np.asarray(slot)
     if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(slot):
@@ -558,4 +564,6 @@ def slot_embedding(
         if phenotype is not None
         else " (a slot scattered all over the plot is not semantic)."
     )
+    if sample_note:
+        caption += " " + sample_note
     return _finish(figure, f"Semantic slots: {method} of {len(points):,} patch features", caption)
