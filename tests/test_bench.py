@@ -10,8 +10,8 @@ from tcssa.bench import (
     QUICK,
     BenchResult,
     ReferenceTCSSA,
-    _fit_exponent,
     evaluate_targets,
+    fit_exponent,
     format_table,
     probe_memory,
 )
@@ -39,13 +39,16 @@ def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     for method in ("reference", "tcssa", "tcssa-bf16", "dense-attention"):
         for n in QUICK.sizes:
             row = single[method, n]
-            assert float(row["time_ms"]) > 0 and float(row["peak_rss_mib"]) > 0, row
+            assert (
+                float(row["time_ms"]) > 0 and float(row["cpu_ms"]) > 0 and float(row["peak_rss_mib"]) > 0
+            ), row
     assert float(single["reference", QUICK.sizes[0]]["speedup_vs_reference"]) == 1.0
     exact = [r for r in rows if r["method"] == "tcssa vs reference (float32, same weights)"]
     assert float(exact[0]["token_rel_error"]) < 1e-5
     streamed = [r for r in rows if r["method"] == "compress_h5 vs in-memory forward (float32)"]
     assert float(streamed[0]["token_max_abs_diff"]) < 1e-4
     assert (tmp_path / "bench_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| method |" in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_reference_is_the_same_function_as_tcssa():
@@ -95,4 +98,4 @@ def test_targets_are_judged_from_the_rows():
 @pytest.mark.parametrize("slope", [1.0, 2.0])
 def test_exponent_fit(slope):
     rows = [{"n": n, "time_ms": 3e-3 * n**slope} for n in (1e4, 1e5, 1e6)]
-    assert _fit_exponent(rows) == pytest.approx(slope)
+    assert fit_exponent(rows) == pytest.approx(slope)

@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tcssa import TCSSA
-from tcssa.bucketing import LengthBucketSampler, bucket_by_length, compress_slides, pad_slides
+from tcssa.bucketing import LengthBucketSampler, bucket_by_length, pad_slides
 
 
 def test_bucket_by_length_groups_similar_lengths():
@@ -56,16 +55,6 @@ def test_pad_slides_masks_the_padding():
     x, mask = pad_slides([torch.ones(3, 4), torch.ones(1, 4) * 2])
     assert x.shape == (2, 3, 4) and mask.tolist() == [[True] * 3, [True, False, False]]
     assert (x[1, 1:] == 0).all()
-
-
-def test_compress_slides_equals_one_by_one_in_input_order():
-    torch.manual_seed(0)
-    model = TCSSA(16, num_slots=5, expert_hidden=8).eval()
-    gen = torch.Generator().manual_seed(1)
-    slides = [torch.randn(n, 16, generator=gen) for n in (40, 7, 300, 41, 9, 120)]
-    batched = compress_slides(model, slides, batch_size=3, max_patches=400)
-    for slide, tokens in zip(slides, batched, strict=True):
-        torch.testing.assert_close(tokens, model(slide).tokens[0], atol=1e-5, rtol=1e-5)
 
 
 def test_pad_slides_reuses_a_large_enough_buffer():

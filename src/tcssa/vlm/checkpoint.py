@@ -50,13 +50,13 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     prefix = "compressor."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if "gate.weight" not in weights or "experts.w1" not in weights:
+    if "gate.weight" not in weights or "experts.b1" not in weights:
         raise ValueError(
             f"{path}: no TC-SSA compressor in this checkpoint (expected keys compressor.gate.weight and "
-            f"compressor.experts.w1; is it the checkpoint of a 'tcssa' model?)"
+            f"compressor.experts.b1; is it the checkpoint of a 'tcssa' model?)"
         )
     num_slots, dim = weights["gate.weight"].shape
-    hidden = weights["experts.w1"].shape[1]
+    hidden = weights["experts.b1"].shape[1]  # K x H, whatever layout the stacked weights use
     options = {}
     config_file = path.parent / "model_config.json"
     if config_file.is_file():

@@ -305,3 +305,27 @@ def load_questions(path: str | Path, fmt: str | None = None) -> VQASet:
     if fmt not in FORMATS:
         raise ValueError(f"unknown question format {fmt!r}; choose from {sorted(FORMATS)}")
     return FORMATS[fmt](path)
+
+
+def read_slide_map(path: str | Path) -> dict[str, str]:
+    """A CSV ``key,slide_id`` naming the feature file of each slide key used in a question file (WSI-VQA
+    names TCGA cases, e.g. ``TCGA-PL-A8LZ``, while features are usually stored per slide)."""
+    rows = _read_csv_rows(Path(path), ("key", "slide_id"))
+    mapping: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        key, slide = row["key"].strip(), row["slide_id"].strip()
+        if not key or not slide:
+            raise ValueError(f"{path}, line {line}: empty key or slide_id")
+        if mapping.get(key, slide) != slide:
+            raise ValueError(f"{path}, line {line}: key {key!r} is mapped to two slides")
+        mapping[key] = slide
+    return mapping
+
+
+def apply_slide_map(items: list, mapping: dict[str, str] | None) -> list:
+    """Items with their slide ids replaced through ``mapping`` (ids not in it stay as they are)."""
+    from dataclasses import replace
+
+    if not mapping:
+        return list(items)
+    return [replace(item, slide_id=mapping.get(item.slide_id, item.slide_id)) for item in items]

@@ -8,13 +8,16 @@ import logging
 from pathlib import Path
 
 from tcssa.data import peek_shape
-from tcssa.vlm.formats import Conversation, VQAItem, load_questions
+from tcssa.vlm.formats import Conversation, VQAItem, apply_slide_map, load_questions, read_slide_map
 
 log = logging.getLogger(__name__)
 
 
-def read_samples(paths: list[str | Path], report=print) -> list[VQAItem | Conversation]:
-    """Every record of every file (any supported format); skipped records are counted and reported."""
+def read_samples(
+    paths: list[str | Path], report=print, slide_map: str | Path | None = None
+) -> list[VQAItem | Conversation]:
+    """Every record of every file (any supported format); skipped records are counted and reported.
+    ``slide_map``: a ``key,slide_id`` CSV turning the files' slide keys into feature-file ids."""
     samples = []
     for path in paths:
         result = load_questions(path)
@@ -22,7 +25,7 @@ def read_samples(paths: list[str | Path], report=print) -> list[VQAItem | Conver
         samples += result.items
     if not samples:
         raise ValueError(f"no usable records in {', '.join(map(str, paths))}")
-    return samples
+    return apply_slide_map(samples, read_slide_map(slide_map) if slide_map else None)
 
 
 def sample_text(samples) -> list[str]:
@@ -70,12 +73,13 @@ def train_from_files(
     num_tokens: int = 32,
     projector_hidden: int = 2048,
     skip_missing: bool = False,
+    slide_map: str | Path | None = None,
     report=print,
 ) -> dict:
     from tcssa.vlm.data import ConversationDataset, FolderFeatures, drop_missing
     from tcssa.vlm.train import prepare_stage, train_stage
 
-    samples = read_samples(data, report)
+    samples = read_samples(data, report, slide_map)
     features = FolderFeatures(features_dir, [s.slide_id for s in samples], skip_missing=skip_missing)
     samples, dropped = drop_missing(samples, features)
     if dropped:
@@ -122,9 +126,17 @@ def eval_from_files(
     prior_from: str | Path | None = None,
     limit: int | None = None,
     device: str | None = None,
+    slide_map: str | Path | None = None,
     report=print,
 ) -> list[dict]:
     """Evaluate a run folder on a question file; writes accuracy.csv, predictions_{mode}.csv, missing."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "tcssa vqa eval runs as one process (every process would score every question and write the "
+            "same files); launch it without torchrun / accelerate launch, and pick a GPU with --device"
+        )
     import torch
 
     from tcssa.vlm.checkpoint import load_run
@@ -142,7 +154,9 @@ def eval_from_files(
 
     result = load_questions(questions)
     report(result.summary())
-    items, num_open = multiple_choice_only(result.items)
+    items, num_open = multiple_choice_only(
+        apply_slide_map(result.items, read_slide_map(slide_map) if slide_map else None)
+    )
     if num_open:
         report(f"left out {num_open} open question(s): multiple-choice evaluation only")
     if limit:

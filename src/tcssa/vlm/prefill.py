@@ -5,7 +5,9 @@ this measures, on the language model alone (the projector and compressor cost is
 
 - FLOPs of one prefill forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
   plus scaled-dot-product attention; causal masking is not subtracted, as torch's formula counts it);
-- wall time of that pass (median of ``repeats`` after one warm-up), in inference mode.
+- time of that pass (median of ``repeats`` after one warm-up), in inference mode: on a GPU wall
+  time between synchronisations; on a CPU this process's CPU time, which other jobs on a shared
+  machine do not inflate (run it with one thread so that CPU time is the time a core spends).
 
 Only the last position's logits are computed, as in generation's prefill.
 """
@@ -78,15 +80,16 @@ def measure_prefill(lm, slide_token_counts: list[int], repeats: int = 3, progres
         with counter:
             lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1)
         lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1)  # warm-up, untimed
+        clock = time.perf_counter if param.is_cuda else time.process_time
         times = []
         for _ in range(repeats):
             if param.is_cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1)
             if param.is_cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         results.append((count, length, counter.get_total_flops() / 1e9, statistics.median(times)))
     base_flops, base_time = results[0][2], results[0][3]
     return [PrefillMeasurement(c, n, g, s, g / base_flops, s / base_time) for c, n, g, s in results]

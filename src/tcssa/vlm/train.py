@@ -171,7 +171,13 @@ def train_stage(
 
     out_dir = Path(out_dir)
     mixed = "bf16" if lm_dtype(config.precision) == torch.bfloat16 else "no"
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum)
+    # cpu=True on a machine without CUDA lets torchrun / accelerate launch start CPU processes (gloo);
+    # with CUDA, Accelerate picks one GPU per process.
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
     set_seed(config.seed)
     compressor_from_mil = info.get("compressor_source") is not None
     counts = set_trainable(model, config, compressor_from_mil)
@@ -180,7 +186,7 @@ def train_stage(
         model.compressor.float()
     model.projector.float()
     if config.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(model.lm, True)
         model.lm.config.use_cache = False
     collator = TrainCollator(model.config, tokenizer.pad_token_id, config.max_length)
     generator = torch.Generator().manual_seed(config.seed)
@@ -262,11 +268,25 @@ def train_stage(
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model).eval()
     if config.gradient_checkpointing:
-        unwrapped.lm.gradient_checkpointing_disable()
+        _set_checkpointing(unwrapped.lm, False)
     if accelerator.is_main_process:
         save_run(unwrapped, out_dir, {**info, "stage": config.stage})
     accelerator.wait_for_everyone()
     return {"steps": step, "seconds": time.perf_counter() - start, "history": history, "trainable": counts}
+
+
+def _set_checkpointing(lm, enable: bool) -> None:
+    """Activation (gradient) checkpointing, non-reentrant so that frozen layers and LoRA work with it.
+    transformers 5 renamed the methods; older versions have only the gradient_* names."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        if enable:
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.activation_checkpointing_disable()
+    elif enable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_disable()
 
 
 def prepare_stage(

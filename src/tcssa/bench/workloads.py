@@ -1,0 +1,99 @@
+"""Inputs (synthetic slides, h5 files, cohorts) and the methods the benchmark runs on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tcssa.bench.config import METHODS, BenchConfig
+from tcssa.bench.reference import DenseSelfAttention, ReferenceTCSSA, _mil_model
+from tcssa.compressor import TCSSA
+
+
+def synthetic_slide(num_patches: int, dim: int, seed: int = 0) -> Tensor:
+    """Clustered features (8 tissue-like centres plus noise) standing in for patch embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, dim, generator=gen) * 2.0
+    phenotype = torch.randint(0, 8, (num_patches,), generator=gen)
+    x = torch.randn(num_patches, dim, generator=gen)
+    x += centres[phenotype]
+    return x
+
+
+def write_h5_slide(path: Path, num_patches: int, dim: int, seed: int = 0, chunk: int = 65_536) -> Path:
+    """A float16 TRIDENT-style h5 slide of clustered features, written chunk by chunk."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        features = f.create_dataset("features", (num_patches, dim), dtype="float16", chunks=(1024, dim))
+        for start in range(0, num_patches, chunk):
+            stop = min(start + chunk, num_patches)
+            features[start:stop] = synthetic_slide(stop - start, dim, seed + start).half().numpy()
+    return path
+
+
+def build_method(name: str, config: BenchConfig) -> Callable | None:
+    """A callable that runs method ``name`` on one slide; None when its package is absent.
+
+    Input: an N x D float32 tensor (methods cast what they need), or for ``tcssa-h5`` an h5 path.
+    """
+    dim = config.dim
+    torch.manual_seed(config.seed)
+    if name == "reference":
+        model = ReferenceTCSSA(dim, config.num_slots).eval()
+        return lambda x: model(x)
+    if name in ("tcssa", "tcssa-bf16", "tcssa-h5", "expert-read", "expert-read-bf16"):
+        model = TCSSA(dim, num_slots=config.num_slots).eval()
+        if name.endswith("bf16"):
+            model = model.bfloat16()
+        if name == "tcssa-h5":
+            return lambda path: model.compress_h5(path, chunk_size=config.chunk_size)
+        if name.startswith("expert-read"):
+            slots = torch.randn(1, config.num_slots, dim, dtype=model.gate.weight.dtype)
+            return lambda x: model.experts(slots)
+        return lambda x: model(x)
+    if name.startswith("gate-product"):
+        gate = nn.Linear(dim, config.num_slots)
+        if name.endswith("bf16"):
+            gate = gate.bfloat16()
+        return lambda x: gate(x)
+    if name == "dense-attention":
+        model = DenseSelfAttention(dim).eval()
+        return lambda x: model(x)
+    if name in ("abmil", "transmil"):
+        model = _mil_model(name, dim)
+        if model is None:
+            return None
+        model.eval()
+        return lambda x: model(x.unsqueeze(0))
+    raise ValueError(f"unknown bench method {name!r}; known: {sorted(METHODS)}")
+
+
+def method_input(name: str, x: Tensor) -> Tensor:
+    return x.bfloat16() if name.endswith("bf16") else x
+
+
+def cohort_lengths(config: BenchConfig) -> list[int]:
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    low, high = config.cohort_patches
+    return torch.randint(low, high + 1, (config.cohort_slides,), generator=gen).tolist()
+
+
+def cohort_slides(config: BenchConfig) -> list[Tensor]:
+    return [
+        synthetic_slide(n, config.dim, config.seed + 100 + i) for i, n in enumerate(cohort_lengths(config))
+    ]
+
+
+def build_cohort_method(name: str, config: BenchConfig) -> Callable[[list[Tensor]], object]:
+    torch.manual_seed(config.seed)
+    if name == "cohort-reference":
+        model = ReferenceTCSSA(config.dim, config.num_slots).eval()
+        return lambda slides: [model(x)[0] for x in slides]
+    if name == "cohort-batched":
+        model = TCSSA(config.dim, num_slots=config.num_slots).eval()
+        return lambda slides: model.compress_slides(slides, config.batch_size)
+    raise ValueError(f"unknown cohort method {name!r}")
