@@ -55,9 +55,12 @@ def write_model_run(
         if model == "tcssa":
             counts = rng.integers(10, 100, size=num_slots)
             if collapse and fold == 1:
-                counts[3] = 10 * counts.sum()
+                counts[3] = counts.sum() - counts[3]  # every patch has slot 3 among its top 2
+            patches = counts.sum() / 2  # top-2 routing: two assignments per patch
             for slot, count in enumerate(counts):
-                slot_rows.append([fold, slot, int(count), float(count / counts.sum())])
+                slot_rows.append(
+                    [fold, slot, int(count), float(count / counts.sum()), float(count / patches)]
+                )
         (run / f"fold_{fold}").mkdir(exist_ok=True)
     _write_csv(
         run / "summary.csv",
@@ -67,7 +70,7 @@ def write_model_run(
         summary,
     )
     if slot_rows:
-        _write_csv(run / "slot_utilisation.csv", ["fold", "slot", "count", "share"], slot_rows)
+        _write_csv(run / "slot_utilisation.csv", ["fold", "slot", "count", "share", "patch_share"], slot_rows)
 
 
 def write_compare_run(root: Path, models=MODELS, **options) -> Path:

@@ -106,7 +106,7 @@ def test_report_from_a_compare_run(tmp_path):
     assert len(images) == 5 and all(i.startswith(PNG_MAGIC) for i in images)
     for heading in ("Comparison", "Sweeps", "Slot utilisation", "Inside one slide"):
         assert f"<h2>{heading}</h2>" in document
-    assert "Slot collapse in tcssa" in document and "fold 1: slot 3" in document
+    assert "Slot collapse in tcssa" in document and "fold 1: slot 3 receives 100%" in document
     assert "<link" not in document and "<script" not in document  # self-contained, no external resources
     assert document.count("<figcaption>") == len(images)
 
@@ -163,10 +163,18 @@ def test_model_run_reads_slot_shares(tmp_path):
     run = load_compare_run(write_compare_run(tmp_path / "cmp", models=("tcssa",), num_slots=4)).models[
         "tcssa"
     ]
-    folds, shares, counts = run.slot_shares()
-    assert folds == [0, 1, 2] and shares.shape == (3, 4)
-    np.testing.assert_allclose(shares.sum(axis=1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(shares, counts / counts.sum(axis=1, keepdims=True), atol=1e-6)
+    use = run.slot_shares()
+    assert use.folds == [0, 1, 2] and use.shares.shape == (3, 4) and use.of_patches
+    # shares of the patches: with top-2 routing they sum to 2
+    np.testing.assert_allclose(use.shares.sum(axis=1), 2.0, atol=1e-6)
+    np.testing.assert_allclose(use.shares, 2 * use.counts / use.counts.sum(axis=1, keepdims=True), atol=1e-6)
+    # a file with the contract's columns only: shares of all assignments
+    rows = (tmp_path / "cmp" / "tcssa" / "slot_utilisation.csv").read_text().splitlines()
+    old = ["fold,slot,count,share"] + [",".join(r.split(",")[:4]) for r in rows[1:]]
+    (tmp_path / "cmp" / "tcssa" / "slot_utilisation.csv").write_text("\n".join(old) + "\n")
+    use = load_compare_run(tmp_path / "cmp").models["tcssa"].slot_shares()
+    assert not use.of_patches
+    np.testing.assert_allclose(use.shares.sum(axis=1), 1.0, atol=1e-6)
 
 
 def test_report_command(tmp_path, capsys):

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-COLLAPSE_SHARE = 0.5  # a slot holding more than this share of assignments has collapsed the routing
+COLLAPSE_SHARE = 0.5  # a slot receiving more than this share of the patches has collapsed the routing
 TITLE_SIZE = 13
 CHANCE_STYLE = {"color": "0.55", "linestyle": ":", "linewidth": 1.2}
 
@@ -354,12 +354,17 @@ def lesion_fraction_sweep(points: Sequence[SweepPoint], num_tokens: int = 32) ->
 
 
 def slot_utilisation(
-    shares: np.ndarray, counts: np.ndarray | None = None, folds: Sequence[int] | None = None
+    shares: np.ndarray,
+    counts: np.ndarray | None = None,
+    folds: Sequence[int] | None = None,
+    *,
+    of_patches: bool = True,
 ) -> Plot:
-    """Share of assignments per slot: mean over folds (bars) and every fold (heat map).
+    """How much each slot receives: mean over folds (bars) and every fold (heat map).
 
-    ``shares`` is folds x K (each fold's share of test-set assignments held by each slot); ``counts``
-    the matching numbers of patches, used for the caption's totals.
+    ``shares`` is folds x K: with ``of_patches`` the share of each fold's test patches routed to the
+    slot (sums to top-k over the slots), else its share of all routing assignments (sums to 1).
+    ``counts`` are the matching numbers of assignments, used for the caption's totals.
     """
     shares = np.atleast_2d(np.asarray(shares, dtype=float))
     num_folds, num_slots = shares.shape
@@ -380,7 +385,8 @@ def slot_utilisation(
     top.axhline(uniform, color="0.3", linestyle=":", linewidth=1.4, label=f"uniform ({uniform:.2g}%)")
     top.legend(loc="upper right", fontsize=9)
     top.set_ylim(0, max(100 * COLLAPSE_SHARE * 1.15, float(np.nanmax(percent)) * 1.1))
-    top.set_ylabel("share of assignments (%)\nmean ± std over folds")
+    what = "test patches routed to it (%)" if of_patches else "share of assignments (%)"
+    top.set_ylabel(f"{what}\nmean ± std over folds")
     top.grid(axis="y", alpha=0.3)
     image = bottom.imshow(percent, aspect="auto", cmap="viridis", interpolation="nearest")
     fold_names = list(folds) if folds is not None else list(range(num_folds))
@@ -392,7 +398,8 @@ def slot_utilisation(
     colourbar = figure.colorbar(image, ax=bottom, pad=0.01)
     colourbar.set_label("share (%)")
     caption = (
-        "Healthy routing spreads assignments over many slots; one slot above the red line means collapse."
+        "Healthy routing spreads the patches over many slots; one slot above the red line "
+        "(more than half of a fold's patches) means collapse."
     )
     if counts is not None:
         total = int(np.asarray(counts).sum())

@@ -275,33 +275,37 @@ def build_report(
     if not slot_runs:
         page.add(_note("No slot_utilisation.csv in this run (only TC-SSA runs write one)."))
     for run in slot_runs:
-        folds, shares, counts = run.slot_shares()
+        use = run.slot_shares()
+        folds, shares, counts = use.folds, use.shares, use.counts
+        unit = "of the test patches" if use.of_patches else "of the routing assignments"
         collapsed = [
             (fold, float(shares[i].max()), int(shares[i].argmax()))
             for i, fold in enumerate(folds)
             if shares[i].max() > plots.COLLAPSE_SHARE
         ]
         if collapsed:
-            details = "; ".join(f"fold {f}: slot {k} holds {100 * s:.0f}%" for f, s, k in collapsed)
+            details = "; ".join(f"fold {f}: slot {k} receives {100 * s:.0f}%" for f, s, k in collapsed)
             page.add(
                 _note(
-                    f"Slot collapse in {run.name}: one slot takes more than "
-                    f"{100 * plots.COLLAPSE_SHARE:.0f}% of the assignments ({details}). Raise the routing "
-                    "loss weight or check the features.",
+                    f"Slot collapse in {run.name}: one slot receives more than "
+                    f"{100 * plots.COLLAPSE_SHARE:.0f}% {unit} ({details}). Raise the routing "
+                    "loss weight (model option aux_weight) or check the features.",
                     "warn",
                 )
             )
         else:
             page.add(
                 _note(
-                    f"No slot collapse in {run.name}: the largest slot holds "
-                    f"{100 * float(shares.max()):.1f}% of assignments (threshold "
+                    f"No slot collapse in {run.name}: the largest slot receives "
+                    f"{100 * float(shares.max()):.1f}% {unit} (threshold "
                     f"{100 * plots.COLLAPSE_SHARE:.0f}%).",
                     "ok",
                 )
             )
         page.figure(
-            lambda shares=shares, counts=counts, folds=folds: plots.slot_utilisation(shares, counts, folds),
+            lambda shares=shares, counts=counts, folds=folds, of_patches=use.of_patches: (
+                plots.slot_utilisation(shares, counts, folds, of_patches=of_patches)
+            ),
             "slot utilisation",
         )
 

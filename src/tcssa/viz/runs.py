@@ -54,6 +54,16 @@ def _read_json(path: Path) -> dict:
 
 
 @dataclass
+class SlotUse:
+    """Slot use per test fold: ``shares`` and ``counts`` are folds x K."""
+
+    folds: list[int]
+    shares: np.ndarray
+    counts: np.ndarray
+    of_patches: bool  # shares of the patches (sum to top-k) rather than of all assignments (sum to 1)
+
+
+@dataclass
 class ModelRun:
     """One model's RUN directory, as much of it as exists."""
 
@@ -71,19 +81,25 @@ class ModelRun:
         path = self.path / f"fold_{fold}" / "model.safetensors"
         return path if path.is_file() else None
 
-    def slot_shares(self) -> tuple[list[int], np.ndarray, np.ndarray] | None:
-        """(fold ids, folds x K shares, folds x K counts) from slot_utilisation.csv; None without one."""
+    def slot_shares(self) -> SlotUse | None:
+        """Each fold's use of each slot from slot_utilisation.csv; None without one.
+
+        The share of the test patches a slot receives (``patch_share``; with top-2 routing these sum
+        to 2) when the file has it, as the collapse rule ("one slot takes more than half of the
+        patches") needs; otherwise the contract's ``share`` of all assignments (sums to 1).
+        """
         if not self.slot_rows:
             return None
+        column = "patch_share" if "patch_share" in self.slot_rows[0] else "share"
         folds = sorted({int(r["fold"]) for r in self.slot_rows})
         num_slots = max(int(r["slot"]) for r in self.slot_rows) + 1
         shares = np.zeros((len(folds), num_slots))
         counts = np.zeros((len(folds), num_slots), dtype=np.int64)
         for row in self.slot_rows:
             f, k = folds.index(int(row["fold"])), int(row["slot"])
-            shares[f, k] = to_float(row["share"])
+            shares[f, k] = to_float(row[column])
             counts[f, k] = int(float(row["count"]))
-        return folds, shares, counts
+        return SlotUse(folds, shares, counts, of_patches=column == "patch_share")
 
 
 def load_model_run(path: str | Path, name: str | None = None) -> ModelRun:
