@@ -143,6 +143,7 @@ def test_the_demo_end_to_end(tmp_path, capsys):
     assert result.report == out / "report.html"
     assert document.count("<figure>") == 7  # AUC bars, ROC, 2 sweeps, utilisation, slot map, embedding
     assert "Slot map of slide_" in document and "does rare evidence survive" in document
+    assert "its AUCs are mostly noise" in document  # a small cohort says so
     lines = result.summary_lines()
     assert lines[0].split()[:2] == ["model", "AUC"] and len(lines) == 1 + len(TINY.models) + 5
     assert "patches -> 32 slot tokens" in "\n".join(lines)

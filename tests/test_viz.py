@@ -28,7 +28,7 @@ def _labelled(plot: plots.Plot) -> None:
     """Every figure: a title, a caption, and every visible axes with both axis labels."""
     assert plot.title and plot.caption
     for ax in plot.figure.axes:
-        if not ax.get_visible() or ax.get_label() == "<colorbar>":
+        if not ax.get_visible() or ax.get_label() in ("<colorbar>", plots.LEGEND_AXES):
             continue
         # panels sharing an axis label it once (on the outer panel)
         assert any(a.get_xlabel() for a in ax.get_shared_x_axes().get_siblings(ax))

@@ -44,6 +44,7 @@ from tcssa.compressor import TCSSA
 COHORT_DIR = "cohort"
 BUDGET_RUNS_DIR = "token_budget"
 DEMO_MARKER = "demo.json"
+SMALL_COHORT = 100  # slides; below this the report warns that its AUCs are mostly noise
 MAIN_MODELS = ("tcssa", "random-k", "kmeans-k", "mean", "abmil", "transmil")
 
 
@@ -513,6 +514,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
             "slides hold a lesion phenotype in a small fraction of their patches. TC-SSA aggregates "
             "every patch into 32 slot tokens; random-k keeps 32 sampled patches. Does the rare "
             "evidence survive the compression?"
+            + (
+                f" This is a small run ({len(patches)} slides, about {len(splits[0].test)} test slides "
+                "per fold): it shows the report, but its AUCs are mostly noise. Run `tcssa demo` "
+                "without --quick for the comparison."
+                if len(patches) < SMALL_COHORT
+                else ""
+            )
         ),
         "facts": {
             "cohort": f"{len(patches)} slides, {sum(patches):,} patches ({min(patches):,} to "

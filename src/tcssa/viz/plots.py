@@ -182,7 +182,7 @@ def comparison_bars(scores: Sequence[ModelScore], metric: str = "ROC AUC") -> Pl
     labels = [_display_name(s.model) + (f"  ({s.tokens} tokens)" if s.tokens else "") for s in scores]
     ax.set_yticks(positions, labels)
     ax.axvline(0.5, **CHANCE_STYLE)
-    ax.set_xlim(0.0, max(1.2, float(np.nanmax(means + stds)) + 0.2))
+    ax.set_xlim(0.0, max(1.2, float(np.nanmax(means + stds)) + 0.3))
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xlabel(f"test {metric} (mean ± std over folds; 0.5 = chance)")
     ax.set_ylabel("model (tokens per slide)")
@@ -436,13 +436,34 @@ def _slot_legend(ax, slot: np.ndarray, colours: np.ndarray, what: str) -> None:
     _category_legend(ax, [f"slot {k}" for k in shown], colours[shown], title, columns=8)
 
 
+LEGEND_AXES = "<legend>"  # label of the axes that only hold a legend (no data, no axis labels)
+
+
+def _panels(
+    figure: Figure, panels: int, height_ratios: Sequence[float], share: bool = False
+) -> tuple[list, list]:
+    """A row of data panels, each above an axes of its own that holds its legend.
+
+    Legends in their own axes take part in the constrained layout, so a long legend under a tall
+    panel gets room instead of being cut off at the figure's edge.
+    """
+    grid = figure.add_gridspec(2, panels, height_ratios=height_ratios)
+    axes: list = []
+    for i in range(panels):
+        shared = axes[0] if share and axes else None
+        axes.append(figure.add_subplot(grid[0, i], sharex=shared, sharey=shared))
+    legends = [figure.add_subplot(grid[1, i], label=LEGEND_AXES) for i in range(panels)]
+    for ax in legends:
+        ax.axis("off")
+    return axes, legends
+
+
 def _category_legend(ax, names: Sequence[str], colours: np.ndarray, title: str, columns: int) -> None:
     handles = [Patch(facecolor=colours[i], edgecolor="none", label=name) for i, name in enumerate(names)]
     ax.legend(
         handles=handles,
         title=title,
         loc="upper center",
-        bbox_to_anchor=(0.5, -0.12),
         ncols=columns,
         fontsize=8,
         title_fontsize=9,
@@ -483,15 +504,15 @@ def slot_map(
     slot_image, step, extent = _grid_image(coords, top1_slot)
     panel_width = 6.0
     panel_height = float(np.clip(panel_width * slot_image.shape[0] / slot_image.shape[1], 2.5, 9.0))
-    figure = _new_figure(panel_width * panels + 0.5, panel_height + 2.2)
-    axes = np.atleast_1d(figure.subplots(1, panels))
+    figure = _new_figure(panel_width * panels + 0.5, panel_height + 2.6)
+    axes, legends = _panels(figure, panels, [panel_height, 1.3])
     slot_colours = slot_palette(num_slots)
     axes[0].imshow(
         slot_image, cmap=ListedColormap(slot_colours), vmin=-0.5, vmax=num_slots - 0.5,
         extent=extent, interpolation="nearest",
     )  # fmt: skip
     axes[0].set_title("top-1 TC-SSA slot of each patch", fontsize=11)
-    _slot_legend(axes[0], top1_slot, slot_colours, "used")
+    _slot_legend(legends[0], top1_slot, slot_colours, "used")
     if phenotype is not None:
         phenotype = np.asarray(phenotype)
         names, colours = _phenotype_names_colours(phenotype, phenotype_names)
@@ -504,7 +525,7 @@ def slot_map(
         present = np.unique(phenotype)
         fractions = {p: float(np.mean(phenotype == p)) for p in present}
         _category_legend(
-            axes[1],
+            legends[1],
             [f"{names[p]} ({100 * fractions[p]:.2g}%)" for p in present],
             colours[present],
             "phenotype (share of patches)",
@@ -543,13 +564,13 @@ def slot_embedding(
     if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(slot):
         raise ValueError(f"slot_embedding needs points N x 2 and one slot per point, got {points.shape}")
     panels = 2 if phenotype is not None else 1
-    figure = _new_figure(6.0 * panels + 0.3, 6.6)
-    axes = np.atleast_1d(figure.subplots(1, panels, sharex=True, sharey=True))
+    figure = _new_figure(6.0 * panels + 0.3, 7.2)
+    axes, legends = _panels(figure, panels, [5.4, 1.3], share=True)
     marker = max(1.0, min(12.0, 6000 / max(len(points), 1)))
     slot_colours = slot_palette(num_slots)
     axes[0].scatter(points[:, 0], points[:, 1], c=slot_colours[slot], s=marker, linewidths=0, alpha=0.8)
     axes[0].set_title("coloured by top-1 slot", fontsize=11)
-    _slot_legend(axes[0], slot, slot_colours, "among these patches")
+    _slot_legend(legends[0], slot, slot_colours, "among these patches")
     if phenotype is not None:
         phenotype = np.asarray(phenotype)
         names, colours = _phenotype_names_colours(phenotype, phenotype_names)
@@ -560,7 +581,7 @@ def slot_embedding(
         )
         axes[1].set_title("coloured by ground-truth phenotype", fontsize=11)
         present = np.unique(phenotype)
-        _category_legend(axes[1], [names[p] for p in present], colours[present], "phenotype", columns=3)
+        _category_legend(legends[1], [names[p] for p in present], colours[present], "phenotype", columns=3)
     for ax in axes:
         ax.set_xlabel(f"{method} 1 (a.u.){axis_notes[0]}")
         ax.set_ylabel(f"{method} 2 (a.u.){axis_notes[1]}")
