@@ -63,7 +63,7 @@ def test_choose_slide_takes_the_surest_positive_test_slide(tmp_path):
     assert first.probs[index, 1] == first.probs[first.labels == 1, 1].max()
 
 
-@pytest.mark.parametrize("method", ["pca", "tsne"])
+@pytest.mark.parametrize("method", ["pca", pytest.param("tsne", marks=pytest.mark.slow)])
 def test_embedding_subsamples_and_keeps_indices(method):
     features = np.random.default_rng(0).normal(size=(300, 8))
     embedded = embed_patches(features, method, max_points=100)
