@@ -153,3 +153,47 @@ def test_a_cohort_may_mix_file_formats(tmp_path):
     assert [cohort.paths[s].suffix for s in cohort.slide_ids] == [".h5", ".pt", ".npy", ".csv"]
     dataset = BagDataset(cohort)
     assert [dataset[i][0].num_patches for i in range(4)] == [5, 4, 6, 1]
+
+
+def test_case_ids_from_tcga_barcodes(tmp_path):
+    from tcssa.data import TCGA_CASE_PATTERN
+
+    text = (
+        "slide_id,label\nTCGA-50-5055-01Z-00-DX1.0c9d,LUAD\nTCGA-50-5055-01Z-00-DX2.aa1f,LUAD\n"
+        "TCGA-MP-A4TA-01Z-00-DX1.11DD,LUSC\n"
+    )
+    table = read_labels(_write_csv(tmp_path / "l.csv", text), case_id_pattern=TCGA_CASE_PATTERN)
+    assert table.case_ids == ["TCGA-50-5055", "TCGA-50-5055", "TCGA-MP-A4TA"]
+    bad = _write_csv(tmp_path / "bad.csv", text + "normal_001,LUAD\n")
+    with pytest.raises(
+        ValueError, match=r"bad.csv: 1 slide id\(s\) do not match the case pattern.*normal_001"
+    ):
+        read_labels(bad, case_id_pattern=TCGA_CASE_PATTERN)
+    both = _write_csv(tmp_path / "both.csv", "slide_id,label,case_id\na,0,p\nb,1,q\n")
+    with pytest.raises(ValueError, match="both.csv: has a case_id column"):
+        read_labels(both, case_id_pattern=TCGA_CASE_PATTERN)
+
+
+def test_public_nsclc_split_puts_some_patients_on_both_sides(shared_data):
+    """A finding worth knowing: the public TCGA-NSCLC train/test lists share patients."""
+    from tcssa.data import TCGA_CASE_PATTERN, Split, check_splits
+
+    tables = {
+        part: read_labels(
+            shared_data / "labels" / f"TCGA_NSCLC_{part}.csv", case_id_pattern=TCGA_CASE_PATTERN
+        )
+        for part in ("train", "test")
+    }
+    shared = set(tables["train"].case_ids) & set(tables["test"].case_ids)
+    assert len(shared) == 17
+    cases = {s: c for t in tables.values() for s, c in zip(t.slide_ids, t.case_ids, strict=True)}
+    split = Split(0, tables["train"].slide_ids, [], tables["test"].slide_ids)
+    with pytest.raises(ValueError, match="17 case"):
+        check_splits([split], cases)
+
+
+def test_skip_missing_with_no_slide_left(tmp_path):
+    features = _write_slides(tmp_path / "feats", ["x"])
+    csv = _write_csv(tmp_path / "l.csv", "slide_id,label\na,0\nb,1\n")
+    with pytest.raises(ValueError, match="none of the 2 slides has a feature file"):
+        Cohort.from_folder(features, csv, skip_missing=True)

@@ -133,3 +133,14 @@ def test_dataloader_with_workers_and_batch_size_above_one(cohort):
     assert [len(b) for b in batches] == [3, 1]
     assert batches[0].features.shape == (3, 10, 6)
     assert batches[0].mask.sum(1).tolist() == [7, 10, 10]
+
+
+def test_extras_follow_the_patch_cap(tmp_path):
+    features = np.arange(40, dtype=np.float32).reshape(20, 2)
+    write_h5(tmp_path / "f" / "a.h5", features, extra={"phenotype": np.arange(20)})
+    write_h5(tmp_path / "f" / "b.h5", features, extra={"phenotype": np.arange(20)})
+    csv = tmp_path / "l.csv"
+    csv.write_text("slide_id,label\na,0\nb,1\n")
+    dataset = BagDataset(Cohort.from_folder(tmp_path / "f", csv), max_patches=5, extras=("phenotype",))
+    bag, _ = dataset[0]
+    assert np.array_equal(bag.features[:, 0].numpy() / 2, bag.extras["phenotype"])  # rows stay aligned

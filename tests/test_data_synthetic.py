@@ -190,3 +190,67 @@ def test_synth_command(tmp_path, capsys):
     assert "use --dim instead" in capsys.readouterr().err
     assert main(["synth", "--out", str(tmp_path / "x"), "--set", "stain_std=lots"]) == 2
     assert "cannot read 'lots' as float" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rare_design_at_full_scale(tmp_path):
+    """The stress-test claims at D = 512 and 1% lesion, with probes that need no slide model.
+
+    Prints the table recorded in docs/RESULTS.md (run: pytest -m slow -s -k rare_design).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.model_selection import cross_val_predict
+
+    cohort = make_synthetic_cohort(
+        tmp_path,
+        num_slides=120,
+        dim=512,
+        min_patches=2000,
+        max_patches=8000,
+        lesion_fraction=0.01,
+        progress=False,
+    )
+    y = np.array(read_labels(cohort.labels_csv).labels)
+    lesion = cohort.config.phenotype_names.index("lesion")
+    rng = np.random.default_rng(0)
+    bags = [(b.features.numpy(), b.extras["phenotype"]) for b in _bags(cohort).values()]
+    sample = [rng.choice(len(f), 200, replace=False) for f, _ in bags]
+    X = np.vstack([np.vstack([f[i], f[p == lesion][:20]]) for (f, p), i in zip(bags, sample, strict=True)])
+    Y = np.concatenate(
+        [
+            np.r_[p[i] == lesion, np.ones(min(20, (p == lesion).sum()), bool)]
+            for (_, p), i in zip(bags, sample, strict=True)
+        ]
+    )
+    half = len(X) // 2
+    probe = LogisticRegression(max_iter=3000).fit(X[:half], Y[:half])
+    means = np.array([f.mean(0) for f, _ in bags])
+    auc = {
+        "patch probe, held-out patches": roc_auc_score(Y[half:], probe.decision_function(X[half:])),
+        "max patch-probe score per slide": roc_auc_score(y, [(f @ probe.coef_[0]).max() for f, _ in bags]),
+        "mean pooling + logistic regression, 5-fold CV": roc_auc_score(
+            y,
+            cross_val_predict(LogisticRegression(max_iter=5000), means, y, cv=5, method="decision_function"),
+        ),
+        "mean pooling on the patch probe's direction (oracle)": roc_auc_score(y, means @ probe.coef_[0]),
+        "32 random patches, perfect lesion detector": roc_auc_score(
+            y, [float((p[rng.choice(len(p), 32, replace=False)] == lesion).any()) for _, p in bags]
+        ),
+    }
+    purity, recall = [], []
+    for (f, p), label in zip(bags, y, strict=True):
+        if label and len(purity) < 20:
+            clusters = KMeans(32, n_init=1, random_state=0).fit_predict(f)
+            best = np.bincount(clusters[p == lesion], minlength=32).argmax()
+            purity.append((p[clusters == best] == lesion).mean())
+            recall.append((clusters[p == lesion] == best).mean())
+    for name, value in auc.items():
+        print(f"| {name} | {value:.2f} |")
+    print(
+        f"k-means (K=32) on a positive slide: the lesion's cluster is {np.mean(purity):.2f} pure, "
+        f"holds {np.mean(recall):.2f} of the lesion"
+    )
+    assert auc["patch probe, held-out patches"] > 0.99
+    assert auc["mean pooling + logistic regression, 5-fold CV"] < 0.8
+    assert auc["32 random patches, perfect lesion detector"] < 0.8
+    assert np.mean(purity) > 0.9

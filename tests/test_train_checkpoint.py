@@ -25,6 +25,8 @@ def test_model_round_trip_with_config_beside_it(tmp_path):
     assert torch.equal(other[0].weight, model[0].weight)
     with pytest.raises(ValueError, match="does not fit this model"):
         load_weights(nn.Linear(4, 3), weights)
+    with pytest.raises(ValueError, match=r"shapes differ \(0.weight \(3, 4\) vs \(3, 5\)"):
+        load_weights(nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3)), weights)
     with pytest.raises(FileNotFoundError, match="checkpoint weights not found"):
         resolve_checkpoint(tmp_path / "nowhere")
 

@@ -86,6 +86,20 @@ def test_plan_deals_every_slide_of_an_update_to_one_process():
     assert [size for u, _, _, size in ranks[2] if u == 2] == [0]
 
 
+def test_each_epoch_tells_the_training_set_which_epoch_it_is():
+    # BagDataset draws its --max-patches subset per (seed, epoch): it must hear of every epoch
+    train, val, _ = _split(make_bags(40))
+
+    class Recording(list):
+        epochs: list[int] = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    fit(TinyMIL(), Recording(train), val, TrainConfig(epochs=3, lr=1e-3), collate=pad_collate)
+    assert Recording.epochs == [1, 2, 3]
+
+
 def test_evaluation_is_deterministic_and_padding_free():
     _, _, test = _split(make_bags(40))
     model = TinySlotMIL()
@@ -182,6 +196,19 @@ def test_a_slide_too_large_for_memory_names_it_and_suggests_max_patches():
     train, val, _ = _split(make_bags(40))
     with pytest.raises(SlideTooLargeError, match=r"slide_\d+ \(1[12] patches\).*--max-patches"):
         fit(AllocationFails(), train, val, TrainConfig(epochs=1), collate=pad_collate)
+
+
+def test_running_out_of_memory_while_padding_a_batch_names_the_slides():
+    train, val, _ = _split(make_bags(40))
+
+    def collate(items):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+
+    class Named(list):
+        slide_ids = [bag.slide_id for bag, _ in train]
+
+    with pytest.raises(SlideTooLargeError, match=r"reading and padding.*slide_0\d\d.*--max-patches"):
+        fit(TinyMIL(), Named(train), val, TrainConfig(epochs=1), collate=collate)
 
 
 def _free_port():

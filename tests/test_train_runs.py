@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tcssa.cli import main
+from tcssa.train.checkpoint import save_model
 from tcssa.train.runs import COMPARISON_COLUMNS, SUMMARY_COLUMNS, load_checkpoint
 from train_fixtures import write_cohort
 
@@ -77,11 +78,13 @@ def test_train_writes_the_run_directory_contract(cohort, tmp_path, capsys):
         assert not (out / f"fold_{fold}" / "resume.safetensors").exists()  # removed once the fold is done
 
     util = _rows(out / "slot_utilisation.csv")
-    assert list(util[0]) == ["fold", "slot", "count", "share"]
+    assert list(util[0]) == ["fold", "slot", "count", "share", "patch_share"]
     assert len(util) == 3 * 4
     for fold in range(3):
         shares = [float(r["share"]) for r in util if r["fold"] == str(fold)]
+        patch_shares = [float(r["patch_share"]) for r in util if r["fold"] == str(fold)]
         assert sum(shares) == pytest.approx(1, abs=1e-4)
+        assert sum(patch_shares) == pytest.approx(2, abs=1e-4)  # top-2: each patch in two slots
 
     # the same --out again needs --resume; with it, finished folds are not retrained
     assert main(_train_args(features, labels, out, "--model", "tcssa")) == 2
@@ -119,6 +122,18 @@ def test_train_writes_the_run_directory_contract(cohort, tmp_path, capsys):
     assert tokens.shape == (4, 16) and index.shape == (n, 2) == weight.shape
     np.testing.assert_allclose(tokens, expected.tokens[0].detach().numpy(), atol=1e-6)
     assert (index == expected.topk_index[0].numpy()).all()
+
+    # a gate that sends every patch to slot 2 is reported as collapse
+    with torch.no_grad():
+        model.compressor.gate.bias[2] += 100.0
+    save_model(tmp_path / "collapsed", model, json.loads((out / "fold_1" / "model_config.json").read_text()))
+    eval_args = ["eval", "--checkpoint", str(tmp_path / "collapsed"), "--features", str(features),
+                 "--labels", str(test_labels), "--out", str(tmp_path / "eval_collapsed")]  # fmt: skip
+    assert main(eval_args) == 0
+    err = capsys.readouterr().err
+    assert "slot collapse" in err and "slot 2 receives 100% of the test-set patches" in err
+    use = _rows(tmp_path / "eval_collapsed" / "slot_utilisation.csv")
+    assert float(use[2]["patch_share"]) == 1.0 and float(use[2]["share"]) == 0.5
 
 
 def test_compare_runs_every_model_on_the_same_folds(cohort, tmp_path, capsys):

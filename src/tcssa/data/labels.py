@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED_COLUMNS = ("slide_id", "label")
+# A TCGA slide barcode starts with the patient's: TCGA-<site>-<participant> (e.g. TCGA-50-5055).
+TCGA_CASE_PATTERN = r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-"
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,17 @@ def class_order(raw_labels: list[str]) -> list[str]:
     return sorted(distinct)
 
 
-def read_labels(path: str | Path, class_names: list[str] | None = None) -> LabelTable:
+def read_labels(
+    path: str | Path, class_names: list[str] | None = None, *, case_id_pattern: str | None = None
+) -> LabelTable:
     """Read a labels CSV: columns ``slide_id`` and ``label`` (``case_id`` optional, others ignored).
 
     A UTF-8 byte-order mark is tolerated. Labels may be strings ("Tumor") or integers; they become
     class indices in the order of ``class_order`` unless ``class_names`` fixes the order (e.g. the
     map saved with a training run, to read a test list the same way). Slide ids stay strings.
+    ``case_id_pattern``: for a file without a ``case_id`` column, a regular expression whose first
+    group, matched at the start of each slide id, is its case (``TCGA_CASE_PATTERN`` for TCGA
+    barcodes), so that splits can keep a patient's slides together.
     Raises ValueError naming the file for a missing column, an empty cell, a duplicate slide id,
     a label outside ``class_names``, or fewer than two classes.
     """
@@ -81,6 +89,11 @@ def read_labels(path: str | Path, class_names: list[str] | None = None) -> Label
                 case_ids.append(values["case_id"])
     if not slide_ids:
         raise ValueError(f"{path}: no slides listed")
+    if case_id_pattern is not None:
+        if has_cases:
+            raise ValueError(f"{path}: has a case_id column; case_id_pattern would override it")
+        case_ids = _case_ids_from_pattern(path, slide_ids, case_id_pattern)
+        has_cases = True
     duplicates = sorted(s for s, n in Counter(slide_ids).items() if n > 1)
     if duplicates:
         raise ValueError(f"{path}: duplicate slide ids ({len(duplicates)}): {', '.join(duplicates[:20])}")
@@ -103,6 +116,23 @@ def read_labels(path: str | Path, class_names: list[str] | None = None) -> Label
         case_ids=case_ids if has_cases else None,
         class_names=list(class_names),
     )
+
+
+def _case_ids_from_pattern(path: Path, slide_ids: list[str], pattern: str) -> list[str]:
+    regex = re.compile(pattern)
+    cases, unmatched = [], []
+    for slide in slide_ids:
+        match = regex.match(slide)
+        if match is None or not match.groups():
+            unmatched.append(slide)
+        else:
+            cases.append(match.group(1))
+    if unmatched:
+        raise ValueError(
+            f"{path}: {len(unmatched)} slide id(s) do not match the case pattern {pattern!r}: "
+            + ", ".join(unmatched[:10])
+        )
+    return cases
 
 
 def save_class_map(class_names: list[str], path: str | Path) -> Path:

@@ -99,6 +99,14 @@ def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    own = model.state_dict()
+    reshaped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if reshaped:
+        details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:3])
+        raise ValueError(
+            f"{weights} does not fit this model: tensor shapes differ ({details}); was it saved for "
+            "another architecture, or by a tcssa version with another weight layout?"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

@@ -21,7 +21,7 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,14 +53,63 @@ COMPARISON_COLUMNS = [
     "tokens",
     "train_seconds",
 ]
-#: A slot holding more than this share of a fold's test-set assignments counts as collapse.
+#: slot_utilisation.csv: assignments per slot on each fold's test set; ``share`` of all assignments
+#: (sums to 1, the contract's column), ``patch_share`` of the patches (sums to top-k = 2).
+SLOT_COLUMNS = ["fold", "slot", "count", "share", "patch_share"]
+#: A slot that receives more than this share of a fold's test-set patches counts as collapse. With
+#: top-2 routing every patch is assigned to two slots, so one slot can hold at most half of the
+#: assignments; the share of patches (the paper: "one slot taking > 60% of patches") can reach 1.
 COLLAPSE_SHARE = 0.5
 # Options that change how a run executes, not what it computes: they may differ on --resume.
 _RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
 
 
+#: Builds one part of a fold: (part "train" | "val" | "test", slide ids, fold seed) -> a dataset
+#: whose items are (Bag, label), with ``set_epoch`` for training parts that draw patch subsets.
+DatasetFactory = Callable[[str, list[str], int], Any]
+
+
 class SlotCollapseWarning(UserWarning):
-    """One slot takes more than half of all routing assignments on a fold's test set."""
+    """One slot receives more than half of a fold's test-set patches."""
+
+
+@dataclass
+class SlotUse:
+    """How a set of slides was routed: patches assigned to each slot (top-k) and patches in all."""
+
+    counts: list[int]
+    num_patches: int
+
+    @property
+    def shares(self) -> list[float]:
+        """Each slot's share of all assignments (sums to 1)."""
+        total = float(sum(self.counts))
+        return [c / total if total else 0.0 for c in self.counts]
+
+    @property
+    def patch_shares(self) -> list[float]:
+        """Share of the patches routed to each slot (sums to top-k)."""
+        return [c / self.num_patches if self.num_patches else 0.0 for c in self.counts]
+
+    def rows(self, **key: Any) -> list[dict[str, Any]]:
+        return [
+            {**key, "slot": k, "count": int(c), "share": s, "patch_share": p}
+            for k, (c, s, p) in enumerate(zip(self.counts, self.shares, self.patch_shares, strict=True))
+        ]
+
+    def warn_if_collapsed(self, where: str) -> None:
+        patch_shares = self.patch_shares
+        top = int(np.argmax(patch_shares))
+        if patch_shares[top] > COLLAPSE_SHARE:
+            used = sum(c > 0 for c in self.counts)
+            warnings.warn(
+                f"slot collapse on {where}: slot {top} receives {patch_shares[top]:.0%} of the test-set "
+                f"patches ({self.shares[top]:.0%} of all routing assignments; {used} of {len(self.counts)} "
+                "slots used). The paper sees this when the auxiliary loss weight lambda is too low; try a "
+                "larger model option aux_weight.",
+                SlotCollapseWarning,
+                stacklevel=2,
+            )
 
 
 @dataclass
@@ -69,7 +118,7 @@ class RunResult:
     rows: list[dict[str, Any]]  # one per fold, SUMMARY_COLUMNS
     model: str
     tokens: int | None  # tokens per slide the classifier head sees (None: the whole bag)
-    slot_counts: dict[int, list[int]] = field(default_factory=dict)  # fold -> test-set assignments per slot
+    slot_use: dict[int, SlotUse] = field(default_factory=dict)  # fold -> test-set routing
 
     @property
     def summary(self) -> dict[str, float]:
@@ -81,7 +130,7 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ folds
-def check_splits(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
+def splits_for_cohort(splits: Sequence[Any], cohort: Any, skip_missing: bool = False) -> list[Any]:
     """Splits restricted to the cohort's slides, with every class present in every training set.
 
     A slide of the split file without a feature file is an error unless
@@ -146,18 +195,28 @@ def train_run(
     skip_missing: bool = False,
     resume: bool = False,
     dist: Distributed = SINGLE_PROCESS,
+    datasets: DatasetFactory | None = None,
+    verbose: bool = True,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
+    resumable: bool = True,
 ) -> RunResult:
     """Train ``config.model`` on every fold and write the run directory ``out_dir``.
 
     Folds come from ``splits`` if given, else from ``split_csv``, else from a
     stratified, patient-grouped ``config.folds``-fold split of the cohort.
+    ``datasets`` replaces the default ``BagDataset`` of each fold's part (e.g.
+    slides held in memory across many runs, see ``tcssa.data.memory``).
+    ``verbose=False`` hides the per-epoch progress; ``on_fold`` is called with
+    each finished fold's summary row (for a caller's own progress display).
+    ``resumable=False`` skips the per-epoch resume state (see ``fit``); a fold
+    already finished is still skipped on ``resume``.
     """
     from tcssa.data import Cohort
 
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
     if splits is None:
         splits = make_splits(cohort, config, split_csv)
-    splits = check_splits(splits, cohort, skip_missing)
+    splits = splits_for_cohort(splits, cohort, skip_missing)
     out_dir = Path(out_dir)
     run_config = {
         **config.to_dict(),
@@ -182,10 +241,27 @@ def train_run(
                 f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
                 f"{', '.join(cohort.missing[:10])}{' ...' if len(cohort.missing) > 10 else ''}"
             )
-    return _run_folds(cohort, splits, config, out_dir, resume, dist)
+    return _run_folds(cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold, resumable)
 
 
 def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
+    # Rank 0 decides and tells the others: were every process to look for config.json itself, one
+    # could find the file rank 0 has just written and refuse a fresh run.
+    problem = None
+    if dist.is_main:
+        try:
+            _check_out_dir(out_dir, run_config, resume)
+        except ValueError as err:
+            problem = str(err)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+    if dist.is_main:
+        write_json(out_dir / "config.json", run_config)
+    dist.barrier()
+
+
+def _check_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool) -> None:
     saved_path = out_dir / "config.json"
     if saved_path.is_file():
         if not resume:
@@ -202,9 +278,6 @@ def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, di
         if changed:
             details = "; ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume {out_dir}: the settings differ from the saved run ({details})")
-    if dist.is_main:
-        write_json(saved_path, run_config)
-    dist.barrier()
 
 
 def _run_folds(
@@ -214,12 +287,16 @@ def _run_folds(
     out_dir: Path | None,
     resume: bool,
     dist: Distributed,
+    datasets: DatasetFactory | None = None,
+    verbose: bool = True,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
+    resumable: bool = True,
 ) -> RunResult:
     from tcssa.data import BagDataset
     from tcssa.mil import build_model
 
     rows: list[dict[str, Any]] = []
-    slot_counts: dict[int, list[int]] = {}
+    slot_use: dict[int, SlotUse] = {}
     tokens = None
     for split in splits:
         fold = split.fold
@@ -236,14 +313,19 @@ def _run_folds(
         if resume and fold_dir is not None and (fold_dir / "result.json").is_file():
             result = read_json(fold_dir / "result.json")
             rows.append({k: math.nan if v is None else v for k, v in result["row"].items()})
-            if result.get("slot_counts") is not None:
-                slot_counts[fold] = result["slot_counts"]
+            if result.get("slot_use") is not None:
+                slot_use[fold] = SlotUse(**result["slot_use"])
             continue
         seed = derived_seed(config.seed, fold)
-        cache = int(config.cache_gb * 2**30)
-        train_set = BagDataset(cohort, split.train, config.max_patches, seed=seed, cache_bytes=cache)
-        val_set = BagDataset(cohort, split.val, cache_bytes=cache) if split.val else None
-        test_set = BagDataset(cohort, split.test)
+        if datasets is not None:
+            train_set = datasets("train", list(split.train), seed)
+            val_set = datasets("val", list(split.val), seed) if split.val else None
+            test_set = datasets("test", list(split.test), seed)
+        else:
+            cache = int(config.cache_gb * 2**30)
+            train_set = BagDataset(cohort, split.train, config.max_patches, seed=seed, cache_bytes=cache)
+            val_set = BagDataset(cohort, split.val, cache_bytes=cache) if split.val else None
+            test_set = BagDataset(cohort, split.test)
         model_config = {"model": model.config, "class_names": list(cohort.class_names), "fold": fold}
         fitted = fit(
             model,
@@ -256,6 +338,8 @@ def _run_folds(
             resume=resume,
             dist=dist,
             class_names=cohort.class_names,
+            verbose=verbose,
+            resumable=resumable,
         )
         preds = evaluate(
             model,
@@ -281,10 +365,12 @@ def _run_folds(
             "train_seconds": round(fitted.train_seconds, 3),
         }
         rows.append(row)
+        if on_fold is not None:
+            on_fold(row)
         if preds.slot_counts is not None:
-            slot_counts[fold] = preds.slot_counts.tolist()
+            slot_use[fold] = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
             if dist.is_main:
-                _warn_collapse(fold, _shares(slot_counts[fold]))
+                slot_use[fold].warn_if_collapsed(f"fold {fold}")
         if dist.is_main and fold_dir is not None:
             write_text(out_dir / f"fold_{fold}_predictions.csv", predictions_csv(preds))
             write_json(
@@ -293,33 +379,15 @@ def _run_folds(
                     "row": _json_safe(row),
                     "best_epoch": fitted.best_epoch,
                     "stopped_early": fitted.stopped_early,
-                    "slot_counts": slot_counts.get(fold),
+                    "slot_use": vars(slot_use[fold]) if fold in slot_use else None,
                 },
             )
             (fold_dir / "resume.safetensors").unlink(missing_ok=True)
-            _write_summary(out_dir, rows, slot_counts)
+            _write_summary(out_dir, rows, slot_use)
         dist.barrier()
     if dist.is_main and out_dir is not None:
-        _write_summary(out_dir, rows, slot_counts)
-    return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_counts=slot_counts)
-
-
-def _shares(counts: Sequence[int]) -> list[float]:
-    total = float(sum(counts))
-    return [c / total if total else 0.0 for c in counts]
-
-
-def _warn_collapse(fold: int, shares: Sequence[float]) -> None:
-    top = int(np.argmax(shares))
-    if shares[top] > COLLAPSE_SHARE:
-        used = sum(s > 0 for s in shares)
-        warnings.warn(
-            f"slot collapse on fold {fold}: slot {top} takes {shares[top]:.0%} of all test-set routing "
-            f"assignments ({used} of {len(shares)} slots used). The paper sees this when the auxiliary "
-            "loss weight lambda is too low; try a larger model option aux_weight.",
-            SlotCollapseWarning,
-            stacklevel=2,
-        )
+        _write_summary(out_dir, rows, slot_use)
+    return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_use=slot_use)
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -361,15 +429,11 @@ def predictions_csv(preds: Predictions) -> str:
     return csv_text(rows, columns)
 
 
-def _write_summary(out_dir: Path, rows: list[dict[str, Any]], slot_counts: dict[int, list[int]]) -> None:
+def _write_summary(out_dir: Path, rows: list[dict[str, Any]], slot_use: dict[int, SlotUse]) -> None:
     write_text(out_dir / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
-    if slot_counts:
-        util = [
-            {"fold": fold, "slot": k, "count": int(c), "share": share}
-            for fold, counts in sorted(slot_counts.items())
-            for k, (c, share) in enumerate(zip(counts, _shares(counts), strict=True))
-        ]
-        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["fold", "slot", "count", "share"]))
+    if slot_use:
+        util = [row for fold, use in sorted(slot_use.items()) for row in use.rows(fold=fold)]
+        write_text(out_dir / "slot_utilisation.csv", csv_text(util, SLOT_COLUMNS))
 
 
 # ------------------------------------------------------------------- eval
@@ -420,13 +484,9 @@ def evaluate_checkpoint(
     }
     write_json(out_dir / "metrics.json", report)
     if preds.slot_counts is not None:
-        shares = _shares(preds.slot_counts.tolist())
-        _warn_collapse(model_config.get("fold", 0), shares)
-        util = [
-            {"slot": k, "count": int(c), "share": s}
-            for k, (c, s) in enumerate(zip(preds.slot_counts.tolist(), shares, strict=True))
-        ]
-        write_text(out_dir / "slot_utilisation.csv", csv_text(util, ["slot", "count", "share"]))
+        use = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
+        use.warn_if_collapsed(str(labels_csv))
+        write_text(out_dir / "slot_utilisation.csv", csv_text(use.rows(), SLOT_COLUMNS[1:]))
     return metrics
 
 
@@ -476,7 +536,7 @@ def compare(
         raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
     out_dir = Path(out_dir)
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
-    splits = check_splits(make_splits(cohort, config, split_csv), cohort, skip_missing)
+    splits = splits_for_cohort(make_splits(cohort, config, split_csv), cohort, skip_missing)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_splits(splits, out_dir / "splits.csv")

@@ -1,0 +1,241 @@
+"""Look inside one slide with a trained TC-SSA model: which slot does each patch go to?
+
+This is the computing half of the report's slide-level figures (``tcssa.viz`` only draws): it loads a
+fold's checkpoint from a run directory, routes one of that fold's *test* slides (so the model never
+trained on it), and embeds the slide's patch features in 2-D. ``slide_figures`` packages the result for
+``tcssa.viz.report.build_report``, turning anything missing (no checkpoint, features not on this
+machine) into a note rather than an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcssa.viz.plots import slot_embedding, slot_map
+from tcssa.viz.report import SlideFigures
+from tcssa.viz.runs import CompareRun, ModelRun
+
+PHENOTYPE = "phenotype"  # per-patch ground truth written by the synthetic cohort
+EMBEDDING_METHODS = ("pca", "tsne")
+# Keys under which a run's config.json may record the features folder, most specific first.
+FEATURES_KEYS = ("features_dir", "features", "data.features_dir", "data.features")
+
+
+def _config_value(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def features_dir_of(run: ModelRun) -> Path | None:
+    """The features folder a run recorded in its config.json (None when it recorded none)."""
+    for key in FEATURES_KEYS:
+        value = _config_value(run.config, key)
+        if isinstance(value, str) and value:
+            return Path(value)
+    return None
+
+
+@torch.inference_mode()
+def top1_slots(model, features: torch.Tensor) -> np.ndarray:
+    """The slot with the highest routing probability for each patch (N), from a model with ``.routing``."""
+    if not hasattr(model, "routing"):
+        raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} has no slot routing")
+    out = model.routing(features.unsqueeze(0))
+    return out.probs[0].argmax(dim=-1).numpy()
+
+
+@dataclass
+class Embedding:
+    points: np.ndarray  # M x 2
+    index: np.ndarray  # M patch indices into the slide
+    method: str  # "PCA" or "t-SNE"
+    axis_notes: tuple[str, str]
+
+
+def rare_patches(groups: np.ndarray, max_points: int) -> np.ndarray:
+    """Indices of every patch of the groups (e.g. phenotypes) too rare to show up in a random sample.
+
+    A group is rare when it holds fewer than ``max_points // 10`` patches; at most ``max_points // 4``
+    patches are kept this way, rarest groups first.
+    """
+    values, counts = np.unique(groups, return_counts=True)
+    keep: list[np.ndarray] = []
+    room = max_points // 4
+    for value in values[np.argsort(counts, kind="stable")]:
+        members = np.flatnonzero(groups == value)
+        if len(members) >= max_points // 10 or len(members) > room:
+            break
+        keep.append(members)
+        room -= len(members)
+    return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+
+
+def embed_patches(
+    features: np.ndarray,
+    method: str = "pca",
+    max_points: int = 3000,
+    seed: int = 0,
+    keep: np.ndarray | None = None,
+) -> Embedding:
+    """A 2-D embedding of a slide's patch features: all of them, or ``max_points`` of them.
+
+    A sample holds the patches in ``keep`` (e.g. ``rare_patches``) and a seeded random draw of the rest.
+    """
+    if method not in EMBEDDING_METHODS:
+        raise ValueError(f"unknown embedding {method!r}; choose one of: {', '.join(EMBEDDING_METHODS)}")
+    rng = np.random.default_rng(seed)
+    index = np.arange(len(features))
+    if len(index) > max_points:
+        kept = np.unique(keep if keep is not None else np.zeros(0, dtype=np.int64))[:max_points]
+        others = np.setdiff1d(index, kept)
+        drawn = rng.choice(others, max_points - len(kept), replace=False)
+        index = np.sort(np.concatenate([kept, drawn]))
+    sample = np.asarray(features[index], dtype=np.float32)
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, random_state=seed)
+        points = pca.fit_transform(sample)
+        explained = pca.explained_variance_ratio_
+        notes = tuple(f", {100 * v:.0f}% of variance" for v in explained)
+        return Embedding(points, index, "PCA", notes)
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(5.0, (len(sample) - 1) / 3)))
+    points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(sample)
+    return Embedding(points, index, "t-SNE", ("", ""))
+
+
+def choose_slide(run: ModelRun) -> tuple[int, str]:
+    """A test slide to show: in the first fold, the positive-class slide the model is surest about.
+
+    With binary labels that is the slide most clearly showing the evidence the model learned (for the
+    synthetic ``rare`` task, a lesion); the fold's checkpoint never saw it in training.
+    """
+    if not run.predictions:
+        raise ValueError(f"{run.name}: no fold predictions to pick a test slide from")
+    fold = min(run.predictions, key=lambda p: p.fold)
+    slide_ids = run.prediction_slide_ids[fold.fold]
+    positive = fold.probs.shape[1] - 1
+    candidates = np.flatnonzero(fold.labels == positive)
+    if len(candidates) == 0:
+        candidates = np.arange(len(slide_ids))
+    best = candidates[np.argmax(fold.probs[candidates, positive])]
+    return fold.fold, slide_ids[best]
+
+
+def mean_patches(compare: CompareRun, features_dir: str | Path | None = None) -> float | None:
+    """Mean patches per slide over the run's test slides, read from the feature file headers.
+
+    None when the features are not on this machine (the report then shows no compression ratio).
+    """
+    from tcssa.data import peek_shape, resolve_feature_files
+
+    run = next((r for r in compare.models.values() if r.prediction_slide_ids), None)
+    if run is None:
+        return None
+    features_dir = Path(features_dir) if features_dir is not None else features_dir_of(run)
+    if features_dir is None or not features_dir.is_dir():
+        return None
+    slide_ids = sorted({s for ids in run.prediction_slide_ids.values() for s in ids})
+    found, _ = resolve_feature_files(features_dir, slide_ids, skip_missing=True)
+    if not found:
+        return None
+    return float(np.mean([peek_shape(path)[0] for path in found.values()]))
+
+
+def _find_feature_file(features_dir: Path, slide_id: str) -> Path:
+    from tcssa.data import resolve_feature_files
+
+    found, _ = resolve_feature_files(features_dir, [slide_id])
+    return found[slide_id]
+
+
+def slide_figures(
+    compare: CompareRun,
+    *,
+    model_name: str = "tcssa",
+    features_dir: str | Path | None = None,
+    slide_id: str | None = None,
+    embedding: str = "pca",
+    max_points: int = 3000,
+    seed: int = 0,
+) -> SlideFigures:
+    """The slot map and slot embedding of one test slide, or notes saying why they are missing."""
+    from tcssa.data import read_bag
+    from tcssa.train.runs import load_checkpoint
+
+    run = compare.models.get(model_name)
+    if run is None:
+        return SlideFigures(notes=[f"No {model_name} run in {compare.path}, so no slot map or embedding."])
+    if slide_id is None:
+        fold, slide_id = choose_slide(run)
+    else:
+        folds = [f for f, ids in run.prediction_slide_ids.items() if slide_id in ids]
+        if not folds:
+            raise ValueError(f"slide {slide_id!r} is in no test fold of {run.path}")
+        fold = folds[0]
+    checkpoint = run.path / f"fold_{fold}"
+    if run.fold_checkpoint(fold) is None:
+        return SlideFigures(
+            notes=[f"No checkpoint {checkpoint}/model.safetensors, so no slot map or embedding."]
+        )
+    features_dir = Path(features_dir) if features_dir is not None else features_dir_of(run)
+    if features_dir is None or not features_dir.is_dir():
+        where = (
+            "not recorded in the run's config.json" if features_dir is None else f"{features_dir} not found"
+        )
+        return SlideFigures(
+            notes=[
+                f"Slide features are needed for the slot map and embedding ({where}); "
+                "pass them with `tcssa report RUN_DIR --features DIR`."
+            ]
+        )
+    path = _find_feature_file(features_dir, slide_id)
+    try:
+        bag = read_bag(path, extras=(PHENOTYPE,))
+    except ValueError as err:
+        if f"no '{PHENOTYPE}' dataset" not in str(err):
+            raise
+        bag = read_bag(path)
+    model, _ = load_checkpoint(checkpoint)
+    slots = top1_slots(model, bag.features)
+    num_slots = model.num_tokens
+    phenotype = bag.extras.get(PHENOTYPE)
+    names = bag.attrs.get("phenotype_names")
+    names = [str(n) for n in names] if isinstance(names, list) else None
+    label = f"{slide_id}, a fold {fold} test slide"
+    figures, notes = [], []
+    if bag.coords is not None:
+        figures.append(slot_map(bag.coords.numpy(), slots, num_slots, phenotype, names, label))
+    else:
+        notes.append(f"{path} has no patch coordinates, so no slot map.")
+    keep = rare_patches(phenotype, max_points) if phenotype is not None else None
+    embedded = embed_patches(bag.features.numpy(), embedding, max_points, seed, keep)
+    sample_note = ""
+    if len(embedded.index) < bag.num_patches:
+        sample_note = f"A random sample of the slide's {bag.num_patches:,} patches"
+        if keep is not None and len(keep):
+            sample_note += ", with every patch of its rarest phenotypes"
+        sample_note += "."
+    figures.append(
+        slot_embedding(
+            embedded.points,
+            slots[embedded.index],
+            num_slots,
+            embedded.method,
+            None if phenotype is None else phenotype[embedded.index],
+            names,
+            embedded.axis_notes,
+            sample_note=sample_note,
+        )
+    )
+    return SlideFigures(plots=figures, notes=notes)

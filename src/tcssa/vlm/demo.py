@@ -1,0 +1,435 @@
+"""``tcssa vqa demo``: slide VQA on the synthetic cohort, 32 slot tokens against 32 random patches and
+one mean token, all on a CPU with the offline default language model.
+
+Two synthetic "organs" (``tcssa.data.make_synthetic_cohort``): a ``rare`` cohort (half the slides hold a
+small lesion, 0.2% to 5% of the patches) and a ``subtype`` cohort (three tumour subtypes). Every
+question's answer follows from the slide's ground truth (``truth.csv``, derived from the per-patch
+phenotypes), never from the question text; options are shuffled per question:
+
+| category   | narrow                | question                                 | cohort  |
+|------------|-----------------------|------------------------------------------|---------|
+| Diagnosis  | Lesion detection      | is a lesion present?                     | rare    |
+| Diagnosis  | Tumour subtype        | which tumour subtype?                    | subtype |
+| Microscopy | Tissue composition    | which tissue dominates?                  | both    |
+| Clinical   | Lesion burden         | how much of the tissue is lesion?        | rare    |
+
+Slides are split by case (70% train, 30% test). Stage 1 trains on captions written from the same
+ground truth, stage 2 on the training questions, answered with the correct option's text; the test
+questions are scored by the log-likelihood of each option's text. (A two-layer LM trained from
+scratch on a few hundred questions cannot learn to point from the slide evidence to a shuffled option
+letter; the letter path is the one for real instruct models.) The same language model folder,
+schedule and seed serve every variant; only the slide tokens differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tcssa.vlm.formats import Conversation, VQAItem
+
+VARIANTS = ("slots", "random-k", "mean")
+TISSUES = ("stroma", "tumour", "immune", "necrosis", "fat")
+LESION_ANSWERS = ("Yes, a lesion is present", "No lesion is present", "Only fat is present", "Only necrosis")
+BURDEN_ANSWERS = ("None", "Under 1% of the tissue", "1% to 3% of the tissue", "Over 3% of the tissue")
+SUBTYPE_ANSWERS = ("Subtype A", "Subtype B", "Subtype C", "No tumour is present")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    rare_slides: int
+    subtype_slides: int
+    min_patches: int
+    max_patches: int
+    dim: int
+    lm_hidden: int
+    lm_layers: int
+    warm_up_steps: int
+    stage1_epochs: float
+    stage2_epochs: float
+    batch_size: int
+    stage1_lr: float = 1e-3
+    stage2_lr: float = 5e-3
+    mil_epochs: int = 10  # TC-SSA MIL pretraining of the compressor (0: train it jointly in stage 1)
+
+
+QUICK = DemoSize(
+    rare_slides=60, subtype_slides=30, min_patches=300, max_patches=1500, dim=64, lm_hidden=64, lm_layers=2,
+    warm_up_steps=150, stage1_epochs=4, stage2_epochs=16, batch_size=16, mil_epochs=6,
+)  # fmt: skip
+FULL = DemoSize(
+    rare_slides=80, subtype_slides=40, min_patches=300, max_patches=2000, dim=64, lm_hidden=64, lm_layers=2,
+    warm_up_steps=300, stage1_epochs=4, stage2_epochs=30, batch_size=16, mil_epochs=10,
+)  # fmt: skip
+TINY = DemoSize(
+    rare_slides=8,
+    subtype_slides=4,
+    min_patches=50,
+    max_patches=120,
+    dim=16,
+    lm_hidden=32,
+    lm_layers=1,
+    warm_up_steps=2,
+    stage1_epochs=1,
+    stage2_epochs=1,
+    batch_size=8,
+)  # fmt: skip  (the smoke test's size: seconds, not meaningful accuracies)
+
+
+# ----------------------------------------------------------------------------- questions
+def _options(rng: random.Random, correct: str, others: list[str]) -> tuple[tuple[tuple[str, str], ...], str]:
+    texts = [correct, *others]
+    rng.shuffle(texts)
+    letters = "ABCD"[: len(texts)]
+    return tuple(zip(letters, texts, strict=True)), letters[texts.index(correct)]
+
+
+def _burden(fraction: float) -> str:
+    if fraction <= 0:
+        return BURDEN_ANSWERS[0]
+    if fraction < 0.01:
+        return BURDEN_ANSWERS[1]
+    return BURDEN_ANSWERS[2] if fraction <= 0.03 else BURDEN_ANSWERS[3]
+
+
+def _dominant_tissue(row: dict) -> str:
+    return max(TISSUES, key=lambda t: float(row[f"share_{t}"]))
+
+
+def questions_for_slide(slide_id: str, kind: str, row: dict, rng: random.Random) -> list[VQAItem]:
+    """The demo's questions about one slide of the ``rare`` or ``subtype`` cohort."""
+    items = []
+
+    def add(narrow: str, broad: str, question: str, correct: str, pool: tuple[str, ...]) -> None:
+        others = [p for p in pool if p != correct]
+        options, answer = _options(rng, correct, rng.sample(others, 3) if len(others) > 3 else others)
+        items.append(VQAItem(f"{slide_id}:{narrow}", slide_id, question, options, answer, broad, narrow))
+
+    dominant = _dominant_tissue(row)
+    add("Tissue composition", "Microscopy", "Which tissue dominates this slide?", dominant, TISSUES)
+    if kind == "rare":
+        present = row["label"] == "positive"
+        add("Lesion detection", "Diagnosis", "Is a lesion present in this slide?",
+            LESION_ANSWERS[0] if present else LESION_ANSWERS[1], LESION_ANSWERS)  # fmt: skip
+        fraction = float(row["lesion_fraction"]) if present else 0.0
+        add("Lesion burden", "Clinical", "How much of the tissue does the lesion occupy?",
+            _burden(fraction), BURDEN_ANSWERS)  # fmt: skip
+    else:
+        subtype = "Subtype " + row["label"].split("_")[-1]
+        add("Tumour subtype", "Diagnosis", "Which tumour subtype is this?", subtype, SUBTYPE_ANSWERS)
+    return items
+
+
+def caption_for_slide(slide_id: str, kind: str, row: dict) -> Conversation:
+    """A stage-1 report written from the slide's ground truth."""
+    shares = sorted(TISSUES, key=lambda t: -float(row[f"share_{t}"]))
+    parts = [f"Mostly {shares[0]}, then {shares[1]} and {shares[2]}."]
+    if kind == "rare":
+        if row["label"] == "positive":
+            percent = 100 * float(row["lesion_fraction"])
+            parts.append(f"A lesion is present, about {percent:.1f} percent of the tissue.")
+        else:
+            parts.append("No lesion is present.")
+    else:
+        parts.append(f"The tumour is subtype {row['label'].split('_')[-1]}.")
+    return Conversation(f"{slide_id}:caption", slide_id, (("human", "<image>\nDescribe this slide."),
+                                                          ("gpt", " ".join(parts))))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool = True):
+    """Write both cohorts; return features (in memory), train/test questions and train captions."""
+    from tcssa.data import make_synthetic_cohort, read_bag
+
+    features: dict[str, torch.Tensor] = {}
+    slides: list[tuple[str, str, str, dict]] = []  # (slide id, kind, case id, truth row)
+    cohorts = {}
+    for kind, count in (("rare", size.rare_slides), ("subtype", size.subtype_slides)):
+        options = {"num_subtypes": 3} if kind == "subtype" else {}
+        cohort = make_synthetic_cohort(
+            out_dir / "cohorts" / kind,
+            task=kind,
+            num_slides=count,
+            dim=size.dim,
+            seed=seed,
+            min_patches=size.min_patches,
+            max_patches=size.max_patches,
+            overwrite=True,
+            progress=progress,
+            **options,
+        )
+        cohorts[kind] = cohort
+        with open(cohort.truth_csv, newline="") as handle:
+            for row in csv.DictReader(handle):
+                slide_id = f"{kind}_{row['slide_id']}"  # the two cohorts number their slides alike
+                features[slide_id] = read_bag(cohort.features_dir / f"{row['slide_id']}.h5").features
+                slides.append((slide_id, kind, f"{kind}_{row['case_id']}", row))
+    rng = random.Random(seed)
+    cases = sorted({case for _, _, case, _ in slides})
+    rng.shuffle(cases)
+    test_cases = set(cases[: max(1, round(0.3 * len(cases)))])
+    train_q, test_q, captions, mil_train = [], [], [], []
+    for slide_id, kind, case, row in slides:
+        questions = questions_for_slide(slide_id, kind, row, rng)
+        if case in test_cases:
+            test_q += questions
+        else:
+            train_q += questions
+            captions.append(caption_for_slide(slide_id, kind, row))
+            if kind == "rare":
+                mil_train.append(row["slide_id"])
+    return features, train_q, test_q, captions, (cohorts["rare"], mil_train)
+
+
+def pretrain_compressor(
+    out_dir: Path, cohort, slide_ids: list[str], epochs: int, seed: int, progress: bool
+) -> Path:
+    """The paper's route to a compressor: a TC-SSA MIL classifier trained on slide labels (here lesion
+    present or not, training slides of the rare cohort only); returns its checkpoint folder."""
+    from tcssa.data import BagDataset, Cohort
+    from tcssa.mil import build_model
+    from tcssa.train.config import TrainConfig as MILTrainConfig
+    from tcssa.train.engine import fit
+
+    mil_cohort = Cohort.from_folder(cohort.features_dir, cohort.labels_csv)
+    model = build_model("tcssa", mil_cohort.dim, mil_cohort.num_classes, num_slots=32, seed=seed)
+    config = MILTrainConfig(model="tcssa", lr=5e-4, epochs=epochs, seed=seed, device="cpu")
+    fit(
+        model,
+        BagDataset(mil_cohort, slide_ids, seed=seed),
+        None,
+        config,
+        out_dir=out_dir,
+        model_config={"model": model.config, "class_names": list(mil_cohort.class_names)},
+        verbose=progress,
+    )
+    return out_dir
+
+
+def majority_answer_baseline(train_q: list[VQAItem], test_q: list[VQAItem]):
+    """Predictions of the text-only prior: for each question, the option whose text is the most
+    frequent correct answer among the training questions of its kind (what a model that ignores the
+    slide can reach at best)."""
+    from collections import Counter
+
+    from tcssa.vlm.evaluate import QuestionResult
+
+    common = {}
+    for kind in {q.narrow_category for q in train_q}:
+        counts = Counter(q.answer_text for q in train_q if q.narrow_category == kind)
+        common[kind] = max(sorted(counts), key=lambda text: counts[text])
+    results = []
+    for q in test_q:
+        letter = next((k for k, text in q.options if text == common.get(q.narrow_category)), "")
+        results.append(
+            QuestionResult(q.question_id, q.slide_id, q.broad_category, q.narrow_category, q.answer,
+                           len(q.options), letter, letter == q.answer, "ok")
+        )  # fmt: skip
+    return results
+
+
+def write_questions_csv(items: list[VQAItem], path: Path) -> None:
+    """The demo's questions in the SlideBench-VQA layout (readable by ``tcssa vqa eval``)."""
+    header = [
+        "ID",
+        "Slide",
+        "Tumor",
+        "Broad Category",
+        "Narrow Category",
+        "Question",
+        "A",
+        "B",
+        "C",
+        "D",
+        "Answer",
+    ]
+    with open(path, "w", newline="", encoding="utf-8-sig") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for item in items:
+            options = dict(item.options)
+            writer.writerow(
+                [item.question_id, item.slide_id, item.slide_id.split("_")[0], item.broad_category,
+                 item.narrow_category, item.question, *(options.get(k, "") for k in "ABCD"), item.answer]
+            )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- run
+def run_vqa_demo(
+    out_dir: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    size: DemoSize | None = None,
+    variants: tuple[str, ...] = VARIANTS,
+    progress: bool = True,
+    threads: int | None = 1,
+    report=print,
+) -> list[dict]:
+    """Build the data and the LM, train stages 1 and 2 per variant, evaluate, write vqa_results.csv.
+
+    ``threads``: torch CPU threads. The demo's ops are tiny, so one thread loses little, while
+    several threads on a busy machine spin against each other (measured 10x slower on a shared
+    2-core box).
+    """
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out_dir, quick, seed, size, variants, progress, report)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[dict]:
+    from tcssa.vlm.data import ConversationDataset, MemoryFeatures
+    from tcssa.vlm.evaluate import accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
+    from tcssa.vlm.pipeline import sample_text
+    from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
+    from tcssa.vlm.train import TrainConfig, prepare_stage, train_stage
+
+    size = size or (QUICK if quick else FULL)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    features, train_q, test_q, captions, (rare_cohort, mil_slides) = build_demo_data(
+        out_dir, size, seed, progress
+    )
+    write_questions_csv(train_q, out_dir / "questions_train.csv")
+    write_questions_csv(test_q, out_dir / "questions_test.csv")
+    report(
+        f"data: {len(features)} slides, {sum(f.shape[0] for f in features.values()):,} patches; "
+        f"{len(captions)} captions, {len(train_q)} training and {len(test_q)} test questions"
+    )
+    memory = MemoryFeatures(features)
+
+    texts = sample_text(captions + train_q)
+    lm_dir = out_dir / "lm"
+    lm_size = TinyLMConfig(
+        vocab_size=1000,
+        hidden_size=size.lm_hidden,
+        intermediate_size=3 * size.lm_hidden,
+        num_layers=size.lm_layers,
+    )
+    lm, tokenizer = build_tiny_lm(lm_dir, texts, lm_size, seed=seed)
+    # Text only, no slide: the model learns the language of the reports and questions, as a pretrained
+    # LLM would know it; it cannot learn the answers, which depend on the slide. Each text is seen
+    # twice in a row, so that the small model also learns to copy from its context, which a
+    # pretrained LLM can do and which reading slide tokens relies on.
+    repeated = [f"{text}\n{text}" for text in texts]
+    warm_up_lm(lm, tokenizer, repeated, size.warm_up_steps, seed=seed, progress=progress)
+    lm.save_pretrained(lm_dir)
+
+    mil_dir = None
+    if "slots" in variants and size.mil_epochs:
+        mil_start = time.perf_counter()
+        mil_dir = pretrain_compressor(
+            out_dir / "mil", rare_cohort, mil_slides, size.mil_epochs, seed, progress
+        )
+        seconds = time.perf_counter() - mil_start
+        report(f"compressor: TC-SSA MIL trained on {len(mil_slides)} rare-cohort slides ({seconds:.0f} s)")
+
+    results, timings = [], {}
+    for variant in variants:
+        variant_start = time.perf_counter()
+        run_dir = out_dir / "runs" / variant
+        stage1 = TrainConfig(stage=1, epochs=size.stage1_epochs, batch_size=size.batch_size,
+                             lr=size.stage1_lr, seed=seed, progress=progress, log_every=5)  # fmt: skip
+        model, tok, info = prepare_stage(
+            1,
+            lm=lm_dir,
+            slide_tokens=variant,
+            feature_dim=size.dim,
+            mil_checkpoint=mil_dir if variant == "slots" else None,
+            train_config=stage1,
+        )
+        train_stage(
+            model,
+            tok,
+            ConversationDataset(captions, memory, tok, seed=seed),
+            stage1,
+            run_dir / "stage1",
+            info,
+        )
+        stage2 = TrainConfig(stage=2, epochs=size.stage2_epochs, batch_size=size.batch_size,
+                             lr=size.stage2_lr, seed=seed, progress=progress, log_every=5)  # fmt: skip
+        model, tok, info = prepare_stage(2, init=run_dir / "stage1", train_config=stage2)
+        train_stage(
+            model,
+            tok,
+            ConversationDataset(train_q, memory, tok, seed=seed, mc_reply="text"),
+            stage2,
+            run_dir / "stage2",
+            info,
+        )
+        model.eval()
+        predictions = evaluate_multiple_choice(
+            model, tok, test_q, memory, "loglik", "text", progress=progress
+        )
+        results += [{**row, "method": variant} for row in accuracy_rows(predictions, variant)]
+        timings[variant] = round(time.perf_counter() - variant_start, 1)
+        overall = next(r for r in results if r["method"] == variant and r["level"] == "overall")
+        report(f"{variant}: overall accuracy {100 * overall['accuracy']:.1f}% ({timings[variant]:.0f} s)")
+    results += accuracy_rows(majority_answer_baseline(train_q, test_q), "majority-answer")
+    prior_answers = [item.answer for item in train_q]
+    for row in prior_baseline_rows(test_q, prior_answers):
+        name = "uniform-random" if "uniform" in row["method"] else "most-frequent-letter"
+        results.append({**row, "method": name})
+    rows = write_results(results, out_dir / "vqa_results.csv")
+    summary = {
+        "size": asdict(size),
+        "seed": seed,
+        "seconds_total": round(time.perf_counter() - started, 1),
+        "seconds_per_variant": timings,
+        "slides": len(features),
+        "train_questions": len(train_q),
+        "test_questions": len(test_q),
+        "captions": len(captions),
+    }
+    (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    report(format_results(rows))
+    report(f"total {summary['seconds_total']:.0f} s; results in {out_dir / 'vqa_results.csv'}")
+    return rows
+
+
+def _category_name(row: dict) -> str:
+    return row["category"] if row["level"] != "narrow" else row["category"].split(" / ")[-1]
+
+
+def write_results(rows: list[dict], path: Path) -> list[dict]:
+    """vqa_results.csv: variant,category,accuracy,n (overall, each broad and each narrow category)."""
+    table = [
+        {
+            "variant": r["method"],
+            "category": _category_name(r),
+            "accuracy": round(r["accuracy"], 4),
+            "n": r["n"],
+        }
+        for r in rows
+    ]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["variant", "category", "accuracy", "n"])
+        writer.writeheader()
+        writer.writerows(table)
+    return table
+
+
+def format_results(rows: list[dict]) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    value = {(r["variant"], r["category"]): r for r in rows}
+    lines = ["| category | n | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
+    for category in categories:
+        n = next(r["n"] for r in rows if r["category"] == category)
+        cells = [
+            f"{100 * value[(v, category)]['accuracy']:.1f}%" if (v, category) in value else ""
+            for v in variants
+        ]
+        lines.append(f"| {category} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+import base64
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from fake_runs import write_compare_run, write_model_run, write_sweeps
+from tcssa.viz import (
+    FoldPredictions,
+    SweepPoint,
+    build_report,
+    load_compare_run,
+    plots,
+    roc_curves,
+    slot_embedding,
+    slot_map,
+    slot_palette,
+    slot_utilisation,
+    token_budget_sweep,
+)
+from tcssa.viz.report import SlideFigures, comparison_table_html
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _labelled(plot: plots.Plot) -> None:
+    """Every figure: a title, a caption, and every visible axes with both axis labels."""
+    assert plot.title and plot.caption
+    for ax in plot.figure.axes:
+        if not ax.get_visible() or ax.get_label() == "<colorbar>":
+            continue
+        # panels sharing an axis label it once (on the outer panel)
+        assert any(a.get_xlabel() for a in ax.get_shared_x_axes().get_siblings(ax))
+        assert any(a.get_ylabel() for a in ax.get_shared_y_axes().get_siblings(ax))
+    assert plot.to_png().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("num_slots", [8, 32, 64])
+def test_slot_palette_tells_slots_apart(num_slots):
+    colours = slot_palette(num_slots)
+    assert colours.shape == (num_slots, 3) and colours.min() >= 0 and colours.max() <= 1
+    lab = plots._rgb_to_lab(colours)
+    distances = np.linalg.norm(lab[:, None] - lab[None], axis=-1) + np.eye(num_slots) * 1e3
+    # CIE Lab distance (Delta E): ~2 is barely visible, > 15 is an obviously different colour
+    assert distances.min() > 15
+    assert len({tuple(c) for c in np.round(colours, 3)}) == num_slots
+
+
+def test_rgb_to_lab_matches_known_values():
+    lab = plots._rgb_to_lab(np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    np.testing.assert_allclose(lab[0], [100, 0, 0], atol=0.1)
+    np.testing.assert_allclose(lab[1], [0, 0, 0], atol=0.1)
+    np.testing.assert_allclose(lab[2], [53.24, 80.09, 67.20], atol=0.2)  # sRGB red, a standard reference
+
+
+def test_grid_image_puts_each_patch_in_its_cell():
+    coords = np.array([[512, 256], [768, 256], [512, 768]])
+    image, step, extent = plots._grid_image(coords, np.array([1.0, 2.0, 3.0]))
+    assert step == 256
+    assert image.shape == (3, 2)
+    assert image[0, 0] == 1.0 and image[0, 1] == 2.0 and image[2, 0] == 3.0
+    assert np.isnan(image[1]).all()  # no patch in that row: background, not zero
+    assert extent[0] == 512 - 128 and extent[3] == 256 - 128  # y axis points down, as on the slide
+
+
+def test_every_figure_is_titled_and_labelled():
+    rng = np.random.default_rng(0)
+    folds = [FoldPredictions(f, np.arange(10) % 2, rng.dirichlet([1, 1], size=10)) for f in range(3)]
+    _labelled(roc_curves({"tcssa": folds, "abmil": folds}))
+    _labelled(token_budget_sweep([SweepPoint("tcssa", k, 0.9, 0.02) for k in (8, 16, 32)]))
+    _labelled(plots.lesion_fraction_sweep([SweepPoint("abmil", f, 0.7, 0.1) for f in (0.003, 0.01)]))
+    shares = rng.dirichlet(np.ones(32), size=4)
+    _labelled(slot_utilisation(shares, (shares * 1000).astype(int)))
+    coords = np.stack(np.meshgrid(np.arange(20), np.arange(10)), -1).reshape(-1, 2) * 256
+    slots = rng.integers(0, 32, len(coords))
+    _labelled(slot_map(coords, slots, 32, slots % 4, ["a", "b", "c", "d"], "s1"))
+    _labelled(slot_embedding(rng.normal(size=(len(coords), 2)), slots, 32, "PCA", slots % 3))
+
+
+def test_roc_curves_handle_multiclass_and_single_class_folds():
+    rng = np.random.default_rng(1)
+    three = FoldPredictions(0, np.arange(12) % 3, rng.dirichlet([1, 1, 1], size=12))
+    one_class = FoldPredictions(1, np.zeros(5, dtype=int), rng.dirichlet([1, 1, 1], size=5))
+    plot = roc_curves({"mean": [three, one_class]})
+    assert "micro-averaged" in plot.title
+
+
+def test_slot_map_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="one slot per patch"):
+        slot_map(np.zeros((5, 2)), np.zeros(4, dtype=int), 32)
+
+
+def _images(document: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', document)]
+
+
+def test_report_from_a_compare_run(tmp_path):
+    root = write_compare_run(tmp_path / "cmp", num_slots=16, collapse=True)
+    write_sweeps(root)
+    out = build_report(root)
+    assert out == root / "report.html"
+    document = out.read_text()
+    images = _images(document)
+    # AUC bars, ROC, two sweeps, slot utilisation
+    assert len(images) == 5 and all(i.startswith(PNG_MAGIC) for i in images)
+    for heading in ("Comparison", "Sweeps", "Slot utilisation", "Inside one slide"):
+        assert f"<h2>{heading}</h2>" in document
+    assert "Slot collapse in tcssa" in document and "fold 1: slot 3" in document
+    assert "<link" not in document and "<script" not in document  # self-contained, no external resources
+    assert document.count("<figcaption>") == len(images)
+
+
+def test_report_escapes_user_text(tmp_path):
+    root = tmp_path / "cmp"
+    write_compare_run(root, models=("tcssa",), slide_prefix="<img src=x onerror=alert(1)>")
+    evil = "<script>alert('x')</script>"
+
+    def analysis(compare):
+        return SlideFigures(notes=[f"slide {evil} has no coords"])
+
+    document = build_report(root, slide_analysis=analysis, title=f"report {evil}").read_text()
+    assert "<script>" not in document
+    assert "No slot collapse in tcssa" in document
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in document
+    table = comparison_table_html(
+        [{"model": "<b>m</b>", "auc_mean": "0.9", "auc_std": "0.1", "tokens": "32"}]
+    )
+    assert "<b>m</b>" not in table and "&lt;b&gt;m&lt;/b&gt;" in table
+
+
+def test_report_degrades_gracefully_when_parts_are_missing(tmp_path):
+    root = write_compare_run(tmp_path / "cmp", models=("tcssa", "abmil"))
+    shutil.rmtree(root / "abmil")
+    for file in (root / "tcssa").glob("fold_*_predictions.csv"):
+        file.unlink()
+
+    def failing(compare):
+        raise FileNotFoundError("features folder /nowhere not found")
+
+    document = build_report(root, slide_analysis=failing).read_text()
+    assert "abmil: no run directory" in document
+    assert "no fold_*_predictions.csv" in document
+    assert "This run has no sweeps" in document
+    assert "features folder /nowhere not found" in document
+
+
+def test_report_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="comparison.csv"):
+        build_report(tmp_path)
+    root = write_compare_run(tmp_path / "cmp", models=("tcssa",))
+    (root / "comparison.csv").write_text("model,auc\ntcssa,0.9\n")
+    with pytest.raises(ValueError, match=r"comparison\.csv lacks the column\(s\) auc_mean"):
+        load_compare_run(root)
+    root = write_compare_run(tmp_path / "cmp2", models=("tcssa",))
+    (root / "tcssa" / "fold_0_predictions.csv").write_text("slide_id,label,pred,p_0,p_1\ns1,one,0,0.5,0.5\n")
+    with pytest.raises(ValueError, match="fold_0_predictions.csv"):
+        load_compare_run(root)
+
+
+def test_model_run_reads_slot_shares(tmp_path):
+    write_model_run(tmp_path / "run", "tcssa", folds=2, num_slots=4)
+    run = load_compare_run(write_compare_run(tmp_path / "cmp", models=("tcssa",), num_slots=4)).models[
+        "tcssa"
+    ]
+    folds, shares, counts = run.slot_shares()
+    assert folds == [0, 1, 2] and shares.shape == (3, 4)
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(shares, counts / counts.sum(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_report_command(tmp_path, capsys):
+    from tcssa.cli import main
+
+    root = write_compare_run(tmp_path / "cmp", models=("tcssa",), folds=2)
+    out = tmp_path / "elsewhere" / "r.html"
+    assert main(["report", str(root), "--out", str(out)]) == 0
+    assert f"report written to {out}" in capsys.readouterr().out
+    document = out.read_text()
+    assert "--features DIR" in document or "checkpoint" in document  # slide figures explained, not crashed
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "compare directory not found" in capsys.readouterr().err

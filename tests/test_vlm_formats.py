@@ -1,0 +1,203 @@
+import json
+from collections import Counter
+
+import pytest
+
+from tcssa.vlm.formats import (
+    Conversation,
+    detect_format,
+    load_questions,
+    read_slidebench_captions,
+    read_slidebench_vqa,
+    read_slideinstruct,
+    read_wsi_vqa,
+    slide_id_from_reference,
+)
+from tcssa.vlm.prompts import (
+    PLAIN_CHAT_TEMPLATE,
+    assemble,
+    format_question,
+    parse_letter,
+    render_pieces,
+    reply_ids,
+    tokenize_conversation,
+)
+from vlm_helpers import mc_item, tiny_tokenizer
+
+
+def test_slidebench_vqa_real_file(shared_data):
+    result = read_slidebench_vqa(shared_data / "vqa" / "SlideBench-VQA-TCGA.csv")
+    items = result.items
+    assert len(items) == 1489 and not result.skipped
+    assert Counter(i.broad_category for i in items) == {"Diagnosis": 999, "Microscopy": 389, "Clinical": 101}
+    assert len({i.narrow_category for i in items}) == 13
+    assert Counter(i.answer for i in items) == {"B": 616, "C": 537, "A": 224, "D": 112}
+    assert len({i.slide_id for i in items}) == 589
+    first = items[0]
+    # BOM stripped from the first column name; the slide path became its stem, UUID part kept.
+    assert first.question_id == "1"
+    assert first.slide_id == "TCGA-05-4244-01Z-00-DX1.d4ff32cd-38cf-40ea-8213-45c2b100ac01"
+    assert first.options[2] == ("C", "Papillary adenocarcinoma") and first.answer == "C"
+    assert first.answer_text == "Papillary adenocarcinoma"
+    assert load_questions(shared_data / "vqa" / "SlideBench-VQA-TCGA.csv").items == items
+
+
+def test_slidebench_vqa_empty_options_and_bad_answers(tmp_path):
+    path = tmp_path / "vqa.csv"
+    path.write_text(
+        "\ufeffID,Slide,Tumor,Broad Category,Narrow Category,Question,A,B,C,D,Answer\n"
+        "1,a/b/TCGA-X.h5,LUAD,Diagnosis,Grading,Grade?,G1,G2,,,B\n"
+        "2,TCGA-Y,LUAD,Clinical,Risk,Risk?,low,high,,,D\n",
+        encoding="utf-8",
+    )
+    result = read_slidebench_vqa(path)
+    assert [i.letters for i in result.items] == [("A", "B")]
+    assert result.items[0].slide_id == "TCGA-X"
+    assert len(result.skipped) == 1 and "ID 2" in result.skipped[0] and "'D'" in result.skipped[0]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,Slide,Question\n1,x,q\n")
+    with pytest.raises(ValueError, match="missing column"):
+        read_slidebench_vqa(bad)
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        read_slidebench_vqa(tmp_path / "nope.csv")
+
+
+def test_slide_ids_keep_dots_that_are_not_file_suffixes():
+    assert slide_id_from_reference("TCGA-05-4244-01Z-00-DX1.d4ff32cd") == "TCGA-05-4244-01Z-00-DX1.d4ff32cd"
+    assert slide_id_from_reference("x/y/slide.1.h5") == "slide.1"
+    assert slide_id_from_reference("C:\\data\\s01.svs") == "s01"
+    assert slide_id_from_reference("007") == "007"
+
+
+def test_wsi_vqa_real_files(shared_data):
+    for split, total, closed, skipped in [
+        ("train", 7139, 3724, 21),
+        ("val", 798, 421, 0),
+        ("test", 735, 390, 0),
+    ]:
+        result = read_wsi_vqa(shared_data / "vqa" / f"WsiVQA_{split}.json")
+        assert len(result.items) + len(result.skipped) == total
+        # 29 train answers are not verbatim choices; 8 match once a final full stop is dropped, and
+        # the other 21 match no choice at all: reported, not guessed.
+        assert len(result.skipped) == skipped
+        items = result.items
+        assert sum(i.is_multiple_choice for i in items) == closed - skipped
+        assert all(i.answer in i.letters for i in items if i.is_multiple_choice)
+        assert all(not i.letters and i.answer for i in items if not i.is_multiple_choice)
+    test = read_wsi_vqa(shared_data / "vqa" / "WsiVQA_test.json").items
+    assert Counter(len(i.options) for i in test) == {4: 388, 0: 345, 2: 2}
+    train = read_wsi_vqa(shared_data / "vqa" / "WsiVQA_train.json")
+    # "grade 3." matches the choice "grade 3" once the final full stop is dropped
+    graded = [i for i in train.items if i.slide_id == "TCGA-A1-A0SP" and "grade of invasive" in i.question]
+    assert graded and graded[0].answer_text == "grade 3"
+    assert detect_format(shared_data / "vqa" / "WsiVQA_val.json") == "wsi-vqa"
+
+
+def test_slidebench_captions_real_file(shared_data):
+    result = read_slidebench_captions(shared_data / "vqa" / "SlideBench-Caption-TCGA.csv")
+    assert len(result.items) + len(result.skipped) == 732
+    conv = result.items[0]
+    assert isinstance(conv, Conversation) and conv.turns[0][1].startswith("<image>\n")
+    assert conv.turns[1][1].startswith("The essential pathological findings")
+    assert detect_format(shared_data / "vqa" / "SlideBench-Caption-TCGA.csv") == "slidebench-caption"
+
+
+def test_slideinstruct(tmp_path):
+    records = [
+        {
+            "id": "c1",
+            "image": ["feats/TCGA-AA.csv"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe."},
+                {"from": "gpt", "value": "Tumour."},
+                {"from": "human", "value": "Grade?"},
+                {"from": "gpt", "value": "G2."},
+            ],
+        }
+    ]
+    path = tmp_path / "instruct.json"
+    path.write_text(json.dumps(records))
+    assert detect_format(path) == "slideinstruct"
+    conv = read_slideinstruct(path).items[0]
+    assert conv.slide_id == "TCGA-AA" and len(conv.turns) == 4
+    for change, message in [
+        ({"image": ["a", "b"]}, "exactly one slide"),
+        (
+            {"conversations": [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "x"}]},
+            "placeholder",
+        ),
+        ({"conversations": [{"from": "robot", "value": "<image>"}]}, "unknown speaker"),
+    ]:
+        path.write_text(json.dumps([{**records[0], **change}]))
+        with pytest.raises(ValueError, match=message):
+            read_slideinstruct(path)
+
+
+@pytest.mark.parametrize(
+    "reply,expected",
+    [
+        ("B", "B"),
+        (" B\n", "B"),
+        ("(C)", "C"),
+        ("(C) fat", "C"),
+        ("D.", "D"),
+        ("A. tumour", "A"),
+        ("B)", "B"),
+        ("Answer: C", "C"),
+        ("answer:(A)", "A"),
+        ("Based on the slide, B", None),  # a capital B at the start of a word is not an answer
+        ("A lesion is present", None),
+        ("The answer is B", None),
+        ("E", None),  # not an option of this question
+        ("b", None),
+        ("", None),
+        ("AB", None),
+    ],
+)
+def test_strict_letter_parsing(reply, expected):
+    assert parse_letter(reply, ("A", "B", "C", "D")) == expected
+
+
+def test_prompt_pieces_plain_and_chat_template():
+    tokenizer = tiny_tokenizer()
+    item = mc_item("q", "s", "C")
+    text = format_question(item)
+    assert text.startswith("<image>\n") and "C. fat" in text and text.endswith("directly.")
+    turns = [("human", text), ("gpt", "C")]
+    pieces = render_pieces(tokenizer, turns)
+    assert pieces[-1] == (" C<|endoftext|>\n", True)
+    assert pieces[0][0].startswith("USER: <image>") and pieces[0][0].endswith("ASSISTANT:")
+    # The prompt an evaluation sees is exactly the prompt training saw.
+    assert render_pieces(tokenizer, turns[:1], add_generation_prompt=True) == pieces[:1]
+    tokenized = tokenize_conversation(tokenizer, turns)
+    sample = assemble(tokenized, 5, tokenizer.pad_token_id)
+    assert sum(sample.image_mask) == 5
+    supervised = [t for t, label in zip(sample.input_ids, sample.labels, strict=True) if label != -100]
+    assert tuple(supervised) == reply_ids(tokenizer, turns[:1], "C")
+    # A tokenizer with a chat template of its own (ChatML-like) is rendered with it.
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    pieces = render_pieces(tokenizer, turns)
+    assert pieces[0][0].endswith("<|im_start|>assistant\n") and pieces[1] == ("C<|im_end|>\n", True)
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+
+
+def test_placeholder_count_and_length_errors():
+    tokenizer = tiny_tokenizer()
+    for turns in (
+        [("human", "no slide here"), ("gpt", "A")],
+        [("human", "<image> and <image>"), ("gpt", "A")],
+        [("human", "<image>"), ("gpt", "<image>")],
+    ):
+        with pytest.raises(ValueError, match="exactly one <image>"):
+            tokenize_conversation(tokenizer, turns)
+    tokenized = tokenize_conversation(
+        tokenizer, [("human", "<image>\nWhich tissue?"), ("gpt", "stroma " * 20)]
+    )
+    long = assemble(tokenized, 4, 0)
+    cut = assemble(tokenized, 4, 0, max_length=len(long.input_ids) - 5)
+    assert cut.input_ids == long.input_ids[:-5] and sum(cut.image_mask) == 4
+    with pytest.raises(ValueError, match="max_length 3 is too short"):
+        assemble(tokenized, 4, 0, max_length=3)
