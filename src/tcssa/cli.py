@@ -44,7 +44,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tcssa.bench import QUICK, BenchConfig, format_table, run_bench
 
     config = QUICK if args.quick else BenchConfig()
-    overrides = {"dim": args.dim, "repeats": args.repeats, "seed": args.seed, "threads": args.threads}
+    overrides = {
+        "dim": args.dim,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "threads": args.threads,
+        "learning_rate": args.lr,
+    }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
     print(format_table(result))
@@ -454,6 +460,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--seed", type=int, help="seed for the synthetic slides and the models (default 0)")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    bench.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate of the AUC comparison, one slide per step (default 1e-4; batched: x sqrt(B))",
+    )
     bench.add_argument(
         "--sections",
         nargs="+",

@@ -25,6 +25,7 @@ class BenchConfig:
     auc_dim: int = 512
     auc_patches: tuple[int, int] = (1_000, 10_000)
     auc_epochs: int = 10
+    learning_rate: float = 1e-4  # docs/METHOD.md's, for one slide per step (batched: x sqrt(B))
     alternatives: tuple[str, ...] = ("abmil", "transmil", "dense-attention")  # item 7
     probe_workers: int = 1  # memory probes at once (they do not time anything)
     probe_time_budget_s: float = 300.0  # a method whose call took longer skips the larger sizes

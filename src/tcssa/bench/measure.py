@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import resource
 import statistics
 import sys
@@ -130,7 +131,9 @@ def run_probe(spec: dict) -> list[dict]:
             row["probe_s"] = row["probe_seconds"]
             row["status"] = "ok"
         except (RuntimeError, MemoryError) as err:  # torch reports a failed allocation as RuntimeError
-            row["status"] = f"out of memory (cap {spec.get('cap_gib')} GiB): {str(err).splitlines()[0][:120]}"
+            asked = re.search(r"allocate (\d+) bytes", str(err))
+            needed = f", one allocation asked for {int(asked.group(1)) / (1 << 30):.1f} GiB" if asked else ""
+            row["status"] = f"out of memory (address-space cap {spec.get('cap_gib')} GiB{needed})"
             results.append(row)
             break
         data = None

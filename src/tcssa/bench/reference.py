@@ -156,17 +156,17 @@ def train_epoch_batched(model: nn.Module, optimizer, slides, labels, sampler: Le
         optimizer.step()
 
 
-LEARNING_RATE = 1e-4  # docs/METHOD.md, for one slide per step
-
-
-def build_classifiers(dim: int, num_classes: int, num_slots: int, seed: int, batch_size: int = 1):
+def build_classifiers(
+    dim: int, num_classes: int, num_slots: int, seed: int, batch_size: int = 1, lr: float = 1e-4
+):
     """(reference classifier + its AdamW, batched TC-SSA classifier + fused AdamW), same initial weights.
 
     The batched model is ``tcssa.mil``'s ``tcssa`` when that package is present, else the inline
     ``BatchedClassifier``; the reference starts from its weights, so that the two training loops
     differ only in how they feed the slides and step the optimizer. With ``batch_size`` slides per
     step there are that many times fewer steps per epoch; the batched optimizer's learning rate
-    follows the square-root rule usual for Adam, lr * sqrt(batch_size).
+    follows the square-root rule usual for Adam, lr * sqrt(batch_size). ``lr`` (for one slide
+    per step) defaults to docs/METHOD.md's 1e-4.
     """
     batched = _mil_model("tcssa", dim, num_classes, seed)
     if batched is None:
@@ -176,10 +176,10 @@ def build_classifiers(dim: int, num_classes: int, num_slots: int, seed: int, bat
     reference.compressor.load_state_dict(batched.compressor.reference_state_dict())
     reference.head.load_state_dict(batched.head.state_dict())
     # AdamW's default on CPU is its per-parameter loop, what the published code gets.
-    batched_lr = LEARNING_RATE * math.sqrt(batch_size)
+    batched_lr = lr * math.sqrt(batch_size)
     return (
         reference,
-        torch.optim.AdamW(reference.parameters(), lr=LEARNING_RATE, weight_decay=1e-5),
+        torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=1e-5),
         batched,
         torch.optim.AdamW(batched.parameters(), lr=batched_lr, weight_decay=1e-5, fused=True),
     )

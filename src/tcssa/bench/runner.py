@@ -275,7 +275,7 @@ class _Bench:
         train_y = torch.tensor([cohort.labels[i] for i in train_ids])
         test_y = [cohort.labels[i] for i in test_ids]
         reference, ref_opt, batched, opt = build_classifiers(
-            c.auc_dim, cohort.num_classes, c.num_slots, c.seed, c.train_batch_size
+            c.auc_dim, cohort.num_classes, c.num_slots, c.seed, c.train_batch_size, c.learning_rate
         )
         sampler = LengthBucketSampler([len(x) for x in train_x], c.train_batch_size, seed=c.seed)
         rng = torch.Generator().manual_seed(c.seed)
@@ -307,7 +307,8 @@ class _Bench:
             row["note"] = (
                 f"synthetic 'rare' cohort of {total} slides (D={c.auc_dim}, N {low:,}-{high:,}), split by "
                 f"case: {len(train_ids)} to train on, {len(test_y)} to test on; {c.auc_epochs} epochs each; "
-                f"lr 1e-4 one slide per step, 1e-4 x sqrt({c.train_batch_size}) batched"
+                f"lr {c.learning_rate:g} one slide per step, "
+                f"{c.learning_rate:g} x sqrt({c.train_batch_size}) batched"
             )
             self.result.rows.append(row)
         if hasattr(batched, "routing"):  # top-2 agreement of the trained gate, bfloat16 vs float32
