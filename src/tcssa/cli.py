@@ -205,7 +205,7 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="a smaller cohort (80 slides), fewer epochs and sweep points; same report",
+        help="a smaller cohort (60 slides of 1,000-6,000 patches), fewer sweep points; same report",
     )
     demo.add_argument(
         "--out",

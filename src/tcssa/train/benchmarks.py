@@ -60,6 +60,14 @@ BENCHMARK_CONFIG = TrainConfig(
     folds=10,
 )
 
+#: Per-model architecture for these small, low-dimensional bags. ABMIL and its gated variant get the
+#: network of Ilse et al.'s benchmark experiments (instance embedding fc-256, fc-128, fc-64, each with
+#: ReLU and dropout; attention width 64) instead of the slide-sized default (one 512-wide layer).
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "abmil": {"embed_dims": (256, 128, 64), "attention_dim": 64},
+    "abmil-gated": {"embed_dims": (256, 128, 64), "attention_dim": 64},
+}
+
 
 @dataclass
 class _Bag:
@@ -129,9 +137,8 @@ def run_benchmark(
             subsets = [[items[i] for i in index] for index in (fit_index, val_index, test_index)]
             run_seed = derived_seed(config.seed, repeat, fold) >> 1
             for m in models:
-                model = build_model(
-                    m, dim, 2, num_slots=config.num_slots, seed=run_seed, **config.model_options
-                )
+                options = {**MODEL_OPTIONS.get(m, {}), **config.model_options}
+                model = build_model(m, dim, 2, num_slots=config.num_slots, seed=run_seed, **options)
                 started = time.perf_counter()
                 fold_config = config.override(seed=run_seed)
                 fit(
