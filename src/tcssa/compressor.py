@@ -25,7 +25,6 @@ reads them once. No B x N x K x D temporary is ever formed.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcssa import routing_loss
+from tcssa import reference_layout, routing_loss
 
 AGGREGATION_EPS = 1e-9
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as in the published code
@@ -415,51 +414,24 @@ class TCSSA(nn.Module):
                 f"first at batch index {b}, patch {n}. Padded positions must hold finite values too."
             )
 
-    # ------------------------------------------------- published-code layout
+    # ------------------------------------------------- published-code layout (tcssa.reference_layout)
     def reference_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
         """This compressor's weights in the published code's layout (``gate.*``, ``experts.{k}.net.*``)."""
-        e = self.experts
-        out = {
-            f"{prefix}gate.weight": self.gate.weight.detach().clone(),
-            f"{prefix}gate.bias": self.gate.bias.detach().clone(),
-        }
-        for k in range(self.num_slots):
-            base = f"{prefix}experts.{k}.net."
-            out[base + "0.weight"] = e.w1[k].detach().t().contiguous()
-            out[base + "0.bias"] = e.b1[k].detach().clone()
-            out[base + "3.weight"] = e.w2[k].detach().t().contiguous()
-            out[base + "3.bias"] = e.b2[k].detach().clone()
-            out[base + "4.weight"] = e.ln_weight[k].detach().clone()
-            out[base + "4.bias"] = e.ln_bias[k].detach().clone()
-        return out
+        return reference_layout.export_weights(self, prefix)
 
     def load_reference_state_dict(self, state_dict: dict) -> TCSSA:
-        """Load a checkpoint saved by the published TC-SSA code into this module.
+        """Load a checkpoint saved by the published TC-SSA code into this module; returns ``self``.
 
-        Accepts the bare compressor keys, keys under a prefix such as
-        ``compressor.``, and a training checkpoint that wraps them in
-        ``model_state_dict`` or ``state_dict``. Returns ``self``.
+        Accepts the bare compressor keys, keys under a prefix such as ``compressor.``, and a
+        training checkpoint that wraps them in ``model_state_dict`` or ``state_dict``.
         """
-        weights = _extract_reference_weights(state_dict)
-        num_slots, hidden, dim = weights["w1"].shape
-        if (dim, num_slots, hidden) != (self.dim, self.num_slots, self.experts.hidden):
-            raise ValueError(
-                f"reference checkpoint has D={dim}, K={num_slots}, H={hidden}, but this TCSSA has "
-                f"D={self.dim}, K={self.num_slots}, H={self.experts.hidden}"
-            )
-        with torch.no_grad():
-            self.gate.weight.copy_(weights["gate_weight"])
-            self.gate.bias.copy_(weights["gate_bias"])
-            for name in ("w1", "b1", "w2", "b2", "ln_weight", "ln_bias"):
-                value = weights[name]
-                getattr(self.experts, name).copy_(value.transpose(1, 2) if name in ("w1", "w2") else value)
+        reference_layout.load_weights(self, state_dict)
         return self
 
     @classmethod
     def from_reference_state_dict(cls, state_dict: dict, **config) -> TCSSA:
         """Build a TCSSA with D, K and H read off a published-code checkpoint, then load it."""
-        weights = _extract_reference_weights(state_dict)
-        num_slots, hidden, dim = weights["w1"].shape
+        num_slots, hidden, dim = reference_layout.read_weights(state_dict)["w1"].shape
         model = cls(dim, num_slots=num_slots, expert_hidden=hidden, **config)
         return model.load_reference_state_dict(state_dict)
 
@@ -469,64 +441,3 @@ def _top2(probs: Tensor) -> tuple[Tensor, Tensor]:
     first, first_index = probs.max(dim=-1, keepdim=True)
     second, second_index = probs.scatter(-1, first_index, -1.0).max(dim=-1, keepdim=True)  # P >= 0
     return torch.cat([first, second], dim=-1), torch.cat([first_index, second_index], dim=-1)
-
-
-_EXPERT_KEY = re.compile(r"^experts\.(\d+)\.net\.(0|3|4)\.(weight|bias)$")
-
-
-def _extract_reference_weights(state_dict: dict) -> dict[str, Tensor]:
-    for wrapper in ("model_state_dict", "state_dict", "model"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
-    # The compressor's prefix is the one under which both the gate and expert 0 live (a
-    # classifier in the same checkpoint may have a "gate" of its own).
-    prefixes = {
-        key[: -len("gate.weight")]
-        for key in state_dict
-        if key.endswith("gate.weight") and key[: -len("gate.weight")] + "experts.0.net.0.weight" in state_dict
-    }
-    if len(prefixes) != 1:
-        found = "none" if not prefixes else f"several: {sorted(prefixes)}"
-        raise ValueError(
-            "not a TC-SSA reference checkpoint: expected one '[prefix]gate.weight' with "
-            f"'[prefix]experts.0.net.0.weight' beside it, found {found}"
-        )
-    prefix = prefixes.pop()
-    experts: dict[int, dict[str, Tensor]] = {}
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        match = _EXPERT_KEY.match(key[len(prefix) :])
-        if match:
-            k, layer, kind = match.groups()
-            experts.setdefault(int(k), {})[f"{layer}.{kind}"] = value
-    if not experts or sorted(experts) != list(range(len(experts))):
-        raise ValueError(
-            f"reference checkpoint under prefix {prefix!r} has expert indices {sorted(experts)}; "
-            "expected experts.0 .. experts.K-1"
-        )
-    gate_weight = state_dict[prefix + "gate.weight"]
-    gate_bias = state_dict.get(prefix + "gate.bias")
-    if gate_bias is None:
-        gate_bias = torch.zeros(gate_weight.shape[0], dtype=gate_weight.dtype)
-    if len(experts) != gate_weight.shape[0]:
-        raise ValueError(
-            f"reference checkpoint has a gate for {gate_weight.shape[0]} slots but {len(experts)} experts"
-        )
-    needed = ("0.weight", "0.bias", "3.weight", "3.bias", "4.weight", "4.bias")
-    for k, parts in experts.items():
-        missing = [n for n in needed if n not in parts]
-        if missing:
-            raise ValueError(f"reference checkpoint: expert {k} lacks {missing} (prefix {prefix!r})")
-    stack = lambda name: torch.stack([experts[k][name] for k in range(len(experts))])  # noqa: E731
-    return {
-        "gate_weight": gate_weight,
-        "gate_bias": gate_bias,
-        "w1": stack("0.weight"),
-        "b1": stack("0.bias"),
-        "w2": stack("3.weight"),
-        "b2": stack("3.bias"),
-        "ln_weight": stack("4.weight"),
-        "ln_bias": stack("4.bias"),
-    }
