@@ -742,7 +742,14 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
     benchmark.add_argument(
         "--epochs",
         type=int,
-        help="maximum epochs per fold (default: tcssa.train.benchmarks.BENCHMARK_CONFIG)",
+        help="epochs per fold (default: tcssa.train.benchmarks.BENCHMARK_CONFIG)",
+    )
+    benchmark.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of each fold's training bags held out for early stopping (default 0: train "
+        "every epoch on all training bags, test the last weights)",
     )
     benchmark.add_argument("--num-slots", type=int, help="K for tcssa and the *-k models (default 4)")
     benchmark.add_argument("--seed", type=int, help="seed of the fold shuffles and the models (default 0)")
