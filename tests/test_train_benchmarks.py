@@ -45,6 +45,24 @@ def test_benchmark_protocol_runs_and_tabulates(monkeypatch):
     assert "| musk1 | abmil | all |" in table and "0.892" in table
 
 
+def test_early_stopping_variant_holds_out_part_of_each_training_fold(monkeypatch):
+    monkeypatch.setattr(tcssa.data, "load_benchmark", _toy_benchmark)
+    seen = []
+
+    def recording_fit(model, train_set, val_set, config, **kwargs):
+        seen.append((len(train_set), len(val_set)))
+        return fit(model, train_set, val_set, config, **kwargs)
+
+    fit = benchmarks.fit
+    monkeypatch.setattr(benchmarks, "fit", recording_fit)
+    config = BENCHMARK_CONFIG.override(folds=4, epochs=1)
+    run_benchmark("musk1", ["mean"], repeats=1, config=config, val_fraction=0.2)
+    run_benchmark("musk1", ["mean"], repeats=1, config=config)
+    held_out, default = seen[:4], seen[4:]
+    assert all(train == 24 and val == 6 for train, val in held_out)  # 30 training bags per fold
+    assert all(train == 30 and val == 0 for train, val in default)  # default: learn from all of them
+
+
 def test_standardising_uses_training_bags_only_and_clips():
     bags = [np.array([[0.0, 1.0], [2.0, 1.0]]), np.array([[1.0, 1.0]]), np.array([[1000.0, 5.0]])]
     out = benchmarks._standardise(bags, [0, 1])
