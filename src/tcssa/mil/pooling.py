@@ -18,26 +18,22 @@ class MeanPoolMIL(MILModel):
         super().__init__(in_dim, num_classes)
         self.head = ClassifierHead(in_dim, num_classes, head_hidden, head_dropout)
 
+    @staticmethod
+    def pool(x: Tensor, mask: Tensor | None) -> Tensor:
+        return masked_mean(x, mask)
+
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x, mask, _ = self.check_input(x, mask, coords)
-        return self.head(masked_mean(x, mask)), {}
+        return self.head(self.pool(x, mask)), {}
 
 
-class MaxPoolMIL(MILModel):
+class MaxPoolMIL(MeanPoolMIL):
     """Feature-wise max over the slide's real patch features -> classifier head."""
 
     name = "max"
 
-    def __init__(
-        self, in_dim: int, num_classes: int, head_hidden: int = 512, head_dropout: float = 0.3
-    ) -> None:
-        super().__init__(in_dim, num_classes)
-        self.head = ClassifierHead(in_dim, num_classes, head_hidden, head_dropout)
-
-    def forward(
-        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        x, mask, _ = self.check_input(x, mask, coords)
-        return self.head(masked_max(x, mask)), {}
+    @staticmethod
+    def pool(x: Tensor, mask: Tensor | None) -> Tensor:
+        return masked_max(x, mask)
