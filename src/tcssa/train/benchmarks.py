@@ -17,7 +17,6 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,23 +70,6 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class _Bag:
-    """The minimal Bag that ``tcssa.data.collate_bags`` needs."""
-
-    features: torch.Tensor
-    coords: None
-    slide_id: str
-
-    @property
-    def num_patches(self) -> int:
-        return int(self.features.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
-
-
 #: Standardised values are clipped to this many training standard deviations.
 CLIP_STD = 10.0
 
@@ -121,7 +103,7 @@ def run_benchmark(
     sets) the validation loss is too noisy to stop on; on musk1 (one repeat of 10 folds) early
     stopping that way gave ABMIL 0.82-0.86 accuracy, against 0.87-0.90 without it (docs/RESULTS.md).
     """
-    from tcssa.data import collate_bags, load_benchmark
+    from tcssa.data import Bag, collate_bags, load_benchmark
     from tcssa.mil import build_model
 
     bags, labels = load_benchmark(name, data_dir=data_dir)
@@ -147,7 +129,7 @@ def run_benchmark(
                 fit_index, val_index = train_index, train_index[:0]
             scaled = _standardise(bags, fit_index)
             items = [
-                (_Bag(torch.from_numpy(b), None, f"{name}_{i}"), int(y))
+                (Bag(torch.from_numpy(b), None, f"{name}_{i}"), int(y))
                 for i, (b, y) in enumerate(zip(scaled, labels, strict=True))
             ]
             subsets = [[items[i] for i in index] for index in (fit_index, val_index, test_index)]
