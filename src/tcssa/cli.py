@@ -463,7 +463,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--lr",
         type=float,
-        help="learning rate of the AUC comparison, one slide per step (default 1e-4; batched: x sqrt(B))",
+        help="learning rate of the AUC comparison, one slide per step (default 1e-3; batched: x B)",
     )
     bench.add_argument(
         "--sections",

@@ -308,7 +308,7 @@ class _Bench:
                 f"synthetic 'rare' cohort of {total} slides (D={c.auc_dim}, N {low:,}-{high:,}), split by "
                 f"case: {len(train_ids)} to train on, {len(test_y)} to test on; {c.auc_epochs} epochs each; "
                 f"lr {c.learning_rate:g} one slide per step, "
-                f"{c.learning_rate:g} x sqrt({c.train_batch_size}) batched"
+                f"{c.learning_rate:g} x {c.train_batch_size} batched"
             )
             self.result.rows.append(row)
         if hasattr(batched, "routing"):  # top-2 agreement of the trained gate, bfloat16 vs float32
