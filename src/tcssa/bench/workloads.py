@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from tcssa.bench.config import METHODS, BenchConfig
-from tcssa.bench.reference import DenseSelfAttention, ReferenceTCSSA, _mil_model
+from tcssa.bench.reference import DenseSelfAttention, ReferenceTCSSA
 from tcssa.compressor import TCSSA
+from tcssa.mil import build_model
 
 
 def synthetic_slide(num_patches: int, dim: int, seed: int = 0) -> Tensor:
@@ -35,8 +36,8 @@ def write_h5_slide(path: Path, num_patches: int, dim: int, seed: int = 0, chunk:
     return path
 
 
-def build_method(name: str, config: BenchConfig) -> Callable | None:
-    """A callable that runs method ``name`` on one slide; None when its package is absent.
+def build_method(name: str, config: BenchConfig) -> Callable:
+    """A callable that runs method ``name`` on one slide.
 
     Input: an N x D float32 tensor (methods cast what they need), or for ``tcssa-h5`` an h5 path.
     """
@@ -64,10 +65,7 @@ def build_method(name: str, config: BenchConfig) -> Callable | None:
         model = DenseSelfAttention(dim).eval()
         return lambda x: model(x)
     if name in ("abmil", "transmil"):
-        model = _mil_model(name, dim)
-        if model is None:
-            return None
-        model.eval()
+        model = build_model(name, dim, 2).eval()
         return lambda x: model(x.unsqueeze(0))
     raise ValueError(f"unknown bench method {name!r}; known: {sorted(METHODS)}")
 
