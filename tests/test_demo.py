@@ -25,14 +25,7 @@ from tcssa.demo import (
 from tcssa.mil import build_model
 from tcssa.train.runs import train_run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: a second thread costs more in synchronisation than it gives
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

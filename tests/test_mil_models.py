@@ -21,13 +21,7 @@ TINY = {
 ORDER_AWARE = {"transmil"}  # reads patches as a sequence: not permutation invariant
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny: thread hand-offs would cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(name, seed=0, **kw):

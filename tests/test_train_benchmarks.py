@@ -2,19 +2,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import tcssa.data
 from tcssa.train import benchmarks
 from tcssa.train.benchmarks import BENCHMARK_CONFIG, ILSE_2018, benchmark_table, run_benchmark
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toy_benchmark(name, data_dir=None):

@@ -19,14 +19,7 @@ from tcssa.train.engine import (
 )
 from train_fixtures import TinyMIL, TinySlotMIL, make_bags, pad_collate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation cost on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(items):

@@ -16,13 +16,7 @@ from tcssa.train.checkpoint import save_model
 from tcssa.train.runs import COMPARISON_COLUMNS, SUMMARY_COLUMNS, load_checkpoint
 from train_fixtures import write_cohort
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
