@@ -54,6 +54,8 @@ def test_early_stopping_variant_holds_out_part_of_each_training_fold(monkeypatch
     held_out, default = seen[:4], seen[4:]
     assert all(train == 24 and val == 6 for train, val in held_out)  # 30 training bags per fold
     assert all(train == 30 and val == 0 for train, val in default)  # default: learn from all of them
+    with pytest.raises(ValueError, match="val_fraction"):
+        run_benchmark("musk1", ["mean"], repeats=1, config=config, val_fraction=1.0)
 
 
 def test_standardising_uses_training_bags_only_and_clips():

@@ -106,6 +106,8 @@ def run_benchmark(
     from tcssa.data import Bag, collate_bags, load_benchmark
     from tcssa.mil import build_model
 
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     bags, labels = load_benchmark(name, data_dir=data_dir)
     labels = np.asarray(labels, dtype=np.int64)
     dim = bags[0].shape[1]
