@@ -288,3 +288,25 @@ def test_two_hundred_thousand_patches():
     assert out.tokens.shape == (1, 32, 256)
     assert out.slot_counts.sum() == 400_000
     assert torch.isfinite(out.tokens).all()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_cpu_without_the_instructions_warns_once(monkeypatch, native):
+    import warnings
+
+    from tcssa import compressor
+
+    monkeypatch.setattr(compressor, "cpu_has_bfloat16", lambda: native)
+    compressor._warn_once_if_cpu_lacks_bfloat16.cache_clear()
+    model = TCSSA(16, num_slots=4, expert_hidden=8).eval().bfloat16()
+    x = torch.randn(50, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x)
+        model(x)
+        TCSSA(16, num_slots=4, expert_hidden=8).eval()(x)  # float32: never warns
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == (0 if native else 1)
+    if messages:
+        assert "without bfloat16 instructions" in messages[0] and "float32" in messages[0]
+    compressor._warn_once_if_cpu_lacks_bfloat16.cache_clear()

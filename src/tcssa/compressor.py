@@ -24,7 +24,9 @@ reads them once. No B x N x K x D temporary is ever formed.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -386,6 +388,8 @@ class TCSSA(nn.Module):
             raise ValueError(f"TCSSA expects floating-point features, got dtype {x.dtype}")
         if x.dtype != self.gate.weight.dtype:
             x = x.to(self.gate.weight.dtype)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            _warn_once_if_cpu_lacks_bfloat16()
         if mask is not None:  # None stays None: every patch is real, and the masking work is skipped
             if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(
@@ -434,6 +438,26 @@ class TCSSA(nn.Module):
         num_slots, hidden, dim = reference_layout.read_weights(state_dict)["w1"].shape
         model = cls(dim, num_slots=num_slots, expert_hidden=hidden, **config)
         return model.load_reference_state_dict(state_dict)
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, as oneDNN sees it)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def _warn_once_if_cpu_lacks_bfloat16() -> None:
+    # Without the instructions torch emulates bfloat16 products: `tcssa bench` measured the
+    # bfloat16 forward at 0.30x the float32 speed on such a CPU (docs/RESULTS.md), a trap for
+    # anyone who chose bfloat16 to go faster. Memory is still halved, so it stays allowed.
+    if not cpu_has_bfloat16():
+        warnings.warn(
+            "TCSSA is running in bfloat16 on a CPU without bfloat16 instructions (no AVX512-BF16/AMX): "
+            "torch emulates them, so this is about 3x slower than float32 here (it still halves memory). "
+            "For speed on this machine use float32.",
+            RuntimeWarning,
+            stacklevel=3,  # the TCSSA method that was called
+        )
 
 
 def _top2(probs: Tensor) -> tuple[Tensor, Tensor]:

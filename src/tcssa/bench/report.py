@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tcssa.bench.config import BenchConfig
+from tcssa.compressor import cpu_has_bfloat16
 
 
 @dataclass
@@ -41,6 +42,7 @@ def machine_description() -> dict:
         "torch_threads": torch.get_num_threads(),
         "memory_gib": memory,
         "bf16_instructions": sorted(f for f in flags if "bf16" in f or f.startswith("amx")) or "none",
+        "bf16_native_in_torch": cpu_has_bfloat16(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -16,7 +17,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tcssa.bench.config import METHODS, SECTIONS, BenchConfig
-from tcssa.bench.measure import interleaved_medians, probe_many, probe_memory, time_call
+from tcssa.bench.measure import (
+    interleaved_medians,
+    probe_many,
+    probe_memory,
+    quiet_bfloat16_warning,
+    time_call,
+)
 from tcssa.bench.reference import (
     ReferenceTCSSA,
     build_classifiers,
@@ -396,10 +403,12 @@ def run_bench(
             "auc": bench.cohort_auc,
         }
         section_seconds = {}
-        for name in tqdm([s for s in SECTIONS if s in sections], desc="bench", disable=not progress):
-            began = time.perf_counter()
-            steps[name]()
-            section_seconds[name] = round(time.perf_counter() - began, 1)
+        with warnings.catch_warnings():
+            quiet_bfloat16_warning()
+            for name in tqdm([s for s in SECTIONS if s in sections], desc="bench", disable=not progress):
+                began = time.perf_counter()
+                steps[name]()
+                section_seconds[name] = round(time.perf_counter() - began, 1)
     machine["load_average_end"] = load()
     torch.set_num_threads(default_threads)
     result = bench.result
