@@ -29,7 +29,20 @@ def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert payload["meta"]["machine"]["cores"] >= 1
     assert [t["item"] for t in payload["targets"]] == ["1", "2", "3", "4", "5", "6", "7", "8"]
     sections = {r["section"] for r in payload["rows"]}
-    assert {"single slide", "agreement", "streaming", "cohort compression", "cohort training"} <= sections
+    assert {
+        "single slide",
+        "agreement",
+        "streaming",
+        "cohort compression",
+        "cohort training",
+        "auc",
+    } <= sections
+    auc = [r for r in payload["rows"] if r["section"] == "auc"]
+    assert sorted({r["seed"] for r in auc}, key=str) == [0, 1, "mean"]  # QUICK repeats it on 2 cohorts
+    means = {r["method"]: r for r in auc if r["seed"] == "mean"}
+    per_seed = [r["test_auc"] for r in auc if r["method"] == "train-batched" and r["seed"] != "mean"]
+    assert means["train-batched"]["test_auc"] == pytest.approx(sum(per_seed) / 2)
+    assert "test_auc_se" in means["train-reference"]
 
     with (tmp_path / "bench.csv").open() as f:
         reader = csv.DictReader(f)
@@ -93,6 +106,56 @@ def test_targets_are_judged_from_the_rows():
     assert targets["8"]["met"] is None
     text = format_table(BenchResult(rows=rows, targets=list(targets.values())))
     assert "[MET]" in text and "[NOT MET]" in text
+
+
+def test_target_3_judges_the_mean_auc_over_cohorts_not_one_seed():
+    training = {"section": "cohort training", "method": "train-batched", "n": 9, "speedup_vs_reference": 3.5}
+    auc = [
+        {"section": "auc", "method": "train-reference", "seed": 0, "test_auc": 0.99},
+        {"section": "auc", "method": "train-batched", "seed": 0, "test_auc": 0.70},
+        {
+            "section": "auc",
+            "method": "train-reference",
+            "seed": "mean",
+            "test_auc": 0.90,
+            "note": "3 cohorts",
+        },
+        {"section": "auc", "method": "train-batched", "seed": "mean", "test_auc": 0.92, "note": "3 cohorts"},
+    ]
+    target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), QUICK)}["3"]
+    assert target["met"] is True and "0.920 (batched) vs 0.900 (reference)" in target["measured"]
+    auc[3]["test_auc"] = 0.89
+    target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), QUICK)}["3"]
+    assert target["met"] is False
+
+
+def test_batched_warmup_ramps_the_learning_rate_then_holds_it():
+    from tcssa.bench.reference import batched_warmup, train_epoch_batched
+    from tcssa.bucketing import LengthBucketSampler
+    from tcssa.mil import build_model
+
+    model = build_model("tcssa", 8, 2, num_slots=4, expert_hidden=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    warmup = batched_warmup(optimizer, 3)
+    seen = [optimizer.param_groups[0]["lr"]]
+    for _ in range(5):
+        optimizer.step()
+        warmup.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    # the training loop steps it once per optimizer step: 6 slides, 2 per step -> 3 steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    warmup = batched_warmup(optimizer, 4)
+    slides = [torch.randn(n, 8) for n in (5, 9, 7, 3, 6, 8)]
+    train_epoch_batched(
+        model, optimizer, slides, torch.tensor([0, 1] * 3), LengthBucketSampler([5, 9, 7, 3, 6, 8], 2), warmup
+    )
+    assert warmup.last_epoch == 3 and optimizer.param_groups[0]["lr"] == pytest.approx(0.08)
+
+
+def test_bench_rejects_a_bad_number_of_auc_cohorts(tmp_path, capsys):
+    assert main(["bench", "--quick", "--auc-seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "--auc-seeds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("slope", [1.0, 2.0])

@@ -50,6 +50,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "threads": args.threads,
         "learning_rate": args.lr,
+        "auc_seeds": args.auc_seeds,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
@@ -464,6 +465,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "--lr",
         type=float,
         help="learning rate of the AUC comparison, one slide per step (default 1e-3; batched: x B)",
+    )
+    bench.add_argument(
+        "--auc-seeds",
+        type=int,
+        help="cohorts the AUC comparison is repeated on, their mean judged (default 3; 2 with --quick)",
     )
     bench.add_argument(
         "--sections",

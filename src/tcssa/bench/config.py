@@ -25,6 +25,8 @@ class BenchConfig:
     auc_dim: int = 512
     auc_patches: tuple[int, int] = (1_000, 10_000)
     auc_epochs: int = 10
+    auc_seeds: int = 3  # cohorts (seed, seed+1, ...) the AUC comparison is repeated on; their mean is judged
+    train_warmup_epochs: float = 2.0  # batched loop: lr warm-up (tcssa.bench.reference.batched_warmup)
     # One slide per step (batched: x B). Not METHOD.md's 1e-4: with it neither loop learns the rare
     # lesion from 120 slides in 10 epochs (test AUC 0.57 and 0.53, docs/RESULTS.md), so a comparison
     # at 1e-4 would compare two models at chance.
@@ -35,6 +37,12 @@ class BenchConfig:
     threads: int | None = None  # torch threads (None: torch's default)
     seed: int = 0
     quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.auc_seeds < 1:
+            raise ValueError(f"auc_seeds (--auc-seeds) must be >= 1, got {self.auc_seeds}")
+        if self.train_warmup_epochs < 0:
+            raise ValueError(f"train_warmup_epochs must be >= 0, got {self.train_warmup_epochs}")
 
 
 QUICK = BenchConfig(
@@ -55,6 +63,8 @@ QUICK = BenchConfig(
     auc_dim=32,
     auc_patches=(200, 600),
     auc_epochs=1,
+    auc_seeds=2,
+    train_warmup_epochs=0.5,
     alternatives=("abmil", "dense-attention"),  # TransMIL alone would take most of the minute
     probe_workers=4,
     threads=1,

@@ -96,11 +96,16 @@ def evaluate_targets(result: BenchResult, config: BenchConfig) -> list[dict]:
     trained = find("cohort training", "train-batched")
     if trained:
         r = trained[0]
-        auc = {x["method"]: x for x in rows if x["section"] == "auc"}
+        auc = {x["method"]: x for x in rows if x["section"] == "auc" and x.get("seed") == "mean"}
         auc_text, auc_ok = "AUC not measured", None
         if "train-batched" in auc and "train-reference" in auc:
-            a, b = auc["train-batched"]["test_auc"], auc["train-reference"]["test_auc"]
-            auc_text, auc_ok = f"test AUC {a:.3f} (batched) vs {b:.3f} (reference)", a >= b
+            a, b = auc["train-batched"], auc["train-reference"]
+            se = lambda r: f" +- {r['test_auc_se']:.3f}" if "test_auc_se" in r else ""  # noqa: E731
+            auc_text = (
+                f"test AUC {a['test_auc']:.3f}{se(a)} (batched) vs {b['test_auc']:.3f}{se(b)} (reference), "
+                f"{a['note']}"
+            )
+            auc_ok = a["test_auc"] >= b["test_auc"]
         add(
             "3",
             "cohort training: >= 3x slides/s, rare-lesion AUC not lower",
@@ -197,7 +202,9 @@ COLUMNS = [
     "token_rel_error",
     "worst_slot_rel_error",
     "token_max_abs_diff",
+    "seed",
     "test_auc",
+    "test_auc_se",
     "status",
     "note",
 ]
