@@ -305,7 +305,7 @@ class _Bench:
         synth = make_synthetic_cohort(
             self.work_dir / f"rare-{seed}", "rare", total, c.auc_dim, seed, low, high, progress=False
         )
-        cohort = Cohort.from_folder(synth.features_dir, synth.labels_csv)
+        cohort = Cohort.from_folder(synth.features_dir, synth.labels_csv, check_files=False)  # just written
         # Two folds grouped by case: about half the slides to learn from, half to test on.
         split = make_kfold_splits(cohort, folds=2, seed=seed)[0]
         train_ids, test_ids = split.train + split.val, split.test
