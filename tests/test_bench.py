@@ -43,6 +43,9 @@ def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     per_seed = [r["test_auc"] for r in auc if r["method"] == "train-batched" and r["seed"] != "mean"]
     assert means["train-batched"]["test_auc"] == pytest.approx(sum(per_seed) / 2)
     assert "test_auc_se" in means["train-reference"]
+    # trained on to the reference's training time: at least as many epochs, at most 4x
+    for row in (r for r in auc if r["method"] == "train-batched, same training time"):
+        assert QUICK.auc_epochs <= row["epochs"] <= 4 * QUICK.auc_epochs
 
     with (tmp_path / "bench.csv").open() as f:
         reader = csv.DictReader(f)
@@ -122,8 +125,11 @@ def test_target_3_judges_the_mean_auc_over_cohorts_not_one_seed():
         },
         {"section": "auc", "method": "train-batched", "seed": "mean", "test_auc": 0.92, "note": "3 cohorts"},
     ]
+    same_time = {"section": "auc", "method": "train-batched, same training time", "seed": "mean"}
+    auc.append({**same_time, "test_auc": 0.97, "epochs": 30.0})
     target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), QUICK)}["3"]
     assert target["met"] is True and "0.920 (batched) vs 0.900 (reference)" in target["measured"]
+    assert "(30 epochs on average): 0.970" in target["measured"]
     auc[3]["test_auc"] = 0.89
     target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), QUICK)}["3"]
     assert target["met"] is False
