@@ -51,6 +51,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "learning_rate": args.lr,
         "auc_seeds": args.auc_seeds,
+        "train_batch_size": args.train_batch_size,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
@@ -465,6 +466,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "--lr",
         type=float,
         help="learning rate of the AUC comparison, one slide per step (default 1e-3; batched: x B)",
+    )
+    bench.add_argument(
+        "--train-batch-size",
+        type=int,
+        help="slides per optimizer step of the batched training loop (default 8; 3 with --quick)",
     )
     bench.add_argument(
         "--auc-seeds",

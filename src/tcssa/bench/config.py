@@ -42,6 +42,11 @@ class BenchConfig:
     quick: bool = False
 
     def __post_init__(self) -> None:
+        if self.train_batch_size < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"batch sizes must be >= 1, got train_batch_size (--train-batch-size) "
+                f"{self.train_batch_size}, batch_size {self.batch_size}"
+            )
         if self.auc_seeds < 1:
             raise ValueError(f"auc_seeds (--auc-seeds) must be >= 1, got {self.auc_seeds}")
         if self.train_warmup_epochs < 0:
