@@ -43,6 +43,9 @@ def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     per_seed = [r["test_auc"] for r in auc if r["method"] == "train-batched" and r["seed"] != "mean"]
     assert means["train-batched"]["test_auc"] == pytest.approx(sum(per_seed) / 2)
     assert "test_auc_se" in means["train-reference"]
+    # the bfloat16 copy is compared with the model it was copied from (not one trained further)
+    trained_agreement = [r for r in payload["rows"] if r["method"].startswith("trained tcssa-bf16")]
+    assert trained_agreement[0]["top2_agreement"] > 0.9
     # trained on to the reference's training time: at least as many epochs, at most 4x
     for row in (r for r in auc if r["method"] == "train-batched, same training time"):
         assert QUICK.auc_epochs <= row["epochs"] <= 4 * QUICK.auc_epochs

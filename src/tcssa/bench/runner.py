@@ -339,6 +339,15 @@ class _Bench:
             "train-batched": _class1_scores(lambda x: batched(x)[0], test_x),
             "train-batched, eval in bfloat16": _class1_scores(lambda x: low_precision(x)[0], test_half),
         }
+        # top-2 agreement of the trained gate, bfloat16 vs float32 (before any further training)
+        with torch.inference_mode():
+            for x, h in zip(test_x, test_half, strict=True):
+                same = (
+                    batched.routing(x).topk_index.sort(-1).values
+                    == low_precision.routing(h).topk_index.sort(-1).values
+                )
+                matches[0] += int(same.all(-1).sum())
+                matches[1] += len(x)
         epochs = {"train-reference": c.auc_epochs, "train-batched": c.auc_epochs}
         if c.auc_equal_time:
             # What a user with the reference's time budget gets: the batched loop trained on until
@@ -367,14 +376,6 @@ class _Bench:
                 f"{c.learning_rate:g} x {c.train_batch_size}, warmed up over {c.train_warmup_epochs:g} epochs"
             )
             rows.append(row)
-        with torch.inference_mode():
-            for x, h in zip(test_x, test_half, strict=True):
-                same = (
-                    batched.routing(x).topk_index.sort(-1).values
-                    == low_precision.routing(h).topk_index.sort(-1).values
-                )
-                matches[0] += int(same.all(-1).sum())
-                matches[1] += len(x)
         return rows
 
 
