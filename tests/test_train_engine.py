@@ -16,6 +16,7 @@ from tcssa.train.engine import (
     evaluate,
     fit,
     plan_epoch,
+    warmup_factor,
 )
 from train_fixtures import TinyMIL, TinySlotMIL, make_bags, pad_collate
 
@@ -135,9 +136,10 @@ class FailingAfter:
         return self.items[i]
 
 
-def test_resume_after_an_interruption_mid_epoch_gives_the_same_result(tmp_path):
+@pytest.mark.parametrize("warmup_epochs", [0.0, 3.0])  # 3: the warm-up spans the interruption
+def test_resume_after_an_interruption_mid_epoch_gives_the_same_result(tmp_path, warmup_epochs):
     train, val, _ = _split(make_bags(40))
-    config = TrainConfig(epochs=4, lr=1e-2, batch_size=2)
+    config = TrainConfig(epochs=4, lr=1e-2, batch_size=2, warmup_epochs=warmup_epochs)
     whole = TinySlotMIL()
     expected = fit(whole, train, val, config, collate=pad_collate, out_dir=tmp_path / "whole")
 
@@ -154,6 +156,25 @@ def test_resume_after_an_interruption_mid_epoch_gives_the_same_result(tmp_path):
     assert [drop(h) for h in result.history] == [drop(h) for h in expected.history]
     lines = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_warmup_factor_ramps_linearly_over_the_warmup_epochs():
+    # 4 updates per epoch, 2 warm-up epochs: 1/8, 2/8, ..., 8/8, then 1
+    shares = [warmup_factor(2.0, epoch, update, 4) for epoch in (1, 2, 3) for update in range(4)]
+    assert shares == pytest.approx([k / 8 for k in range(1, 9)] + [1.0] * 4)
+    assert warmup_factor(0.0, 1, 0, 4) == 1.0
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(warmup_epochs=-1)
+
+
+def test_warmup_scales_the_steps_but_not_the_scheduled_rate():
+    train, val, _ = _split(make_bags(40))
+    plain, warmed = TinyMIL(), TinyMIL()
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=4)
+    a = fit(plain, train, val, config, collate=pad_collate)
+    b = fit(warmed, train, val, config.override(warmup_epochs=2), collate=pad_collate)
+    assert not torch.equal(plain.head.weight, warmed.head.weight)
+    assert [h["lr"] for h in a.history] == [h["lr"] for h in b.history] == [1e-2, 1e-2]
 
 
 class NaNAfter(FailingAfter):

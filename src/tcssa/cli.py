@@ -72,6 +72,7 @@ def _train_config(args: argparse.Namespace):
         "grad_accum_steps": args.grad_accum_steps,
         "max_patches": args.max_patches,
         "lr": args.lr,
+        "warmup_epochs": args.warmup_epochs,
         "weight_decay": args.weight_decay,
         "folds": args.folds,
         "device": args.device,
@@ -651,6 +652,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--max-patches", type=int, help="cap on patches per training slide, a random subset (default: all)"
     )
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="linear lr warm-up over this many epochs (default 0); helps with several slides per update",
+    )
     parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-5)")
     parser.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     parser.add_argument(

@@ -39,6 +39,9 @@ class TrainConfig:
     lr_factor: float = 0.5
     lr_patience: int = 2
     early_stopping_patience: int = 5  # epochs without a lower validation loss before stopping
+    # Linear learning-rate warm-up over this many epochs (0: none). Worth it with several slides
+    # per update and the lr scaled up to match (`tcssa bench`'s batched loop, docs/RESULTS.md).
+    warmup_epochs: float = 0.0
 
     batch_size: int = 1
     grad_accum_steps: int = 1
@@ -65,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if self.lr_patience < 0 or self.early_stopping_patience < 1:
             raise ValueError("lr_patience must be >= 0 and early_stopping_patience >= 1")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.max_patches is not None and self.max_patches < 1:
             raise ValueError(f"max_patches must be >= 1 (or unset), got {self.max_patches}")
         if not 0 <= self.val_fraction < 1:

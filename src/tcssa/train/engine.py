@@ -496,7 +496,8 @@ def _train_epoch(
                 f"{float(update_sum)}; stopping. The checkpoint of the last complete epoch is kept "
                 "(resume state and best model). Check the features for extreme values, or lower --lr."
             )
-        optimizer.step()
+        with _warmed_up(optimizer, warmup_factor(config.warmup_epochs, epoch, update, num_updates)):
+            optimizer.step()
         bar.set_postfix(loss=f"{float(update_sum) / group[0][3] if group[0][3] else 0.0:.4f}", refresh=False)
         bar.update(1)
 
@@ -506,6 +507,33 @@ def _train_epoch(
     log = {f"train_{k}_loss": float(totals[j]) / slides for j, k in enumerate(names)}
     log["train_loss"] = sum(float(totals[j]) for j in range(len(names))) / slides
     return log
+
+
+def warmup_factor(warmup_epochs: float, epoch: int, update: int, num_updates: int) -> float:
+    """Share of the learning rate that update ``update`` (0-based) of ``epoch`` (1-based, of
+    ``num_updates`` updates) gets under a linear warm-up over ``warmup_epochs`` epochs: the epochs
+    done counting this update, over ``warmup_epochs``, capped at 1. Computed from the position
+    alone, so a resumed run warms up exactly as an uninterrupted one."""
+    if warmup_epochs <= 0 or num_updates < 1:
+        return 1.0
+    return min(1.0, (epoch - 1 + (update + 1) / num_updates) / warmup_epochs)
+
+
+@contextlib.contextmanager
+def _warmed_up(optimizer: torch.optim.Optimizer, factor: float):
+    # The warm-up scales the rate for this step only: ReduceLROnPlateau keeps owning the rate
+    # stored in the optimizer (and in the resume state), so the two never fight.
+    if factor >= 1.0:
+        yield
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate * factor
+    try:
+        yield
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
 
 
 @contextlib.contextmanager
