@@ -28,12 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from tcssa.bench.config import BenchConfig
-from tcssa.bench.reference import build_classifiers, train_epoch_reference
-from tcssa.bucketing import LengthBucketSampler, pad_slides
+from tcssa.bench.reference import build_classifiers, train_epoch_batched, train_epoch_reference
+from tcssa.bucketing import LengthBucketSampler
 from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
 from tcssa.mil import build_model
 
@@ -91,19 +90,9 @@ def run_recipe(recipe: str, seed: int, data, config: BenchConfig, epochs: int) -
             return 1.0
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        longest = sorted(len(x) for x in train_x)[-size:]
-        buffer = train_x[0].new_empty(size * longest[-1] * train_x[0].shape[-1])
         for epoch in range(1, epochs + 1):
-            model.train()
             sampler.set_epoch(epoch - 1)
-            for batch in sampler:
-                x, mask = pad_slides([train_x[i] for i in batch], buffer)
-                logits, losses = model(x, mask)
-                loss = F.cross_entropy(logits, train_y[batch]) + sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+            train_epoch_batched(model, optimizer, train_x, train_y, sampler, scheduler)
             if epoch in (5, epochs):
                 model.eval()
                 aucs[epoch] = test_auc(lambda x: model(x.unsqueeze(0))[0], test_x, test_y)

@@ -24,6 +24,7 @@ from tcssa.bench.workloads import (
     method_input,
     synthetic_slide,
 )
+from tcssa.compressor import BFLOAT16_EMULATED_WARNING
 
 MIB = 1 << 20
 
@@ -94,7 +95,7 @@ def _reset_peak_rss() -> bool:
 
 def quiet_bfloat16_warning() -> None:
     """Measuring bfloat16 is the point of the benchmark; the machine record says whether it is native."""
-    warnings.filterwarnings("ignore", message="TCSSA is running in bfloat16", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=re.escape(BFLOAT16_EMULATED_WARNING), category=RuntimeWarning)
 
 
 def run_probe(spec: dict) -> list[dict]:

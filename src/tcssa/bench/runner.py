@@ -63,7 +63,6 @@ class _Bench:
         methods = ["reference", "tcssa", "tcssa-bf16", *c.alternatives]
         floors = ["gate-product", "gate-product-bf16", "expert-read", "expert-read-bf16"]
         built = {name: build_method(name, c) for name in methods + floors}
-        available = methods
         jobs = [
             {
                 "method": m,
@@ -71,9 +70,9 @@ class _Bench:
                 "config": c,
                 "cap_gib": c.memory_cap_gib if "attention" in m else None,
             }
-            for m in available
+            for m in methods
         ]
-        self.log(f"memory probes: {', '.join(available)} in child processes")
+        self.log(f"memory probes: {', '.join(methods)} in child processes")
         memory = {
             (row["method"], row["n"]): row for rows in probe_many(jobs, c.probe_workers) for row in rows
         }
@@ -81,7 +80,7 @@ class _Bench:
             x = synthetic_slide(n, c.dim, c.seed)
             inputs = {name: method_input(name, x) for name in built}
             # A method whose probe failed (or stopped) at this size is not timed here either.
-            runnable = floors + [m for m in available if memory.get((m, n), {}).get("status") == "ok"]
+            runnable = floors + [m for m in methods if memory.get((m, n), {}).get("status") == "ok"]
             calls = {m: (lambda m=m, inputs=inputs: built[m](inputs[m])) for m in runnable}
             # A call that took its probe more than 20 s is timed once (the probe ran it already).
             slow = {m: memory.get((m, n), {}).get("probe_seconds", 0) > 20 for m in calls}
@@ -89,7 +88,7 @@ class _Bench:
             with torch.inference_mode():
                 cpu = {}
                 seconds = interleaved_medians(calls, repeats, warmup=n == c.sizes[0], cpu=cpu)
-            for name in available + floors:
+            for name in methods + floors:
                 row = {
                     "section": "single slide",
                     "method": name,
