@@ -1,5 +1,6 @@
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from tcssa.bench import (
 )
 from tcssa.cli import main
 
+JUDGED = replace(QUICK, quick=False)  # the quick preset withholds verdicts; the judging logic is tested on it
+
 
 def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
@@ -28,6 +31,9 @@ def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert payload["meta"]["config"]["quick"] is True
     assert payload["meta"]["machine"]["cores"] >= 1
     assert [t["item"] for t in payload["targets"]] == ["1", "2", "3", "4", "5", "6", "7", "8"]
+    # quick-size numbers are figures, never verdicts
+    assert all(t["met"] is None for t in payload["targets"])
+    assert "MET]" not in printed and "[figure only, quick size]" in printed
     sections = {r["section"] for r in payload["rows"]}
     assert {
         "single slide",
@@ -106,7 +112,7 @@ def test_targets_are_judged_from_the_rows():
     ]
     rows[1].update(speedup_vs_reference=2.0, peak_rss_vs_reference=499 / 500)
     rows[3].update(speedup_vs_reference=1.25, slides=48)
-    targets = {t["item"]: t for t in evaluate_targets(BenchResult(rows=rows), QUICK)}
+    targets = {t["item"]: t for t in evaluate_targets(BenchResult(rows=rows), JUDGED)}
     assert targets["1"]["met"] is True
     assert targets["2"]["met"] is False and "1.25x" in targets["2"]["measured"]
     assert targets["8"]["met"] is None
@@ -130,11 +136,11 @@ def test_target_3_judges_the_mean_auc_over_cohorts_not_one_seed():
     ]
     same_time = {"section": "auc", "method": "train-batched, same training time", "seed": "mean"}
     auc.append({**same_time, "test_auc": 0.97, "epochs": 30.0})
-    target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), QUICK)}["3"]
+    target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), JUDGED)}["3"]
     assert target["met"] is True and "0.920 (batched) vs 0.900 (reference)" in target["measured"]
     assert "(30 epochs on average): 0.970" in target["measured"]
     auc[3]["test_auc"] = 0.89
-    target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), QUICK)}["3"]
+    target = {t["item"]: t for t in evaluate_targets(BenchResult(rows=[training, *auc]), JUDGED)}["3"]
     assert target["met"] is False
 
 
