@@ -183,3 +183,23 @@ def load_compare_run(path: str | Path) -> CompareRun:
         else:
             compare.notes.append(f"{row['model']}: no run directory {model_dir.name}/ (table row only)")
     return compare
+
+
+def fold_scores(run: ModelRun, positive: int = 1) -> list:
+    """Each test fold's labels, positive-class scores and slide ids, for ``tcssa.train.bootstrap``.
+
+    Binary runs only (one-vs-rest would need a choice of class): ``positive`` names the class whose
+    probability is the score.
+    """
+    from tcssa.train.bootstrap import FoldScores
+
+    folds = []
+    for fold in sorted(run.predictions, key=lambda f: f.fold):
+        if fold.probs.shape[1] != 2:
+            raise ValueError(
+                f"{run.path}: a bootstrap AUC interval needs a binary run, fold {fold.fold} has "
+                f"{fold.probs.shape[1]} classes"
+            )
+        labels = (fold.labels == positive).astype(np.int64)
+        folds.append(FoldScores(labels, fold.probs[:, positive], tuple(run.prediction_slide_ids[fold.fold])))
+    return folds
