@@ -171,3 +171,91 @@ def test_experts_are_initialised_like_nn_linear():
         assert not torch.equal(weight[0], weight[1])
     assert torch.equal(experts.ln_weight, torch.ones(32, dim))
     assert torch.equal(experts.ln_bias, torch.zeros(32, dim))
+
+
+# ------------------------------------------------------------------ bfloat16 routing statistics
+BIG_N = 100_001  # above 2^16: bfloat16 spaces numbers this size 512 apart (N itself would be 99,840)
+
+
+@pytest.fixture(scope="module")
+def float32_and_bfloat16_models():
+    import warnings
+
+    torch.manual_seed(0)
+    model32 = TCSSA(D, num_slots=32, expert_hidden=16).eval()
+    model16 = TCSSA(D, num_slots=32, expert_hidden=16)
+    model16.load_state_dict(model32.state_dict())
+    with warnings.catch_warnings():  # the emulated-bfloat16 warning, if this CPU lacks the instructions
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model16.bfloat16().eval()(torch.randn(3, D))
+    # features that bfloat16 holds exactly, so that both models see the same input
+    x = torch.randn(2, BIG_N, D, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    mask = torch.ones(2, BIG_N, dtype=torch.bool)
+    mask[1, 70_000:] = False
+    return model32, model16, x, mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bfloat16_routing_statistics_are_summed_in_float32(float32_and_bfloat16_models, masked):
+    model32, model16, x, mask = float32_and_bfloat16_models
+    mask = mask if masked else None
+    with torch.no_grad():
+        xb = x.bfloat16()
+        sums = model16._sum_slide(xb, mask, model16._route(xb, mask))
+        expected_real = [BIG_N, 70_000] if masked else [BIG_N, BIG_N]
+        assert sums.num_real.tolist() == expected_real  # exact, not rounded to 99,840
+        pbar = sums.prob_sum / sums.num_real.unsqueeze(-1)
+        torch.testing.assert_close(
+            pbar.sum(-1).double(), torch.ones(2, dtype=torch.float64), atol=1e-3, rtol=0
+        )
+        share = sums.slot_counts / sums.num_real.unsqueeze(-1)
+        torch.testing.assert_close(
+            share.sum(-1).double(), torch.full((2,), 2.0, dtype=torch.float64), atol=1e-4, rtol=0
+        )
+
+        out32, out16 = model32(x, mask), model16(x, mask)
+    assert out16.tokens.dtype == torch.bfloat16
+    for name in ("switch", "z"):
+        assert out16.losses[name].item() == pytest.approx(out32.losses[name].item(), rel=2e-3), name
+    # the entropy term is 1 - H/log K, here ~1e-3: in bfloat16 arithmetic it rounds to 0
+    entropy32 = out32.losses["entropy"].item()
+    assert entropy32 > 1e-4
+    assert out16.losses["entropy"].item() == pytest.approx(entropy32, rel=0.05)
+
+
+def test_bfloat16_uniform_routing_gives_the_exact_switch_loss(float32_and_bfloat16_models):
+    """A zero gate routes uniformly (P = 1/32 exactly in bfloat16): L_switch = K (1/K) 2 = 2 and
+    L_ent = 0 must hold at N = 100,001 in training mode too."""
+    _, model16, x, mask = float32_and_bfloat16_models
+    import copy
+
+    uniform = _zero_gate(copy.deepcopy(model16))
+    uniform.noise_std = 0.0
+    uniform.train()
+    with torch.no_grad():
+        out = uniform(x, mask)
+    assert out.losses["switch"].item() == pytest.approx(2.0, abs=1e-4)
+    assert out.losses["entropy"].item() == pytest.approx(0.0, abs=1e-4)
+    assert out.aux_loss.item() == pytest.approx(2.0 + 1e-4 * math.log(32) ** 2, abs=1e-4)
+
+
+def test_routing_loss_functions_compute_in_float32_for_bfloat16_inputs():
+    from tcssa import routing_loss as rl
+
+    k = 32
+    pbar = torch.full((1, k), 1 / k)
+    pbar[0, 0] += 0.004  # H(Pbar) / log K = 0.99954...: 1 minus it is lost in bfloat16 arithmetic
+    pbar[0, 1] -= 0.004
+    pbar = pbar.bfloat16()
+    expected = rl.entropy_loss(pbar.double()).item()  # the same (rounded) input, in float64
+    got = rl.entropy_loss(pbar)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected, rel=0.05) and expected > 1e-4
+    share = torch.full((1, k), 2 / k)
+    assert rl.switch_loss(pbar, share.bfloat16()).dtype == torch.float32
+    logits = torch.randn(1, 300, k)
+    z = rl.z_loss(logits.bfloat16(), torch.ones(1, 300, dtype=torch.bool))
+    assert z.dtype == torch.float32
+    assert z.item() == pytest.approx(
+        rl.z_loss(logits.bfloat16().float(), torch.ones(1, 300, dtype=torch.bool)).item()
+    )

@@ -318,9 +318,14 @@ class TCSSA(nn.Module):
         """The sums over patches that step 5 and the routing loss need.
 
         Sums, not means, so that a slide streamed in chunks (``compress_h5``) adds up to
-        exactly what the whole slide in memory gives.
+        exactly what the whole slide in memory gives. They are kept in float32 (float64 for a
+        float64 model) whatever the model's dtype: in bfloat16 a sum over N = 100,001 patches
+        would be rounded to a multiple of 512 (the patch count itself becomes 99,840), and the
+        routing-loss terms, small differences of such sums, would be lost. The sums are B x K (x D),
+        so this costs nothing next to the B x N x K routing.
         """
         probs, index = routing.probs, routing.topk_index
+        acc = routing_loss.accumulation_dtype(probs.dtype)
         weights = torch.zeros_like(probs).scatter_(-1, index, routing.topk_weight)  # P~, B x N x K
         lse = routing.lse
         # Counting from indices (not from weights > 0) so that an underflowed P still counts.
@@ -328,15 +333,20 @@ class TCSSA(nn.Module):
         slot_counts = torch.zeros(probs.shape[0], self.num_slots, dtype=torch.long, device=probs.device)
         slot_counts.scatter_add_(1, index.flatten(1), real_assignments.flatten(1).long())
         if mask is None:
-            prob_sum, lse_sum = probs.sum(dim=1), lse.sum(dim=-1)
+            prob_sum, lse_sum = probs.sum(dim=1, dtype=acc), lse.sum(dim=-1, dtype=acc)
             num_real = torch.full_like(lse_sum, probs.shape[1])
         else:
-            real = mask.to(probs.dtype)
-            prob_sum = torch.einsum("bnk,bn->bk", probs, real)
-            lse_sum, num_real = (lse * real).sum(dim=-1), real.sum(dim=-1)
+            real = mask.to(acc)
+            if probs.dtype == acc:  # one matmul
+                prob_sum = torch.einsum("bnk,bn->bk", probs, real)
+            else:  # zero the padded patches in the model's dtype (exact), add up in float32
+                prob_sum = (probs * mask.unsqueeze(-1)).sum(dim=1, dtype=acc)
+            lse_sum, num_real = (lse.to(acc) * real).sum(dim=-1), real.sum(dim=-1)
         return _SlotSums(
-            slot_sum=weights.transpose(1, 2) @ x,  # sum_j P~_jk x_j, B x K x D
-            slot_mass=weights.sum(dim=1),  # sum_j P~_jk, B x K
+            # sum_j P~_jk x_j, B x K x D: the matmul in the model's dtype, kept in float32 so that
+            # streamed chunks add up without a rounding per chunk
+            slot_sum=(weights.transpose(1, 2) @ x).to(acc),
+            slot_mass=weights.sum(dim=1, dtype=acc),  # sum_j P~_jk, B x K
             slot_counts=slot_counts,
             prob_sum=prob_sum,
             lse_sum=lse_sum,
@@ -347,8 +357,10 @@ class TCSSA(nn.Module):
         """Steps 5-6 and the routing loss from the sums: (slots, tokens, losses, aux_loss)."""
         # 5. c_k = sum_j P~_jk x_j / (sum_j P~_jk + 1e-9); an empty slot gives c_k = 0.
         slots = sums.slot_sum / (sums.slot_mass.unsqueeze(-1) + AGGREGATION_EPS)
+        slots = slots.to(self.gate.weight.dtype)  # the sums are float32; the experts run in the model's dtype
         tokens = self.experts(slots)  # 6. y_k = c_k + LN(W2 Dropout(GELU(W1 c_k)))
 
+        # In float32 (the sums' dtype) whatever the model's dtype; so are the loss terms returned.
         num_real = sums.num_real.unsqueeze(-1)  # B x 1
         mean_prob = sums.prob_sum / num_real  # Pbar_i
         assign_share = sums.slot_counts.to(mean_prob.dtype) / num_real  # f_i
@@ -362,7 +374,7 @@ class TCSSA(nn.Module):
         if self.training:
             aux = routing_loss.aux_loss(losses["switch"], losses["entropy"], losses["z"])
         else:
-            aux = slots.new_zeros(())
+            aux = losses["switch"].new_zeros(())
         return slots, tokens, losses, aux
 
     # ------------------------------------------------------------ input checks
