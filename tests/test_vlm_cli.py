@@ -74,15 +74,23 @@ def workspace(tmp_path_factory):
     return root
 
 
-def test_train_both_stages_and_evaluate(workspace, capsys):
+@pytest.fixture(scope="module")
+def trained(workspace):
+    """The workspace with a stage-1 run in s1 and a stage-2 run from it in s2. A fixture, not the work
+    of one test, so that every test that evaluates a run also passes when it runs alone."""
     root = workspace
     common = f"--data {root}/train.csv --features {root}/features --num-tokens 4 --projector-hidden 16"
     assert vqa(f"train --stage 1 --lm {root}/lm --out {root}/s1 --batch-size 3 {common}") == 0
+    stage2 = f"train --stage 2 --init {root}/s1 --out {root}/s2 --batch-size 3 --gradient-checkpointing"
+    assert vqa(f"{stage2} {common}") == 0
+    return root
+
+
+def test_train_both_stages_and_evaluate(trained, capsys):
+    root = trained
     assert (root / "s1" / "compressor.safetensors").is_file()  # trained jointly: saved
     assert not (root / "s1" / "lora").exists()
     assert not any(p.name.startswith("model") for p in (root / "s1").iterdir())  # no LM weights copied
-    stage2 = f"train --stage 2 --init {root}/s1 --out {root}/s2 --batch-size 3 --gradient-checkpointing"
-    assert vqa(f"{stage2} {common}") == 0
     assert (root / "s2" / "lora" / "adapter_model.safetensors").is_file()
     config = json.loads((root / "s2" / "train_config.json").read_text())
     assert config["lora_r"] == 16 and config["lora_alpha"] == 32 and config["lora_dropout"] == 0.05
@@ -176,16 +184,16 @@ def test_stage2_under_torchrun_shards_the_data(workspace, tmp_path):
     assert (tmp_path / "s2" / "lora" / "adapter_model.safetensors").is_file()
 
 
-def test_eval_refuses_to_run_as_several_processes(workspace, monkeypatch, capsys):
-    root = workspace
+def test_eval_refuses_to_run_as_several_processes(trained, monkeypatch, capsys):
+    root = trained
     monkeypatch.setenv("WORLD_SIZE", "2")
     where = f"--questions {root}/test.csv --features {root}/features --out {root}/x"
     assert vqa(f"eval --run {root}/s1 {where}") == 2
     assert "runs as one process" in capsys.readouterr().err
 
 
-def test_wsi_vqa_case_ids_reach_slide_features_through_a_slide_map(workspace):
-    root = workspace
+def test_wsi_vqa_case_ids_reach_slide_features_through_a_slide_map(trained):
+    root = trained
     records = [
         {"Id": "TCGA-AA-0001", "Question": "grade?", "Choice": ["G1", "G2", "G3"], "Answer": "G2."},
         {"Id": "TCGA-AA-0002", "Question": "grade?", "Choice": ["G1", "G2", "G3"], "Answer": "G3"},
