@@ -188,3 +188,84 @@ def test_report_command(tmp_path, capsys):
     assert "--features DIR" in document or "checkpoint" in document  # slide figures explained, not crashed
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "compare directory not found" in capsys.readouterr().err
+
+
+def _make_perfect(run_dir, folds=3):
+    """Rewrite a fake run's predictions so that it ranks every positive above every negative."""
+    import csv
+
+    for fold in range(folds):
+        path = run_dir / f"fold_{fold}_predictions.csv"
+        rows = list(csv.DictReader(path.open()))
+        for r in rows:
+            r["p_1"] = str(0.9 if r["label"] == "1" else 0.1)
+            r["p_0"] = str(1 - float(r["p_1"]))
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def test_best_is_highlighted_only_when_the_paired_interval_supports_it(tmp_path):
+    from tcssa.viz.report import comparison_uncertainty
+
+    # three models of the same strength on 12 slides per fold: intervals overlap, nobody is best
+    root = write_compare_run(tmp_path / "even")
+    uncertainty = comparison_uncertainty(load_compare_run(root))
+    assert uncertainty.best is None and set(uncertainty.intervals) == {"tcssa", "random-k", "abmil"}
+    document = build_report(root).read_text()
+    assert "class=best" not in document and "none is highlighted as best" in document
+    assert "AUC 95% CI" in document and "TC-SSA − random-k: AUC" in document
+    # one model that ranks every slide right, on enough slides: it is best beyond the interval
+    root = write_compare_run(tmp_path / "clear", slides_per_fold=40)
+    _make_perfect(root / "tcssa")
+    uncertainty = comparison_uncertainty(load_compare_run(root))
+    assert uncertainty.best == "tcssa"
+    assert uncertainty.difference("tcssa", "random-k").supported
+    document = build_report(root).read_text()
+    assert document.count("class=best") == 1 and "<tr class=best><td>tcssa</td>" in document
+
+
+def test_collapse_threshold_reads_the_same_on_either_share_column():
+    # a slot that takes 60% of the patches holds 30% of the top-2 assignments: both are collapse
+    assert plots.collapse_threshold(of_patches=True) == 0.5
+    assert plots.collapse_threshold(of_patches=False) == 0.25
+    assert 0.30 > plots.collapse_threshold(of_patches=False)
+
+
+def test_sweep_axes_hold_every_error_bar_and_the_legend_is_outside():
+    points = [SweepPoint("tcssa", 8, 0.95, 0.10), SweepPoint("random-k", 8, 0.20, 0.30)]
+    plot = token_budget_sweep(points, [plots.Reference("abmil", 0.9, 0.05)], caption="computed.")
+    ax = plot.figure.axes[0]
+    low, high = ax.get_ylim()
+    assert low <= 0.20 - 0.30 and high >= 0.95 + 0.10  # not cut at 0 or at 1
+    assert ax.get_legend() is None and plot.figure.legends  # the legend is the figure's, beside the axes
+    labels = [t.get_text() for t in plot.figure.legends[0].get_texts()]
+    assert "abmil (all patches)" in labels
+    assert plot.caption.startswith("computed.")
+
+
+def test_comparison_bars_axis_holds_error_bars_below_zero():
+    plot = plots.comparison_bars([plots.ModelScore("tcssa", 0.30, 0.35)], caption="c.")
+    assert plot.figure.axes[0].get_xlim()[0] <= 0.30 - 0.35
+
+
+def test_roc_titles_use_the_tables_std():
+    rng = np.random.default_rng(1)
+    folds = [FoldPredictions(f, np.arange(10) % 2, rng.dirichlet([1, 1], size=10)) for f in range(3)]
+    plot = roc_curves({"tcssa": folds})
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(f.labels, f.probs[:, 1]) for f in folds]
+    title = plot.figure.axes[0].get_title()
+    assert f"± {np.std(aucs, ddof=1):.3f}" in title
+
+
+def test_slot_utilisation_caption_and_whiskers_come_from_the_shares():
+    shares = np.array([[0.9, 0.6, 0.5], [0.1, 0.9, 1.0]])
+    plot = slot_utilisation(shares, of_patches=True)
+    assert "slot 2 in fold 1" in plot.caption and "100.0%" in plot.caption and "above" in plot.caption
+    bars = plot.figure.axes[0]
+    assert bars.get_ylim()[0] == 0
+    for line in bars.lines:  # the whiskers (and reference lines) never pass below 0
+        assert np.nanmin(line.get_ydata()) >= 0

@@ -19,7 +19,8 @@ class MILModel(nn.Module):
     """Base class of the slide classifiers built by ``tcssa.mil.build_model``.
 
     Subclasses set ``name``, ``num_tokens`` (tokens per slide the classifier head
-    sees: K for token-budget models, None for full-bag models) and
+    sees: K for token-budget models, 1 for mean/max pooling, None for models that
+    attend over the whole bag) and
     ``requires_coords``, and implement ``forward`` starting with
     ``self.check_input``. ``config`` holds the ``build_model`` arguments that
     rebuild the model (JSON-serialisable; set by ``build_model``).

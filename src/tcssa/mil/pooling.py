@@ -11,6 +11,8 @@ class MeanPoolMIL(MILModel):
     """Mean of the slide's real patch features -> classifier head."""
 
     name = "mean"
+    # the head sees one token per slide (computed from every patch, as TC-SSA's 32 are)
+    num_tokens = 1
 
     def __init__(
         self, in_dim: int, num_classes: int, head_hidden: int = 512, head_dropout: float = 0.3

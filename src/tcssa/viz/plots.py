@@ -22,6 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from tcssa.train.metrics import mean_std
+
 COLLAPSE_SHARE = 0.5  # a slot receiving more than this share of the patches has collapsed the routing
 TITLE_SIZE = 13
 CHANCE_STYLE = {"color": "0.55", "linestyle": ":", "linewidth": 1.2}
@@ -164,8 +166,12 @@ class ModelScore:
     tokens: str = ""  # tokens per slide the head sees ("" / "all" for full-bag models)
 
 
-def comparison_bars(scores: Sequence[ModelScore], metric: str = "ROC AUC") -> Plot:
-    """Horizontal bars of mean test AUC per model with the fold-to-fold std as error bars."""
+def comparison_bars(scores: Sequence[ModelScore], metric: str = "ROC AUC", caption: str = "") -> Plot:
+    """Horizontal bars of mean test AUC per model with the fold-to-fold std (ddof 1) as error bars.
+
+    ``caption`` is the sentence computed from this run's numbers (the report's verdict); without one
+    the caption only says how to read the bars.
+    """
     if not scores:
         raise ValueError("comparison_bars needs at least one model")
     order = [s.model for s in scores]
@@ -182,16 +188,15 @@ def comparison_bars(scores: Sequence[ModelScore], metric: str = "ROC AUC") -> Pl
     labels = [_display_name(s.model) + (f"  ({s.tokens} tokens)" if s.tokens else "") for s in scores]
     ax.set_yticks(positions, labels)
     ax.axvline(0.5, **CHANCE_STYLE)
-    ax.set_xlim(0.0, max(1.2, float(np.nanmax(means + stds)) + 0.3))
+    # the axis holds every whole error bar (a bar of 0.30 ± 0.35 reaches below 0) and its label
+    left = min(0.0, float(np.nanmin(means - stds)) - 0.03) if np.isfinite(means).any() else 0.0
+    ax.set_xlim(left, max(1.2, float(np.nanmax(means + stds)) + 0.3))
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xlabel(f"test {metric} (mean ± std over folds; 0.5 = chance)")
     ax.set_ylabel("model (tokens per slide)")
     ax.grid(axis="x", alpha=0.3)
-    return _finish(
-        figure,
-        f"Slide classification: test {metric} per model",
-        "Longer bars are better; differences smaller than the error bars are within fold-to-fold noise.",
-    )
+    how = "Longer bars are better; error bars are the fold-to-fold std."
+    return _finish(figure, f"Slide classification: test {metric} per model", f"{caption} {how}".strip())
 
 
 @dataclass
@@ -243,9 +248,10 @@ def roc_curves(predictions: Mapping[str, Sequence[FoldPredictions]], columns: in
             curves.append(np.interp(grid, fpr, tpr))
             aucs.append(value)
         if curves:
+            mean, std = mean_std(aucs)  # the comparison table's definition (ddof 1)
             ax.plot(grid, np.mean(curves, axis=0), color=colour, linewidth=2.4)
             ax.set_title(
-                f"{_display_name(model)}: AUC {np.mean(aucs):.3f} ± {np.std(aucs):.3f}",
+                f"{_display_name(model)}: AUC {mean:.3f} ± {std:.3f}",
                 fontsize=10.5,
             )
         else:
@@ -287,14 +293,30 @@ class SweepPoint:
     auc_std: float
 
 
-def _sweep_axes(points: Sequence[SweepPoint], width: float = 7.5, height: float = 4.6):
+@dataclass
+class Reference:
+    """A model that has no token budget (it sees every patch), drawn as a level line with its std band."""
+
+    model: str
+    auc_mean: float
+    auc_std: float
+
+
+def _sweep_axes(
+    points: Sequence[SweepPoint],
+    references: Sequence[Reference] = (),
+    width: float = 8.5,
+    height: float = 4.6,
+):
     if not points:
         raise ValueError("a sweep plot needs at least one point")
     figure = _new_figure(width, height)
     ax = figure.subplots()
-    order = list(dict.fromkeys(p.model for p in points))
+    order = list(dict.fromkeys([p.model for p in points] + [r.model for r in references]))
     for index, model in enumerate(order):
         mine = sorted((p for p in points if p.model == model), key=lambda p: p.x)
+        if not mine:
+            continue
         # Shift each model a little along the (log) x axis so that error bars at one x do not overlap.
         dodge = 1.0 + 0.035 * (index - (len(order) - 1) / 2)
         ax.errorbar(
@@ -308,32 +330,43 @@ def _sweep_axes(points: Sequence[SweepPoint], width: float = 7.5, height: float 
             capsize=4,
             label=_display_name(model),
         )
+    for ref in references:
+        colour = model_colour(ref.model, order)
+        ax.axhline(ref.auc_mean, color=colour, linestyle="--", linewidth=1.4,
+                   label=f"{_display_name(ref.model)} (all patches)")  # fmt: skip
+        if np.isfinite(ref.auc_std) and ref.auc_std > 0:
+            ax.axhspan(ref.auc_mean - ref.auc_std, ref.auc_mean + ref.auc_std, color=colour, alpha=0.08)
     ax.axhline(0.5, **CHANCE_STYLE, label="chance")
-    low = min(0.45, np.nanmin([p.auc_mean - np.nan_to_num(p.auc_std) for p in points]) - 0.03)
-    ax.set_ylim(max(0.0, low), 1.02)
+    lows = [p.auc_mean - np.nan_to_num(p.auc_std) for p in points]
+    highs = [p.auc_mean + np.nan_to_num(p.auc_std) for p in points]
+    lows += [r.auc_mean - np.nan_to_num(r.auc_std) for r in references]
+    highs += [r.auc_mean + np.nan_to_num(r.auc_std) for r in references]
+    # every error bar whole: the axis is not cut at 0 or at 1
+    ax.set_ylim(min(0.45, float(np.nanmin(lows)) - 0.03), max(1.02, float(np.nanmax(highs)) + 0.02))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", frameon=True)
+    # the legend stands beside the axes, never over the data
+    figure.legend(loc="outside right upper", frameon=False, fontsize=9)
     return figure, ax
 
 
-def token_budget_sweep(points: Sequence[SweepPoint]) -> Plot:
-    """Test AUC against the token budget K (tokens per slide), log2 x axis."""
-    figure, ax = _sweep_axes(points)
+def token_budget_sweep(
+    points: Sequence[SweepPoint], references: Sequence[Reference] = (), caption: str = ""
+) -> Plot:
+    """Test AUC against the token budget K (tokens per slide), log2 x axis; full-bag models as lines."""
+    figure, ax = _sweep_axes(points, references)
     budgets = sorted({int(p.x) for p in points})
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(k) for k in budgets])
     ax.minorticks_off()
     ax.set_xlabel("token budget K (tokens per slide, log2 scale)")
     ax.set_ylabel("test ROC AUC (mean ± std over folds)")
+    how = "Dashed lines: models without a token budget (they see every patch); error bars: fold std."
     return _finish(
-        figure,
-        "How many tokens does a slide need? AUC vs token budget K",
-        "Aggregation (TC-SSA) should stay high at small K, where sampling K patches (random-k) "
-        "misses the rare evidence and drops towards chance.",
+        figure, "How many tokens does a slide need? AUC vs token budget K", f"{caption} {how}".strip()
     )
 
 
-def lesion_fraction_sweep(points: Sequence[SweepPoint], num_tokens: int = 32) -> Plot:
+def lesion_fraction_sweep(points: Sequence[SweepPoint], num_tokens: int = 32, caption: str = "") -> Plot:
     """Test AUC against the fraction of lesion patches in positive slides (%, log x axis)."""
     figure, ax = _sweep_axes(points)
     fractions = sorted({p.x for p in points})
@@ -342,15 +375,24 @@ def lesion_fraction_sweep(points: Sequence[SweepPoint], num_tokens: int = 32) ->
     ax.minorticks_off()
     ax.set_xlabel("lesion fraction of positive slides (% of patches, log scale)")
     ax.set_ylabel("test ROC AUC (mean ± std over folds)")
+    how = "Each point: one band's positive slides against all negatives; error bars: fold std."
     return _finish(
-        figure,
-        f"Unsafe pruning: AUC vs lesion size at K = {num_tokens}",
-        "The smaller the lesion, the more a K-patch sample misses it: watch where random-k falls "
-        "towards chance while TC-SSA and ABMIL, which see every patch, hold up.",
+        figure, f"Unsafe pruning: AUC vs lesion size at K = {num_tokens}", f"{caption} {how}".strip()
     )
 
 
 # --- slots -------------------------------------------------------------------------------------------
+
+
+def collapse_threshold(of_patches: bool, top_k: int = 2) -> float:
+    """The collapse line on the scale of the shares given.
+
+    Collapse means one slot receives more than ``COLLAPSE_SHARE`` of the patches. Shares of the
+    patches (they sum to top-k) are compared with it directly; shares of all routing assignments
+    (they sum to 1, the older ``share`` column) can never exceed 1/top-k, so the same rule reads
+    ``COLLAPSE_SHARE / top_k`` there.
+    """
+    return COLLAPSE_SHARE if of_patches else COLLAPSE_SHARE / top_k
 
 
 def slot_utilisation(
@@ -359,8 +401,10 @@ def slot_utilisation(
     folds: Sequence[int] | None = None,
     *,
     of_patches: bool = True,
+    top_k: int = 2,
 ) -> Plot:
-    """How much each slot receives: mean over folds (bars) and every fold (heat map).
+    """How much each slot receives: mean over folds (bars, whiskers from the lowest to the highest
+    fold, so they never pass below 0) and every fold (heat map).
 
     ``shares`` is folds x K: with ``of_patches`` the share of each fold's test patches routed to the
     slot (sums to top-k over the slots), else its share of all routing assignments (sums to 1).
@@ -369,24 +413,22 @@ def slot_utilisation(
     shares = np.atleast_2d(np.asarray(shares, dtype=float))
     num_folds, num_slots = shares.shape
     percent = 100 * shares
-    figure = _new_figure(max(8.0, 0.28 * num_slots + 2.0), 5.6)
+    threshold = 100 * collapse_threshold(of_patches, top_k)
+    figure = _new_figure(max(8.0, 0.28 * num_slots + 2.0), 6.2)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[1.5, 1])
     slots = np.arange(num_slots)
     colours = slot_palette(num_slots)
-    top.bar(slots, percent.mean(axis=0), yerr=percent.std(axis=0), color=colours, capsize=2, width=0.8)
-    top.axhline(
-        100 * COLLAPSE_SHARE,
-        color="#b30000",
-        linestyle="--",
-        linewidth=1.2,
-        label=f"collapse threshold ({100 * COLLAPSE_SHARE:.0f}%)",
-    )
+    mean = percent.mean(axis=0)
+    whiskers = np.stack([mean - percent.min(axis=0), percent.max(axis=0) - mean])
+    top.bar(slots, mean, yerr=whiskers, color=colours, capsize=2, width=0.8)
+    top.axhline(threshold, color="#b30000", linestyle="--", linewidth=1.2,
+                label=f"collapse threshold ({threshold:.0f}%)")  # fmt: skip
     uniform = 100 * float(shares.sum(axis=1).mean()) / num_slots  # whether shares sum to 1 or to top-k
     top.axhline(uniform, color="0.3", linestyle=":", linewidth=1.4, label=f"uniform ({uniform:.2g}%)")
-    top.legend(loc="upper right", fontsize=9)
-    top.set_ylim(0, max(100 * COLLAPSE_SHARE * 1.15, float(np.nanmax(percent)) * 1.1))
+    top.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize=9, frameon=False)
+    top.set_ylim(0, max(threshold * 1.15, float(np.nanmax(percent)) * 1.1))
     what = "test patches routed to it (%)" if of_patches else "share of assignments (%)"
-    top.set_ylabel(f"{what}\nmean ± std over folds")
+    top.set_ylabel(f"{what}\nmean, range over folds")
     top.grid(axis="y", alpha=0.3)
     image = bottom.imshow(percent, aspect="auto", cmap="viridis", interpolation="nearest")
     fold_names = list(folds) if folds is not None else list(range(num_folds))
@@ -397,9 +439,14 @@ def slot_utilisation(
     bottom.set_xticks(slots[::tick_step])
     colourbar = figure.colorbar(image, ax=bottom, pad=0.01)
     colourbar.set_label("share (%)")
+    fold, slot = np.unravel_index(int(np.nanargmax(percent)), percent.shape)
+    largest = float(percent[fold, slot])
+    verdict = "above" if largest > threshold else "below"
+    unit = "of its test patches" if of_patches else "of its routing assignments"
     caption = (
-        "Healthy routing spreads the patches over many slots; one slot above the red line "
-        "(more than half of a fold's patches) means collapse."
+        f"The largest slot (slot {slot} in fold {fold_names[fold]}) receives {largest:.1f}% {unit}, "
+        f"{verdict} the collapse line at {threshold:.0f}%; "
+        f"{int((mean > 0).sum())} of {num_slots} slots receive patches on average."
     )
     if counts is not None:
         total = int(np.asarray(counts).sum())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tcssa import __version__
 from tcssa.viz import plots
-from tcssa.viz.runs import CompareRun, load_compare_run, read_csv_rows, to_float
+from tcssa.viz.runs import CompareRun, fold_scores, load_compare_run, read_csv_rows, to_float
 
 SWEEP_DIR = "sweeps"
 TOKEN_BUDGET_CSV = "token_budget.csv"
@@ -109,31 +109,114 @@ def _tokens(row: dict[str, str]) -> float:
         return math.nan
 
 
-def comparison_table_html(rows: Sequence[dict[str, str]], mean_patches: float | None = None) -> str:
-    """The headline table: AUC, balanced accuracy, F1 (mean ± std), tokens, compression N/K, train time."""
-    best = max((to_float(r.get("auc_mean")) for r in rows), default=math.nan)
+@dataclass
+class Uncertainty:
+    """The bootstrap view of a comparison: each model's AUC interval and the paired differences.
+
+    Built only when every model of the table has binary per-fold predictions on the same test slides;
+    otherwise ``reason`` says why there is none.
+    """
+
+    intervals: dict = field(default_factory=dict)  # model -> AUCInterval
+    against: dict = field(default_factory=dict)  # (a, b) -> PairedAUCDifference
+    best: str | None = None  # the model that beats every other beyond the interval, if one does
+    reason: str = ""
+
+    def difference(self, a: str, b: str):
+        return self.against.get((a, b))
+
+
+def comparison_uncertainty(compare: CompareRun, *, replicates: int = 2000, seed: int = 0) -> Uncertainty:
+    """Paired stratified bootstrap (``tcssa.train.bootstrap``) over the test slides of the run."""
+    from tcssa.train.bootstrap import auc_interval, paired_auc_difference
+
+    names = [n for n in compare.model_names if n in compare.models and compare.models[n].predictions]
+    if len(names) < len(compare.model_names):
+        return Uncertainty(reason="some models have no per-fold predictions")
+    try:
+        scores = {n: fold_scores(compare.models[n]) for n in names}
+        result = Uncertainty()
+        result.intervals = {n: auc_interval(scores[n], replicates=replicates, seed=seed) for n in names}
+        ranked = sorted(names, key=lambda n: -result.intervals[n].mean)
+        for a in names:
+            for b in names:
+                if a != b:
+                    result.against[(a, b)] = paired_auc_difference(
+                        scores[a], scores[b], names=(a, b), replicates=replicates, seed=seed
+                    )
+    except ValueError as err:  # multi-class runs, a fold with one class, different test slides
+        return Uncertainty(reason=str(err))
+    top = ranked[0]
+    if len(ranked) > 1 and all(result.against[(top, other)].supported for other in ranked[1:]):
+        result.best = top
+    return result
+
+
+def _tokens_text(row: dict[str, str]) -> str:
+    tokens = _tokens(row)
+    return f"{tokens:.0f}" if not math.isnan(tokens) else "all N"
+
+
+def comparison_table_html(
+    rows: Sequence[dict[str, str]], mean_patches: float | None = None, uncertainty: Uncertainty | None = None
+) -> str:
+    """The headline table: AUC (mean ± std, and its bootstrap interval), balanced accuracy, F1, tokens,
+    compression N/K, train time. A row is highlighted only when its model beats every other beyond
+    the paired bootstrap interval (never on the mean alone)."""
+    intervals = uncertainty.intervals if uncertainty else {}
     head = (
-        "<tr><th>model</th><th>ROC AUC</th><th>balanced accuracy</th><th>macro F1</th>"
+        "<tr><th>model</th><th>ROC AUC (mean ± std)</th>"
+        + ("<th>AUC 95% CI</th>" if intervals else "")
+        + "<th>balanced accuracy</th><th>macro F1</th>"
         "<th>tokens per slide</th><th>compression N/K</th><th>train time</th></tr>"
     )
     body = []
     for row in rows:
         tokens = _tokens(row)
-        token_text = f"{tokens:.0f}" if not math.isnan(tokens) else "all N"
         if math.isnan(tokens) or not mean_patches:
             ratio = "1× (all patches)" if math.isnan(tokens) else "n/a"
         else:
             ratio = f"{mean_patches / tokens:,.0f}×"
-        is_best = to_float(row.get("auc_mean")) == best and not math.isnan(best)
+        is_best = uncertainty is not None and uncertainty.best == row["model"]
+        interval = intervals.get(row["model"])
+        ci = (
+            f"<td>{interval.low:.3f} – {interval.high:.3f}</td>"
+            if interval
+            else ("<td>n/a</td>" if intervals else "")
+        )
         body.append(
             f"<tr{' class=best' if is_best else ''}><td>{esc(row['model'])}</td>"
-            f"<td>{_fmt_mean_std(row.get('auc_mean'), row.get('auc_std'))}</td>"
+            f"<td>{_fmt_mean_std(row.get('auc_mean'), row.get('auc_std'))}</td>{ci}"
             f"<td>{_fmt_mean_std(row.get('bacc_mean'), row.get('bacc_std'))}</td>"
             f"<td>{_fmt_mean_std(row.get('f1_mean'), row.get('f1_std'))}</td>"
-            f"<td>{esc(token_text)}</td><td>{esc(ratio)}</td>"
+            f"<td>{esc(_tokens_text(row))}</td><td>{esc(ratio)}</td>"
             f"<td>{_fmt_seconds(row.get('train_seconds'))}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def verdict_lines(uncertainty: Uncertainty, focus: str = "tcssa") -> list[str]:
+    """Sentences computed from the run: does ``focus`` beat each other model beyond the interval?"""
+    if uncertainty.reason:
+        return [f"No bootstrap intervals: {uncertainty.reason}."]
+    lines = []
+    if uncertainty.best:
+        lines.append(f"{plots._display_name(uncertainty.best)} has the highest AUC, beyond the 95% paired "
+                     "bootstrap interval against every other model.")  # fmt: skip
+    else:
+        lines.append("No model beats every other beyond the 95% paired bootstrap interval, so none is "
+                     "highlighted as best.")  # fmt: skip
+    others = [b for (a, b) in uncertainty.against if a == focus]
+    for other in others:
+        d = uncertainty.against[(focus, other)]
+        verdict = (
+            "supported" if d.supported else "worse beyond noise" if d.difference.high < 0 else "not supported"
+        )
+        lines.append(
+            f"{plots._display_name(focus)} − {plots._display_name(other)}: AUC {d.difference.mean:+.3f} "
+            f"[95% CI {d.difference.low:+.3f}, {d.difference.high:+.3f}], {verdict}."
+        )
+    return lines
 
 
 def _sweep_points(path: Path, x_column: str) -> list[plots.SweepPoint]:
@@ -142,6 +225,38 @@ def _sweep_points(path: Path, x_column: str) -> list[plots.SweepPoint]:
         plots.SweepPoint(r["model"], to_float(r[x_column]), to_float(r["auc_mean"]), to_float(r["auc_std"]))
         for r in rows
     ]
+
+
+def _at(points: Sequence[plots.SweepPoint], model: str, x: float) -> plots.SweepPoint | None:
+    return next((p for p in points if p.model == model and p.x == x), None)
+
+
+def _point_text(point: plots.SweepPoint | None) -> str:
+    return "n/a" if point is None or math.isnan(point.auc_mean) else f"{point.auc_mean:.2f}"
+
+
+def budget_caption(points: Sequence[plots.SweepPoint]) -> str:
+    """What the token budget sweep of this run shows, in numbers."""
+    budgets = sorted({p.x for p in points})
+    models = list(dict.fromkeys(p.model for p in points))
+    ends = [budgets[0], budgets[-1]] if len(budgets) > 1 else budgets
+    parts = [
+        f"K = {k:.0f}: "
+        + ", ".join(f"{plots._display_name(m)} {_point_text(_at(points, m, k))}" for m in models)
+        for k in ends
+    ]
+    return "Test AUC at the smallest and largest budget — " + "; ".join(parts) + "."
+
+
+def lesion_caption(points: Sequence[plots.SweepPoint]) -> str:
+    """What the lesion-size sweep of this run shows, in numbers: the smallest and largest lesions."""
+    bands = sorted({p.x for p in points})
+    models = list(dict.fromkeys(p.model for p in points))
+    parts = []
+    for x in [bands[0], bands[-1]] if len(bands) > 1 else bands:
+        values = ", ".join(f"{plots._display_name(m)} {_point_text(_at(points, m, x))}" for m in models)
+        parts.append(f"lesions around {100 * x:.2g}% of the patches: {values}")
+    return "Test AUC — " + "; ".join(parts) + "."
 
 
 def _note(text: str, kind: str = "note") -> str:
@@ -222,13 +337,22 @@ def build_report(
     page.add(_header_html(compare, demo, title))
 
     page.section("Comparison")
-    page.add(comparison_table_html(compare.rows, mean_patches))
+    uncertainty = comparison_uncertainty(compare)
+    page.add(comparison_table_html(compare.rows, mean_patches, uncertainty))
     page.add(
-        "<p>Mean ± std over the test folds; the best AUC is highlighted. Tokens per slide is what the "
-        "classifier head sees; compression N/K divides the mean number of patches per slide"
-        + (f" ({mean_patches:,.0f})" if mean_patches else "")
-        + " by it.</p>"
+        "<p>Mean ± std (ddof 1) over the test folds"
+        + (
+            "; the 95% interval of the mean-over-folds AUC is a stratified bootstrap over each fold's "
+            "test slides (2,000 resamples), and a row is highlighted only when its model beats every "
+            "other beyond the paired interval"
+            if uncertainty.intervals
+            else ""
+        )
+        + ". Tokens per slide is what the classifier head sees; compression N/K divides the mean number "
+        "of patches per slide" + (f" ({mean_patches:,.0f})" if mean_patches else "") + " by it.</p>"
     )
+    verdicts = verdict_lines(uncertainty)
+    page.add("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in verdicts) + "</ul>")
     if demo and demo.get("token_budget"):
         page.add("<p>What the trained TC-SSA does to the largest slide of the cohort:</p>")
         page.add(f"<pre>{esc(chr(10).join(demo['token_budget']))}</pre>")
@@ -241,7 +365,7 @@ def build_report(
         )
         for r in compare.rows
     ]
-    page.figure(lambda: plots.comparison_bars(scores), "AUC per model")
+    page.figure(lambda: plots.comparison_bars(scores, caption=" ".join(verdicts[:2])), "AUC per model")
     predictions = {name: run.predictions for name, run in compare.models.items() if run.predictions}
     if predictions:
         page.figure(lambda: plots.roc_curves(predictions), "ROC curves")
@@ -252,12 +376,28 @@ def build_report(
     sweep_dir = compare.path / SWEEP_DIR
     budget_csv, lesion_csv = sweep_dir / TOKEN_BUDGET_CSV, sweep_dir / LESION_FRACTION_CSV
     if budget_csv.is_file():
+        budget_points = _sweep_points(budget_csv, "num_tokens")
+        swept = {p.model for p in budget_points}
+        # models without a token budget (they see every patch) are level lines at their comparison AUC
+        references = [
+            plots.Reference(r["model"], to_float(r.get("auc_mean")), to_float(r.get("auc_std")))
+            for r in compare.rows
+            if r["model"] not in swept and math.isnan(_tokens(r))
+        ]
+        # a model with a fixed budget that was not swept (mean pooling: 1 token) is one point at its K
+        budget_points += [
+            plots.SweepPoint(r["model"], _tokens(r), to_float(r.get("auc_mean")), to_float(r.get("auc_std")))
+            for r in compare.rows
+            if r["model"] not in swept and not math.isnan(_tokens(r))
+        ]
         page.figure(
-            lambda: plots.token_budget_sweep(_sweep_points(budget_csv, "num_tokens")), "token budget sweep"
+            lambda: plots.token_budget_sweep(budget_points, references, budget_caption(budget_points)),
+            "token budget sweep",
         )
     if lesion_csv.is_file():
+        lesion_points = _sweep_points(lesion_csv, "lesion_fraction")
         page.figure(
-            lambda: plots.lesion_fraction_sweep(_sweep_points(lesion_csv, "lesion_fraction")),
+            lambda: plots.lesion_fraction_sweep(lesion_points, caption=lesion_caption(lesion_points)),
             "lesion fraction sweep",
         )
         if demo and demo.get("lesion_sweep_note"):
@@ -278,17 +418,18 @@ def build_report(
         use = run.slot_shares()
         folds, shares, counts = use.folds, use.shares, use.counts
         unit = "of the test patches" if use.of_patches else "of the routing assignments"
+        threshold = plots.collapse_threshold(use.of_patches)
         collapsed = [
             (fold, float(shares[i].max()), int(shares[i].argmax()))
             for i, fold in enumerate(folds)
-            if shares[i].max() > plots.COLLAPSE_SHARE
+            if shares[i].max() > threshold
         ]
         if collapsed:
             details = "; ".join(f"fold {f}: slot {k} receives {100 * s:.0f}%" for f, s, k in collapsed)
             page.add(
                 _note(
                     f"Slot collapse in {run.name}: one slot receives more than "
-                    f"{100 * plots.COLLAPSE_SHARE:.0f}% {unit} ({details}). Raise the routing "
+                    f"{100 * threshold:.0f}% {unit} ({details}). Raise the routing "
                     "loss weight (model option aux_weight) or check the features.",
                     "warn",
                 )
@@ -298,7 +439,7 @@ def build_report(
                 _note(
                     f"No slot collapse in {run.name}: the largest slot receives "
                     f"{100 * float(shares.max()):.1f}% {unit} (threshold "
-                    f"{100 * plots.COLLAPSE_SHARE:.0f}%).",
+                    f"{100 * threshold:.0f}%).",
                     "ok",
                 )
             )
