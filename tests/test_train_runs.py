@@ -139,7 +139,7 @@ def test_compare_runs_every_model_on_the_same_folds(cohort, tmp_path, capsys):
     assert "| mean |" in capsys.readouterr().out
     rows = _rows(out / "comparison.csv")
     assert list(rows[0]) == COMPARISON_COLUMNS
-    assert [(r["model"], r["tokens"]) for r in rows] == [("mean", "all"), ("random-k", "4")]
+    assert [(r["model"], r["tokens"]) for r in rows] == [("mean", "1"), ("random-k", "4")]
     for r in rows:
         aucs = [float(s["test_auc"]) for s in _rows(out / r["model"] / "summary.csv")]
         assert float(r["auc_mean"]) == pytest.approx(np.mean(aucs), abs=1e-5)
