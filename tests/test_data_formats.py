@@ -329,3 +329,132 @@ def test_bad_csv_files(tmp_path):
     nan.write_text("0,1\n1,nan\n")
     with pytest.raises(ValueError, match="nan.csv: features contain NaN"):
         read_bag(nan)
+
+
+# ------------------------------------------------------------------ huge values, unwritten data, full disks
+
+
+@pytest.mark.parametrize("ext", [".h5", ".npy", ".pt"])
+def test_finite_but_huge_features_are_refused_naming_the_file(tmp_path, ext):
+    features = _features()
+    features[6, 2] = 3e38  # finite in float32, and it would overflow the gate's logits
+    path = tmp_path / f"huge{ext}"
+    if ext == ".h5":
+        write_h5(path, features)
+    elif ext == ".npy":
+        np.save(path, features)
+    else:
+        torch.save(torch.from_numpy(features), path)
+    with pytest.raises(
+        ValueError, match=rf"huge\{ext}: feature values reach 3e\+38, beyond .*1 of 10 patches .*\[6\]"
+    ):
+        read_bag(path)
+    from tcssa.data import scan_values
+
+    with pytest.raises(ValueError, match=rf"huge\{ext}: feature values reach 3e\+38"):
+        scan_values(path, block_bytes=64)  # block by block: the bad row is found in its block
+
+
+def test_magnitude_bound_keeps_real_feature_ranges_and_float64_overflow_is_a_magnitude_error(tmp_path):
+    from tcssa.data import MAX_FEATURE_MAGNITUDE
+
+    ok = _features() * 300  # a large LayerNorm output is still far inside the bound
+    assert read_bag(write_h5(tmp_path / "ok.h5", ok)).dim == 8
+    assert MAX_FEATURE_MAGNITUDE < np.finfo(np.float16).max
+    big = _features().astype(np.float64)
+    big[1, 1] = -1e300  # beyond float32: must not be reported as "NaN or Inf"
+    np.save(tmp_path / "f64.npy", big)
+    with pytest.raises(ValueError, match=r"f64.npy: feature values reach 1e\+300.*first rows: \[1\]"):
+        read_bag(tmp_path / "f64.npy")
+
+
+def test_h5_whose_data_was_never_written_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "unwritten.h5"
+    with h5py.File(path, "w") as f:  # the header claims 24.6 GB; the file holds a few hundred bytes
+        f.create_dataset("features", shape=(6_000_000, 1024), dtype="float32")
+    with pytest.raises(
+        ValueError, match=r"unwritten.h5: features 6000000x1024 float32 \(24.6 GB\) is declared"
+    ):
+        peek_shape(path)
+    with pytest.raises(ValueError, match="unwritten.h5: .*never written"):
+        read_bag(path)
+    chunked = tmp_path / "half.h5"
+    with h5py.File(chunked, "w") as f:
+        f.create_dataset("features", shape=(100, 8), dtype="float32", chunks=(10, 8))[:30] = 1.0
+    with pytest.raises(ValueError, match=r"half.h5: .*has 3 of its 10 chunks stored"):
+        read_bag(chunked)
+
+
+def _fail_mid_write(monkeypatch, when="phenotype", err=None):
+    """h5py's create_dataset writes a few datasets, then the disk is full."""
+    import errno
+
+    original = h5py.Group.create_dataset
+
+    def create_dataset(self, name, *args, **kwargs):
+        if name == when:
+            raise err or OSError(errno.ENOSPC, "No space left on device")
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        None,  # a plain OSError(ENOSPC)
+        OSError(  # h5py's wording, errno in the message
+            "Can't synchronously write data (file write failed: ..., errno = 28, "
+            "error message = 'No space left on device', ...)"
+        ),
+        RuntimeError("Can't decrement id ref count (file write failed: errno = 28, No space left on device)"),
+    ],
+)
+def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_file(tmp_path, monkeypatch, err):
+    from tcssa.data import NoSpaceError
+
+    _fail_mid_write(monkeypatch, err=err)
+    target = tmp_path / "slide.h5"
+    with pytest.raises(NoSpaceError, match=r"^no space left writing .*slide.h5") as caught:
+        write_h5(target, _features(), _coords(), extra={"phenotype": np.zeros(10)})
+    assert caught.value.errno == 28 and isinstance(caught.value, ValueError)  # the CLI prints ValueErrors
+    assert list(tmp_path.iterdir()) == []  # neither slide.h5 nor slide.h5.partial
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    _fail_mid_write(monkeypatch, err=OSError(13, "Permission denied"))
+    with pytest.raises(OSError, match="Permission denied") as caught:
+        write_h5(tmp_path / "slide.h5", _features(), extra={"phenotype": np.zeros(10)})
+    assert "no space" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs, where mounting is allowed (root on Linux); skipped elsewhere."""
+    import os
+    import subprocess
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_write_h5_on_a_really_full_disk(tiny_disk):
+    from tcssa.data import NoSpaceError
+
+    write_h5(tiny_disk / "small.h5", _features())  # fits
+    with pytest.raises(NoSpaceError, match=r"no space left writing .*big.h5 \(.*MiB free"):
+        write_h5(tiny_disk / "big.h5", _features(n=2000, d=256))  # 2 MB into 1 MiB
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["small.h5"]
+    assert read_bag(tiny_disk / "small.h5").num_patches == 10

@@ -57,6 +57,54 @@ def check_features(features: np.ndarray, source: str | Path) -> np.ndarray:
     return features
 
 
+# The largest |feature value| a bag may hold. Patch encoders emit values far below it: an encoder
+# ending in a LayerNorm (UNI, CONCH, Virchow, GigaPath, H-optimus, ...) bounds each output by
+# sqrt(D - 1) * |gamma| + |beta|, about 40 |gamma| at D = 1536, and ResNet / CLAM features (ReLU then
+# average pooling) stay in the tens. Anything beyond 1e4 is a corrupt file or not features (unscaled
+# sums, uninitialised memory, 3e38 float32 garbage). Bounded inputs keep every float32 product
+# downstream finite with room to spare: a gate logit sum_d x_d w_dk is at most D * 1e4 * |w|
+# (1e4 * 1e4 * 10 = 1e9 even at D = 1e4 and absurd weights), its square in the router z-loss about
+# 1e18, and a squared norm D * 1e8 = 1e12, all far below float32's 3.4e38; and the bound sits below
+# float16's 65504, so the float16 cache of a bag can never overflow either. Bags beyond it are
+# refused, not rescaled: rescaling one slide would silently change what the model sees.
+MAX_FEATURE_MAGNITUDE = 1e4
+
+
+def magnitude_error(source: str | Path, peak: float, bad_rows: list[int], num_bad: int, num_rows: int) -> str:
+    """The message for features beyond ``MAX_FEATURE_MAGNITUDE`` (one wording for every check)."""
+    return (
+        f"{source}: feature values reach {peak:.3g}, beyond the bound |x| <= {MAX_FEATURE_MAGNITUDE:g}, "
+        f"in {num_bad} of {num_rows} patches (first rows: {bad_rows}). No patch encoder emits values "
+        "this large (a final LayerNorm keeps them near sqrt(D) at most); the file is probably corrupt "
+        "or holds something other than features, and values this large overflow or swamp the gate's "
+        "float32 logits. Re-extract the slide or leave it out; tcssa does not rescale a slide silently."
+    )
+
+
+def nonfinite_error(source: str | Path, bad_rows: list[int], num_bad: int, num_rows: int) -> str:
+    return (
+        f"{source}: features contain NaN or Inf in {num_bad} of {num_rows} patches (first rows: {bad_rows})"
+    )
+
+
+def value_problem(values: np.ndarray, source: str | Path, row_offset: int = 0, num_rows: int | None = None):
+    """None when a block of feature rows is finite and within ``MAX_FEATURE_MAGNITUDE``; else the
+    message (rows counted from ``row_offset``; ``num_rows`` is the bag's size, for the message).
+    Costs a min and a max over the block; the rows are located only when something is wrong."""
+    if values.size == 0:
+        return None
+    num_rows = len(values) if num_rows is None else num_rows
+    low, high = values.min(), values.max()  # NaN propagates through both
+    if np.issubdtype(values.dtype, np.floating) and not (np.isfinite(low) and np.isfinite(high)):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        return nonfinite_error(source, (bad[:5] + row_offset).tolist(), len(bad), num_rows)
+    if max(-float(low), float(high)) > MAX_FEATURE_MAGNITUDE:
+        bad = np.flatnonzero((np.abs(values.astype(np.float64)) > MAX_FEATURE_MAGNITUDE).any(axis=1))
+        peak = max(-float(low), float(high))
+        return magnitude_error(source, peak, (bad[:5] + row_offset).tolist(), len(bad), num_rows)
+    return None
+
+
 def all_finite(values: np.ndarray) -> bool:
     """True when no element is NaN or Inf (float16 through its exponent bits: several times faster)."""
     if values.dtype == np.float16:
@@ -106,12 +154,16 @@ def to_bag(
     if dtype is None:
         dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
     tensor = tensor.to(dtype)
-    if not torch.isfinite(tensor).all():
+    low, high = torch.aminmax(tensor)  # one pass; NaN propagates, so this also finds NaN and Inf
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        if features.dtype == np.float64 and np.isfinite(features).all():  # finite, beyond float32
+            raise ValueError(value_problem(features, source))
         bad = (~torch.isfinite(tensor)).any(dim=1).nonzero().flatten()
-        raise ValueError(
-            f"{source}: features contain NaN or Inf in {len(bad)} of {len(tensor)} patches "
-            f"(first rows: {bad[:5].tolist()})"
-        )
+        raise ValueError(nonfinite_error(source, bad[:5].tolist(), len(bad), len(tensor)))
+    peak = max(-float(low), float(high))
+    if peak > MAX_FEATURE_MAGNITUDE:
+        bad = (tensor.abs() > MAX_FEATURE_MAGNITUDE).any(dim=1).nonzero().flatten()
+        raise ValueError(magnitude_error(source, peak, bad[:5].tolist(), len(bad), len(tensor)))
     coords_tensor = None
     if coords is not None:
         if isinstance(coords, Tensor):

@@ -17,12 +17,17 @@ Formats, chosen by extension:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tcssa.data.bag import Bag, all_finite, check_coords, check_features, to_bag
+from tcssa.data.bag import Bag, all_finite, check_coords, check_features, to_bag, value_problem
 
 H5_EXTENSIONS = (".h5", ".hdf5")
 TORCH_EXTENSIONS = (".pt", ".pth")
@@ -49,47 +54,216 @@ def read_bag(
     Errors (missing file, corrupt file, bad shapes, NaN/Inf) name the file.
     """
     path = Path(path)
+    features, coords, attrs, extra_arrays = read_stored(path, extras)
+    return to_bag(features, coords, path.stem, path, attrs=attrs, extras=extra_arrays, dtype=dtype)
+
+
+def read_stored(path: str | Path, extras: Iterable[str] = ()):
+    """(features, coords, attrs, extras) as the file stores them, before any check or cast
+    (``read_bag`` is this plus ``to_bag``); features keep their stored dtype (e.g. int64)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature file not found: {path}")
     suffix = path.suffix.lower()
     extras = tuple(extras)
     if suffix in H5_EXTENSIONS:
-        features, coords, attrs, extra_arrays = _read_h5(path, extras)
-    elif suffix in TORCH_EXTENSIONS:
-        features, coords, attrs, extra_arrays = _read_torch(path, extras)
-    elif suffix in NUMPY_EXTENSIONS:
-        features, coords, attrs, extra_arrays = _read_numpy(path, extras)
-    elif suffix in CSV_EXTENSIONS:
-        features, coords, attrs, extra_arrays = _read_csv(path, extras)
-    else:
-        raise ValueError(
-            f"{path}: unknown feature file extension {path.suffix!r} (known: {', '.join(FEATURE_EXTENSIONS)})"
-        )
-    return to_bag(features, coords, path.stem, path, attrs=attrs, extras=extra_arrays, dtype=dtype)
+        return _read_h5(path, extras)
+    if suffix in TORCH_EXTENSIONS:
+        return _read_torch(path, extras)
+    if suffix in NUMPY_EXTENSIONS:
+        return _read_numpy(path, extras)
+    if suffix in CSV_EXTENSIONS:
+        return _read_csv(path, extras)
+    raise ValueError(
+        f"{path}: unknown feature file extension {path.suffix!r} (known: {', '.join(FEATURE_EXTENSIONS)})"
+    )
 
 
 def peek_shape(path: str | Path) -> tuple[int, int]:
     """(N, D) of a feature file, reading only the header where the format allows it (h5, npy)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in H5_EXTENSIONS:
-        with _open_h5(path) as f:
-            shape = _features_dataset(f, path).shape
-    elif suffix == ".npy" and path.is_file():
-        try:
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-        except ValueError as err:
-            raise ValueError(f"{path}: not a readable numeric .npy array ({err})") from err
-    else:
-        bag = read_bag(path, dtype=None)
-        return bag.num_patches, bag.dim
+    header = peek_header(path)
+    return header.num_patches, header.dim
+
+
+@dataclass(frozen=True)
+class FeatureHeader:
+    """What a feature file says about itself: shape, stored dtype, coords count.
+
+    ``header_only``: True when read from the header alone (h5, npy), so no value was looked at;
+    False when the format has no header and the file was read whole (and checked) to learn this.
+    """
+
+    path: Path
+    num_patches: int
+    dim: int
+    dtype: str  # as stored: "float16", "int64", ...; "text" for a CSV
+    coords: int | None  # number of coords rows, None without coords
+    header_only: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the features as stored (``text``: as float32)."""
+        size = 4 if self.dtype == "text" else np.dtype(self.dtype).itemsize
+        return self.num_patches * self.dim * size
+
+
+def _check_shape(path: Path, shape: tuple) -> tuple[int, int]:
     if len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
     if len(shape) != 2:
         raise ValueError(f"{path}: features must be N x D (2-D), got shape {tuple(shape)}")
     if shape[0] == 0:
         raise ValueError(f"{path}: empty bag (0 patches)")
+    if shape[1] == 0:
+        raise ValueError(f"{path}: features have dimension D = 0")
     return int(shape[0]), int(shape[1])
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> str:
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise ValueError(f"{path}: features have non-numeric dtype {dtype}")
+    return str(dtype)
+
+
+def peek_header(path: str | Path) -> FeatureHeader:
+    """Shape, stored dtype and coords count, reading only the header where the format allows it
+    (h5, npy: no feature value is read, whatever size the header claims); other formats are read
+    whole. Raises ValueError naming the file for what the header alone shows is wrong: no features,
+    not N x D, no patches, a non-numeric dtype, coords not N x 2, or an h5 dataset whose data was
+    never written (an interrupted write reads back as zeros)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in H5_EXTENSIONS:
+        with _open_h5(path) as f:
+            node = _features_dataset(f, path)
+            _check_written(node, path)
+            num_patches, dim = _check_shape(path, node.shape)
+            dtype = _check_dtype(path, node.dtype)
+            coords = f.get("coords")
+            count = None
+            if isinstance(coords, h5py.Dataset):
+                if len(coords.shape) != 2 or coords.shape[1] != 2:
+                    raise ValueError(f"{path}: coords must be N x 2, got shape {tuple(coords.shape)}")
+                if coords.shape[0] != num_patches:
+                    raise ValueError(
+                        f"{path}: {coords.shape[0]} coords for {num_patches} feature rows (counts must match)"
+                    )
+                _check_written(coords, path)
+                count = int(coords.shape[0])
+        return FeatureHeader(path, num_patches, dim, dtype, count, header_only=True)
+    if suffix == ".npy" and path.is_file():
+        array = _npy_memmap(path)
+        num_patches, dim = _check_shape(path, array.shape)
+        return FeatureHeader(path, num_patches, dim, _check_dtype(path, array.dtype), None, header_only=True)
+    features, coords, _, _ = read_stored(path)
+    bag = to_bag(features, coords, path.stem, path, dtype=None)
+    dtype = "text" if suffix in CSV_EXTENSIONS else _stored_dtype(features)
+    count = None if bag.coords is None else len(bag.coords)
+    return FeatureHeader(path, bag.num_patches, bag.dim, dtype, count, header_only=False)
+
+
+def _stored_dtype(features) -> str:
+    if isinstance(features, Tensor):
+        return str(features.dtype).removeprefix("torch.")
+    return str(np.asarray(features).dtype)
+
+
+def _npy_memmap(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a readable numeric .npy array ({err})") from err
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable numpy file ({err})") from err
+
+
+# Feature values are checked in blocks of about this many bytes, so no check holds a whole bag.
+SCAN_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ValueScan:
+    """What ``scan_values`` looked at: ``rows_checked`` of ``num_patches`` rows (all unless sampled)."""
+
+    num_patches: int
+    rows_checked: int
+    coords_extent: tuple[int, int, int, int] | None = None  # over the checked rows
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_checked == self.num_patches
+
+
+def scan_values(
+    path: str | Path, *, max_bytes: int | None = None, block_bytes: int = SCAN_BLOCK_BYTES
+) -> ValueScan:
+    """Check a file's feature values (finite, within ``MAX_FEATURE_MAGNITUDE``) block by block.
+
+    h5 and npy are read ``block_bytes`` at a time (memory stays bounded whatever N is); with
+    ``max_bytes`` only that many bytes of rows are checked, spread over the start, the middle and
+    the end of the file (a sample, for ``tcssa inspect`` on a huge file). Other formats are read
+    whole and get every check of ``read_bag``. Raises ValueError naming the file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in H5_EXTENSIONS and suffix != ".npy":
+        bag = read_bag(path, dtype=None)
+        extent = None
+        if bag.coords is not None:
+            low, high = bag.coords.min(0).values.tolist(), bag.coords.max(0).values.tolist()
+            extent = (low[0], low[1], high[0], high[1])
+        return ValueScan(bag.num_patches, bag.num_patches, extent)
+    header = peek_header(path)
+    n, row_bytes = header.num_patches, max(1, header.nbytes // header.num_patches)
+    rows_per_block = max(1, block_bytes // row_bytes)
+    if max_bytes is None or header.nbytes <= max_bytes:
+        ranges = [(start, min(n, start + rows_per_block)) for start in range(0, n, rows_per_block)]
+    else:
+        ranges = _sample_ranges(n, max(1, max_bytes // row_bytes), rows_per_block)
+    if suffix == ".npy":
+        array = _npy_memmap(path)
+        array = array[0] if array.ndim == 3 else array
+        for start, stop in ranges:
+            _raise_on_values(np.asarray(array[start:stop]), path, start, n)
+        return ValueScan(n, sum(stop - start for start, stop in ranges))
+    low = high = None
+    with _open_h5(path) as f:
+        features = _features_dataset(f, path)
+        coords = f["coords"] if header.coords is not None else None
+        try:
+            for start, stop in ranges:
+                block = features[0, start:stop] if features.ndim == 3 else features[start:stop]
+                _raise_on_values(block, path, start, n)
+                if coords is not None:
+                    part = coords[start:stop]
+                    low = part.min(0) if low is None else np.minimum(low, part.min(0))
+                    high = part.max(0) if high is None else np.maximum(high, part.max(0))
+        except OSError as err:
+            raise ValueError(f"{path}: HDF5 file is damaged ({err})") from err
+    extent = None if low is None else (int(low[0]), int(low[1]), int(high[0]), int(high[1]))
+    return ValueScan(n, sum(stop - start for start, stop in ranges), extent)
+
+
+def _sample_ranges(n: int, rows: int, rows_per_block: int) -> list[tuple[int, int]]:
+    """About ``rows`` rows in up to three runs (start, middle, end), each read in blocks."""
+    runs, per_run = [], max(1, rows // 3)
+    for start in (0, max(0, n // 2 - per_run // 2), max(0, n - per_run)):
+        stop = min(n, start + per_run)
+        if runs and start < runs[-1][1]:
+            start = runs[-1][1]
+        if start < stop:
+            runs.append((start, stop))
+    return [
+        (begin, min(stop, begin + rows_per_block))
+        for start, stop in runs
+        for begin in range(start, stop, rows_per_block)
+    ]
+
+
+def _raise_on_values(block: np.ndarray, path: Path, row_offset: int, num_rows: int) -> None:
+    problem = value_problem(block, path, row_offset, num_rows)
+    if problem:
+        raise ValueError(problem)
 
 
 def _no_extras(path: Path, extras: tuple[str, ...], available: Mapping) -> dict:
@@ -168,6 +342,16 @@ def _read_numpy(path: Path, extras: tuple[str, ...]):
 
 
 def _read_csv(path: Path, extras: tuple[str, ...]):
+    try:
+        return _read_csv_text(path, extras)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text (bytes {err.object[err.start : err.start + 4]!r} cannot be "
+            "decoded); a feature CSV holds numbers only"
+        ) from None
+
+
+def _read_csv_text(path: Path, extras: tuple[str, ...]):
     with open(path, encoding="utf-8-sig") as handle:
         header = handle.readline().strip()
         names = [c.strip().strip('"') for c in header.split(",")] if header else []
@@ -207,17 +391,46 @@ def _features_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
     return node
 
 
+def _check_written(node: h5py.Dataset, path: Path) -> None:
+    """Refuse a dataset whose header promises data that was never stored.
+
+    HDF5 allocates a dataset's storage when data is written and reads unwritten storage back as
+    the fill value (zeros), so a file whose writer died after creating ``features`` would read as a
+    bag of zeros. Two header-only checks catch it: a contiguous dataset with no storage at all, and
+    a chunked one with fewer chunks stored than its shape needs.
+    """
+    if node.size == 0 or node.is_virtual or node.external:
+        return
+    what = f"{node.name.lstrip('/')} {'x'.join(map(str, node.shape))} {node.dtype}"
+    expected = node.size * node.dtype.itemsize
+    if node.chunks is None:
+        if node.id.get_storage_size() < expected:
+            raise ValueError(
+                f"{path}: {what} ({_gigabytes(expected)}) is declared but its data was never written "
+                f"({node.id.get_storage_size():,} bytes stored): an interrupted or unfinished write"
+            )
+        return
+    needed = math.prod(math.ceil(s / c) for s, c in zip(node.shape, node.chunks, strict=True))
+    stored = node.id.get_num_chunks()
+    if stored < needed:
+        raise ValueError(
+            f"{path}: {what} ({_gigabytes(expected)}) has {stored} of its {needed} chunks stored; "
+            "the rest were never written (an interrupted write reads back as zeros)"
+        )
+
+
+def _gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e8 else f"{nbytes:,} bytes"
+
+
 def _read_h5(path: Path, extras: tuple[str, ...]):
     with _open_h5(path) as f:
         try:
             features_node = _features_dataset(f, path)
+            _check_written(features_node, path)
             features = features_node[()]
-            attrs = _plain_attrs(f.attrs)
-            attrs.update(_plain_attrs(features_node.attrs))
-            coords = None
-            if isinstance(f.get("coords"), h5py.Dataset):
-                coords = f["coords"][()]
-                attrs.update(_plain_attrs(f["coords"].attrs))
+            attrs = _h5_file_attrs(f)
+            coords = f["coords"][()] if isinstance(f.get("coords"), h5py.Dataset) else None
             extra_arrays = {}
             for name in extras:
                 if not isinstance(f.get(name), h5py.Dataset):
@@ -225,8 +438,34 @@ def _read_h5(path: Path, extras: tuple[str, ...]):
                 extra_arrays[name] = f[name][()]
         except OSError as err:  # truncated or damaged file: h5py opens it, reading fails
             raise ValueError(f"{path}: HDF5 file is damaged ({err})") from err
-    _derive_level0_patch_size(attrs)
     return features, coords, attrs, extra_arrays
+
+
+def _h5_file_attrs(f: h5py.File) -> dict:
+    """Root, features and coords attributes as plain values, with ``patch_size_level0`` derived."""
+    attrs = _plain_attrs(f.attrs)
+    for name in ("features", "coords"):
+        if isinstance(f.get(name), h5py.Dataset):
+            attrs.update(_plain_attrs(f[name].attrs))
+    _derive_level0_patch_size(attrs)
+    return attrs
+
+
+def read_h5_metadata(path: str | Path) -> tuple[dict, dict[str, tuple]]:
+    """(attrs, {dataset name: shape}) of an h5 feature file, reading no dataset's values."""
+    path = Path(path)
+    datasets: dict[str, tuple] = {}
+    with _open_h5(path) as f:
+        try:
+            attrs = _h5_file_attrs(f)
+            f.visititems(
+                lambda name, node: (
+                    datasets.__setitem__(name, node.shape) if isinstance(node, h5py.Dataset) else None
+                )
+            )
+        except OSError as err:
+            raise ValueError(f"{path}: HDF5 file is damaged ({err})") from err
+    return attrs, datasets
 
 
 def _derive_level0_patch_size(attrs: dict) -> None:
@@ -316,21 +555,76 @@ def write_h5(
         features = features.astype(dtype, copy=False)
     if coords is not None:
         coords = check_coords(_as_numpy(coords), len(features), path).astype(np.int64, copy=False)
+    for name in extra or {}:
+        if name in ("features", "coords"):
+            raise ValueError(f"{path}: extra dataset may not be called {name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
+        f.create_dataset("features", data=features)
+        attrs_home = f.create_dataset("coords", data=coords) if coords is not None else f
+        for key, value in (attrs or {}).items():
+            attrs_home.attrs[key] = _h5_attr(value)
+        for key, value in (file_attrs or {}).items():
+            f.attrs[key] = _h5_attr(value)
+        for name, values in (extra or {}).items():
+            f.create_dataset(name, data=_as_numpy(values))
+    return path
+
+
+# ----------------------------------------------------------------------------------- safe writes
+
+
+class NoSpaceError(OSError, ValueError):
+    """The disk filled up while writing ``filename``; nothing half-written was left behind.
+
+    An OSError (errno ENOSPC) and a ValueError, so the command line reports it as one clear line.
+    """
+
+    def __init__(self, path: str | Path, detail: str = "") -> None:
+        message = f"no space left writing {path}" + (f" ({detail})" if detail else "")
+        super().__init__(errno.ENOSPC, message, str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _is_no_space(err: BaseException) -> bool:
+    """Whether ``err``, or an error it wraps, is a full disk (h5py reports ENOSPC in its message)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err)
+        if "No space left on device" in text or "errno = 28," in text or "Disk quota exceeded" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"{free / 2**20:.1f} MiB free on {folder}"
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` through a temporary ``<name>.partial`` beside it, renamed onto ``path`` only
+    when the block succeeds; on any failure the partial file is removed, so a reader never finds a
+    half-written file under the real name. A full disk becomes a ``NoSpaceError`` naming ``path``.
+    """
+    path = Path(path)
     partial = path.with_name(path.name + ".partial")
     try:
-        with h5py.File(partial, "w") as f:
-            f.create_dataset("features", data=features)
-            attrs_home = f.create_dataset("coords", data=coords) if coords is not None else f
-            for key, value in (attrs or {}).items():
-                attrs_home.attrs[key] = _h5_attr(value)
-            for key, value in (file_attrs or {}).items():
-                f.attrs[key] = _h5_attr(value)
-            for name, values in (extra or {}).items():
-                if name in ("features", "coords"):
-                    raise ValueError(f"{path}: extra dataset may not be called {name!r}")
-                f.create_dataset(name, data=_as_numpy(values))
-        os.replace(partial, path)
+        try:
+            yield partial
+            os.replace(partial, path)
+        except Exception as err:
+            if _is_no_space(err):
+                raise NoSpaceError(path, _free_space(path.parent)) from err
+            raise
     finally:
         partial.unlink(missing_ok=True)
-    return path
