@@ -1,6 +1,7 @@
 """tcssa inspect: a file's description and a folder's table, with unreadable files as error rows."""
 
 import numpy as np
+import pytest
 import torch
 
 from tcssa.cli import main
@@ -64,3 +65,65 @@ def test_inspect_command_errors(tmp_path, capsys):
     empty.mkdir()
     assert main(["inspect", str(empty)]) == 0
     assert "no feature files" in capsys.readouterr().out
+
+
+def test_inspect_reports_the_stored_dtype(tmp_path):
+    folder = tmp_path / "ints"
+    folder.mkdir()
+    np.save(folder / "n.npy", np.arange(12, dtype=np.int64).reshape(3, 4))
+    torch.save({"features": torch.arange(12, dtype=torch.int64).reshape(3, 4)}, folder / "t.pt")
+    torch.save(torch.ones(3, 4, dtype=torch.bfloat16), folder / "b.pt")
+    write_h5(folder / "h.h5", np.arange(12, dtype=np.int64).reshape(3, 4))
+    dtypes = {s.path.name: s.dtype for s in inspect_folder(folder)}
+    assert dtypes == {"n.npy": "int64", "t.pt": "int64", "b.pt": "bfloat16", "h.h5": "int64"}
+
+
+def test_inspect_of_an_h5_claiming_25_gb_reads_only_its_header(tmp_path):
+    import tracemalloc
+
+    import h5py
+
+    path = tmp_path / "claims.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", shape=(6_000_000, 1024), dtype="float32")  # 24.6 GB, never written
+    tracemalloc.start()
+    try:
+        summaries = inspect_folder(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+    assert summaries[0].error.startswith("features 6000000x1024 float32 (24.6 GB) is declared but its data")
+
+
+def test_inspect_of_a_large_file_checks_a_bounded_sample(tmp_path, monkeypatch, capsys):
+    import tracemalloc
+
+    import h5py
+
+    from tcssa.data import inspection
+
+    monkeypatch.setattr(inspection, "INSPECT_READ_BYTES", 2**20)  # "large" = over 1 MiB here
+    monkeypatch.setattr(inspection, "INSPECT_SAMPLE_BYTES", 2**18)
+    features = np.random.default_rng(0).normal(size=(40_000, 64)).astype(np.float32)  # 10 MiB
+    coords = np.stack([np.arange(40_000) * 256, np.zeros(40_000)], axis=1)
+    path = write_h5(tmp_path / "big.h5", features, coords, attrs={"patch_size": 256})
+    tracemalloc.start()
+    try:
+        summary = summarize_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20  # far less than the 10 MiB of features
+    assert (summary.num_patches, summary.dim, summary.dtype) == (40_000, 64, "float32")
+    assert summary.sampled and 0 < summary.rows_checked <= 2**18 // (64 * 4)
+    assert summary.attrs == {"patch_size": 256} and summary.datasets["features"] == (40_000, 64)
+    x0, _, x1, _ = summary.coords_extent
+    assert x0 == 0 and x1 == 39_999 * 256  # the sample includes the start and the end
+    assert main(["inspect", str(path)]) == 0
+    assert "checked on a sample of 1,023 of 40,000 rows" in capsys.readouterr().out
+    with h5py.File(path, "r+") as f:  # write_h5 refuses NaN; damage the file in place
+        f["features"][39_990, 5] = np.nan  # in the last rows, which the sample covers
+    path.rename(tmp_path / "bad.h5")
+    with pytest.raises(ValueError, match=r"bad.h5: features contain NaN or Inf in 1 of 40000 patches.*39990"):
+        summarize_file(tmp_path / "bad.h5")

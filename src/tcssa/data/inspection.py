@@ -6,10 +6,25 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 from tqdm.auto import tqdm
 
-from tcssa.data.formats import FEATURE_EXTENSIONS, H5_EXTENSIONS, read_bag
+from tcssa.data.bag import to_bag
+from tcssa.data.formats import (
+    CSV_EXTENSIONS,
+    FEATURE_EXTENSIONS,
+    H5_EXTENSIONS,
+    peek_header,
+    read_h5_metadata,
+    read_stored,
+    scan_values,
+)
+
+# An h5 or npy file whose features take at most this many bytes is read whole, so every check of
+# ``read_bag`` runs. A larger one is described from its header (shape, dtype, attributes: no value
+# is read, whatever size the header claims) and its values are checked on a sample of at most
+# INSPECT_SAMPLE_BYTES of rows from its start, middle and end: ``inspect`` never allocates more.
+INSPECT_READ_BYTES = 256 * 2**20
+INSPECT_SAMPLE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -17,30 +32,54 @@ class FileSummary:
     path: Path
     num_patches: int | None = None
     dim: int | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # the features' dtype as stored in the file ("text" for a CSV)
     coords_extent: tuple[int, int, int, int] | None = None  # x_min, y_min, x_max, y_max
     attrs: dict = field(default_factory=dict)
     datasets: dict[str, tuple] = field(default_factory=dict)  # h5: every dataset and its shape
     error: str | None = None
+    rows_checked: int | None = None  # rows whose values were checked; None: every row
+    feature_bytes: int | None = None  # size of the features as stored
+
+    @property
+    def sampled(self) -> bool:
+        return self.rows_checked is not None and self.rows_checked != self.num_patches
 
 
 def summarize_file(path: str | Path) -> FileSummary:
-    """Read one feature file completely (so every check runs) and describe it; errors raise."""
+    """Describe one feature file; errors raise (ValueError naming the file).
+
+    A file up to ``INSPECT_READ_BYTES`` of features is read completely, so every check runs; a
+    larger h5 or npy file is described from its header, with its values checked on a bounded
+    sample (``rows_checked``), so a header claiming 25 GB allocates nothing of the sort.
+    """
     path = Path(path)
-    bag = read_bag(path, dtype=None)
-    summary = FileSummary(path, bag.num_patches, bag.dim, str(bag.features.dtype).removeprefix("torch."))
+    suffix = path.suffix.lower()
+    if suffix in H5_EXTENSIONS or suffix == ".npy":
+        header = peek_header(path)  # the header alone: shape, dtype, and that the data was written
+        if header.nbytes > INSPECT_READ_BYTES:
+            scan = scan_values(path, max_bytes=INSPECT_SAMPLE_BYTES)
+            summary = FileSummary(path, header.num_patches, header.dim, header.dtype)
+            summary.feature_bytes, summary.rows_checked = header.nbytes, scan.rows_checked
+            summary.coords_extent = scan.coords_extent
+            if suffix in H5_EXTENSIONS:
+                summary.attrs, summary.datasets = read_h5_metadata(path)
+            return summary
+    features, coords, attrs, extras = read_stored(path)
+    stored = "text" if suffix in CSV_EXTENSIONS else _dtype_name(features)
+    bag = to_bag(features, coords, path.stem, path, attrs=attrs, extras=extras, dtype=None)
+    summary = FileSummary(path, bag.num_patches, bag.dim, stored)
+    summary.feature_bytes = features.nbytes if hasattr(features, "nbytes") else None
     summary.attrs = bag.attrs
     if bag.coords is not None:
         low, high = bag.coords.min(0).values.tolist(), bag.coords.max(0).values.tolist()
         summary.coords_extent = (low[0], low[1], high[0], high[1])
-    if path.suffix.lower() in H5_EXTENSIONS:
-        with h5py.File(path, "r") as f:
-            f.visititems(
-                lambda name, node: (
-                    summary.datasets.__setitem__(name, node.shape) if isinstance(node, h5py.Dataset) else None
-                )
-            )
+    if suffix in H5_EXTENSIONS:
+        _, summary.datasets = read_h5_metadata(path)
     return summary
+
+
+def _dtype_name(values) -> str:
+    return str(values.dtype).removeprefix("torch.")
 
 
 def inspect_folder(folder: str | Path) -> list[FileSummary]:
@@ -64,11 +103,18 @@ def file_report(summary: FileSummary) -> str:
         f"patches:  N = {summary.num_patches:,}",
         f"features: D = {summary.dim}, stored as {summary.dtype}",
     ]
+    if summary.sampled:
+        lines.append(
+            f"values:   checked on a sample of {summary.rows_checked:,} of {summary.num_patches:,} rows "
+            f"(the features take {summary.feature_bytes / 1e9:.3g} GB; "
+            "only the header and the sample were read)"
+        )
     if summary.coords_extent is None:
         lines.append("coords:   none")
     else:
         x0, y0, x1, y1 = summary.coords_extent
-        lines.append(f"coords:   x {x0}..{x1}, y {y0}..{y1} (level-0 pixels)")
+        of = " (of the sampled rows)" if summary.sampled else ""
+        lines.append(f"coords:   x {x0}..{x1}, y {y0}..{y1} (level-0 pixels){of}")
     if summary.datasets:
         shown = ", ".join(f"{name} {tuple(shape)}" for name, shape in summary.datasets.items())
         lines.append(f"datasets: {shown}")
@@ -96,7 +142,8 @@ def folder_report(folder: str | Path, summaries: list[FileSummary]) -> str:
         else:
             coords = "yes" if s.coords_extent else "no"
             lines.append(
-                f"{s.path.name:<{name_width}}  {s.num_patches:>9,}  {s.dim:>6}  {s.dtype:<8}  {coords:<6}  ok"
+                f"{s.path.name:<{name_width}}  {s.num_patches:>9,}  {s.dim:>6}  {s.dtype:<8}  {coords:<6}  "
+                + (f"ok (values sampled: {s.rows_checked:,} rows)" if s.sampled else "ok")
             )
     good = [s for s in summaries if not s.error]
     errors = len(summaries) - len(good)
