@@ -201,3 +201,106 @@ def test_placeholder_count_and_length_errors():
     assert cut.input_ids == long.input_ids[:-5] and sum(cut.image_mask) == 4
     with pytest.raises(ValueError, match="max_length 3 is too short"):
         assemble(tokenized, 4, 0, max_length=3)
+
+
+SLIDEBENCH_HEADER = "ID,Slide,Tumor,Broad Category,Narrow Category,Question,A,B,C,D,Answer\n"
+
+
+def test_wsi_vqa_string_choice_is_refused_naming_file_and_id(tmp_path):
+    path = tmp_path / "wsi_strings.json"
+    good = {"Id": "TCGA-AA-0001", "Question": "grade?", "Choice": ["G1", "G2"], "Answer": "G2"}
+    for choice in ("ABCD", '["G1", "G2", "G3"]', "['G1', 'G2']"):
+        bad = {"Id": "TCGA-BB-0002", "Question": "grade?", "Choice": choice, "Answer": "G2"}
+        path.write_text(json.dumps([good, bad]))
+        with pytest.raises(
+            ValueError, match=r"wsi_strings\.json item 1 \(Id 'TCGA-BB-0002'\).*Choice is a string"
+        ):
+            read_wsi_vqa(path)
+    for choice in ({"a": "G1"}, 3, [["G1"], "G2"], [None, "G2"]):
+        bad = {"Id": "TCGA-BB-0002", "Question": "grade?", "Choice": choice, "Answer": "G2"}
+        path.write_text(json.dumps([good, bad]))
+        with pytest.raises(
+            ValueError, match=r"wsi_strings\.json item 1 \(Id 'TCGA-BB-0002'\).*list of choice"
+        ):
+            read_wsi_vqa(path)
+    # open questions: no Choice, null, [] or an empty string
+    opens = [{"Id": f"TCGA-C{i}", "Question": "vital status?", "Answer": "alive"} for i in range(4)]
+    for record, choice in zip(opens[1:], (None, [], " "), strict=True):
+        record["Choice"] = choice
+    path.write_text(json.dumps([good, *opens]))
+    items = read_wsi_vqa(path).items
+    assert [i.is_multiple_choice for i in items] == [True, False, False, False, False]
+    assert items[0].letters == ("A", "B") and items[0].answer == "B"
+    path.write_text(json.dumps([good, "not a record"]))
+    with pytest.raises(ValueError, match=r"item 1 \(Id None\): expected keys"):
+        read_wsi_vqa(path)
+
+
+@pytest.mark.parametrize("reader", [read_slidebench_vqa, read_slidebench_captions])
+def test_slidebench_duplicate_ids_are_refused_naming_file_and_ids(tmp_path, reader):
+    path = tmp_path / "dups.csv"
+    if reader is read_slidebench_vqa:
+        row = "{},TCGA-X,LUAD,Diagnosis,Grading,Grade?,G1,G2,,,B\n"
+        path.write_text(SLIDEBENCH_HEADER + "".join(row.format(i) for i in ("1", "2", "3", "2 ", "7", "1")))
+    else:
+        row = "{},TCGA-X,LUAD,Describe.,A caption.\n"
+        path.write_text(
+            "ID,Slide,Tumor,Question,Caption\n"
+            + "".join(row.format(i) for i in ("1", "2", "3", "2 ", "7", "1"))
+        )
+    with pytest.raises(
+        ValueError, match=r"dups\.csv: 2 duplicated ID\(s\): '1' on lines 2, 7; '2' on lines 3, 5"
+    ):
+        reader(path)
+    with pytest.raises(ValueError, match="duplicated ID"):
+        load_questions(path)
+
+
+def test_wsi_vqa_questions_about_one_case_share_its_id_but_not_a_question_id(tmp_path):
+    """WSI-VQA's Id is the case: several questions (even one question twice, as in the release) per Id."""
+    path = tmp_path / "wsi.json"
+    record = {"Id": "TCGA-AA-0001", "Question": "grade?", "Choice": ["G1", "G2"], "Answer": "G2"}
+    path.write_text(json.dumps([record, record, {**record, "Question": "stage?"}]))
+    items = read_wsi_vqa(path).items
+    assert len(items) == 3 and {i.slide_id for i in items} == {"TCGA-AA-0001"}
+    assert len({i.question_id for i in items}) == 3
+
+
+def test_real_question_files_have_unique_question_ids(shared_data):
+    for name in ("SlideBench-VQA-TCGA.csv", "WsiVQA_train.json", "WsiVQA_val.json", "WsiVQA_test.json"):
+        result = load_questions(shared_data / "vqa" / name)
+        ids = [i.question_id for i in result.items]
+        assert len(ids) == len(set(ids)), name
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_file_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    if suffix == ".csv":
+        text = SLIDEBENCH_HEADER + "1,TCGA-X,LUAD,Diagnosis,Grading,Grade?,G1,G2,,,B\n"
+        text += "2,TCGA-Y,LUAD,Diagnosis,Grading,Gr\u00e4de?,G1,G2,,,A\n"
+        bad_line, readers = 3, (read_slidebench_vqa, load_questions, detect_format)
+    else:
+        records = [
+            '{"Id": "TCGA-X", "Question": "q?", "Answer": "a"}',
+            '{"Id": "TCGA-Y", "Question": "\u00e9?", "Answer": "a"}',
+        ]
+        text = "[\n" + ",\n".join(records) + "\n]\n"
+        bad_line, readers = 3, (read_wsi_vqa, load_questions, detect_format)
+    path.write_bytes(text.encode("latin-1"))
+    for read in readers:
+        with pytest.raises(
+            ValueError, match=rf"latin1\{suffix}, line {bad_line}: not UTF-8 \(byte 0x(e4|e9) at column"
+        ):
+            read(path)
+    path.write_bytes(text.encode("utf-8-sig"))  # the same text as UTF-8 (with a BOM) reads
+    assert len(load_questions(path).items) == 2
+
+
+def test_a_slide_map_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path):
+    from tcssa.vlm.formats import read_slide_map
+
+    path = tmp_path / "map.csv"
+    path.write_bytes("key,slide_id\nTCGA-A,s1\nTCGA-\u00df,s2\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"map\.csv, line 3: not UTF-8"):
+        read_slide_map(path)

@@ -13,12 +13,19 @@ Readers (one per published format):
 - SlideInstruct JSON   ``[{id, image: [...], conversations: [{from, value}, ...]}]``
 
 A record that cannot be used (e.g. a WSI-VQA answer that is none of its choices) is never dropped
-silently: it goes to ``skipped`` with the reason, and callers report the count.
+silently: it goes to ``skipped`` with the reason, and callers report the count. A file that cannot be
+read as its format says is refused with an error naming the file and the line or item: a file that is
+not UTF-8, two SlideBench rows with one ``ID``, a WSI-VQA ``Choice`` that is not a list.
+
+Question ids: SlideBench's ``ID`` column numbers the questions and must be unique in a file. WSI-VQA's
+``Id`` is the slide (TCGA case), shared by all the questions about it (the release even repeats a
+question about a case, with its choices, a few times), so a WSI-VQA question is ``Id#position``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from dataclasses import dataclass, field
@@ -94,27 +101,58 @@ class VQASet:
 SLIDEBENCH_VQA_COLUMNS = ("ID", "Slide", "Question", "Answer")
 
 
-def _read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a BOM stripped); a file that is not UTF-8 is refused naming its line."""
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
-    with open(path, encoding="utf-8-sig", newline="") as handle:  # utf-8-sig strips the BOM
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; header is {header}")
-        rows = list(reader)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. from a spreadsheet: CSV UTF-8)"
+        ) from None
+
+
+def _read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    path = Path(path)
+    # newline="": the csv module sees the line endings as they are, as with open(..., newline="")
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; header is {header}")
+    rows = list(reader)
     for line, row in enumerate(rows, start=2):
         if None in row:
             raise ValueError(f"{path}, line {line}: more fields than the header has")
     return rows
 
 
+def _refuse_duplicate_ids(path: Path, rows: list[dict[str, str]], column: str = "ID") -> None:
+    """Each row's ``column`` (stripped) must be unique: results are reported by id."""
+    lines: dict[str, list[int]] = {}
+    for line, row in enumerate(rows, start=2):
+        lines.setdefault((row[column] or "").strip(), []).append(line)
+    duplicated = {key: at for key, at in lines.items() if len(at) > 1}
+    if duplicated:
+        shown = "; ".join(
+            f"{key!r} on lines {', '.join(map(str, at))}" for key, at in list(duplicated.items())[:10]
+        )
+        more = f" and {len(duplicated) - 10} more" if len(duplicated) > 10 else ""
+        raise ValueError(
+            f"{path}: {len(duplicated)} duplicated {column}(s): {shown}{more}; each {column} must be unique"
+        )
+
+
 def read_slidebench_vqa(path: str | Path) -> VQASet:
     """SlideBench-VQA CSV. Options are the single-letter columns (A, B, C, D, ...) that are non-empty."""
     path = Path(path)
     rows = _read_csv_rows(path, SLIDEBENCH_VQA_COLUMNS)
+    _refuse_duplicate_ids(path, rows)
     header = list(rows[0]) if rows else []
     option_columns = [c for c in header if len(c) == 1 and c in OPTION_LETTERS]
     result = VQASet(source=str(path))
@@ -147,6 +185,7 @@ def read_slidebench_captions(path: str | Path) -> VQASet:
     """SlideBench caption CSV -> Conversations (instruction + report caption)."""
     path = Path(path)
     rows = _read_csv_rows(path, ("ID", "Slide", "Caption"))
+    _refuse_duplicate_ids(path, rows)
     result = VQASet(source=str(path))
     for line, row in enumerate(rows, start=2):
         caption = row["Caption"].strip()
@@ -172,6 +211,11 @@ def _normalise_answer(text: str) -> str:
 def read_wsi_vqa(path: str | Path) -> VQASet:
     """WSI-VQA JSON. ``Id`` is the slide (TCGA case) id; ``Choice`` makes a question multiple choice.
 
+    ``Choice`` is a JSON list of the choices; absent, null, ``[]`` or ``""`` make an open question. A
+    non-empty string is refused rather than guessed at: read as a sequence it would become one option
+    per character, and a list written as text (JSON, or a Python repr from a CSV round trip) means the
+    file was converted wrongly, which is better fixed once at the source than half-parsed here.
+
     The answer is matched to a choice after trimming, lower-casing and dropping a final full stop
     (the release writes e.g. ``"grade 3."`` for the choice ``"grade 3"``); a closed question whose answer
     still matches no choice is skipped and reported.
@@ -180,10 +224,20 @@ def read_wsi_vqa(path: str | Path) -> VQASet:
     records = _read_json_list(path)
     result = VQASet(source=str(path))
     for index, record in enumerate(records):
-        where = f"{path.name} item {index} (Id {record.get('Id')!r})"
+        record_id = record.get("Id") if isinstance(record, dict) else None
+        where = f"{path.name} item {index} (Id {record_id!r})"
         if not isinstance(record, dict) or not {"Id", "Question", "Answer"} <= set(record):
             raise ValueError(f"{where}: expected keys Id, Question, Answer")
-        choices = record.get("Choice") or []
+        choices = record.get("Choice")
+        if choices is None or (isinstance(choices, str) and not choices.strip()):
+            choices = []
+        if isinstance(choices, str):
+            raise ValueError(
+                f"{where}: Choice is a string ({_shorten(choices)}), not a list of choices; if it is a "
+                "list written as text, convert the file so that Choice is a JSON list"
+            )
+        if not isinstance(choices, list) or any(isinstance(c, (list, dict)) or c is None for c in choices):
+            raise ValueError(f"{where}: Choice must be a list of choice texts, got {_shorten(choices)}")
         if len(choices) > len(OPTION_LETTERS):
             raise ValueError(f"{where}: {len(choices)} choices, more than {len(OPTION_LETTERS)} letters")
         options = tuple((OPTION_LETTERS[i], str(c).strip()) for i, c in enumerate(choices))
@@ -254,11 +308,15 @@ def read_slideinstruct(path: str | Path) -> VQASet:
     return result
 
 
+def _shorten(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _read_json_list(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"question file not found: {path}")
+    text = _read_text(path)
     try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        records = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(records, list):
@@ -281,8 +339,7 @@ def detect_format(path: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
     if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            header = next(csv.reader(handle), [])
+        header = next(csv.reader(io.StringIO(_read_text(path), newline="")), [])
         if "Caption" in header:
             return "slidebench-caption"
         if set(SLIDEBENCH_VQA_COLUMNS) <= set(header):
