@@ -1,9 +1,11 @@
 """Labels CSVs, feature-file resolution and cohorts."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
+import torch
 
 from tcssa.data import Cohort, load_class_map, read_labels, resolve_feature_files, write_h5
 
@@ -197,3 +199,162 @@ def test_skip_missing_with_no_slide_left(tmp_path):
     csv = _write_csv(tmp_path / "l.csv", "slide_id,label\na,0\nb,1\n")
     with pytest.raises(ValueError, match="none of the 2 slides has a feature file"):
         Cohort.from_folder(features, csv, skip_missing=True)
+
+
+# ------------------------------------------------------------------ near-duplicate classes, encodings
+
+
+@pytest.mark.parametrize(
+    "labels, first, second",
+    [
+        (["Positive", "negative", "positive"], "'Positive' (line 2)", "'positive' (line 4)"),
+        (["Tumor", "Normal", "Tu mor"], "'Tumor' (line 2)", "'Tu mor' (line 4)"),
+        (["1", "0", "1.0"], "'1' (line 2)", "'1.0' (line 4)"),
+        (["0", "01", "1"], "'01' (line 3)", "'1' (line 4)"),
+    ],
+)
+def test_near_duplicate_class_names_are_refused_naming_both_spellings(tmp_path, labels, first, second):
+    rows = "".join(f"s{i},{label}\n" for i, label in enumerate(labels))
+    csv = _write_csv(tmp_path / "spelling.csv", "slide_id,label\n" + rows)
+    with pytest.raises(
+        ValueError,
+        match=rf"spelling.csv: labels that differ only in .*{re.escape(first)} and {re.escape(second)}",
+    ):
+        read_labels(csv)
+
+
+def test_a_label_spelled_unlike_the_class_map_gets_a_hint(tmp_path):
+    csv = _write_csv(tmp_path / "test.csv", "slide_id,label\na,Positive\nb,negative\n")
+    with pytest.raises(
+        ValueError, match=r"test.csv: labels \['Positive'\] .*'Positive' looks like 'positive'"
+    ):
+        read_labels(csv, class_names=["negative", "positive"])
+
+
+def test_non_utf8_labels_name_the_file_and_line(tmp_path):
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes("slide_id,label\na,Tumor\nb,Normal\nc,Läsion\n".encode("latin-1"))
+    with pytest.raises(
+        ValueError, match=r"latin1.csv: line 4 \(byte 4 of the line\) has bytes b'\\xe4' that are not UTF-8"
+    ):
+        read_labels(csv)
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("slide_id,label\na,x\nb,y\n".encode("utf-16"))
+    with pytest.raises(ValueError, match="utf16.csv: is UTF-16 text"):
+        read_labels(utf16)
+    ok = _write_csv(tmp_path / "bom.csv", "slide_id,label\na,Läsion\nb,Normal\n", bom=True)  # BOM: still fine
+    assert read_labels(ok).class_names == ["Läsion", "Normal"]
+
+
+# ------------------------------------------------------------------ unlabelled files, validate_cohort
+
+
+def test_feature_files_without_a_label_row_are_reported(tmp_path, caplog):
+    features = _write_slides(tmp_path / "feats", ["a", "b", "c", "x1", "x2"])
+    np.save(features / "x3.npy", np.ones((2, 8), dtype=np.float32))
+    csv = _write_csv(tmp_path / "l.csv", "slide_id,label\na,0\nb,1\nc,0\n")
+    with caplog.at_level(logging.WARNING, logger="tcssa.data.cohort"):
+        cohort = Cohort.from_folder(features, csv)
+    assert cohort.slide_ids == ["a", "b", "c"]
+    assert cohort.unlabelled == ["x1.h5", "x2.h5", "x3.npy"]
+    assert "3 feature file(s) in" in caplog.text and "have no row in" in caplog.text
+    assert "l.csv" in caplog.text and "x1.h5, x2.h5, x3.npy" in caplog.text
+    assert cohort.subset(["a"]).unlabelled == cohort.unlabelled
+
+
+def test_no_note_when_every_file_is_labelled(tmp_path, caplog):
+    features = _write_slides(tmp_path / "feats", ["a", "b"])
+    csv = _write_csv(tmp_path / "l.csv", "slide_id,label\na,0\nb,1\n")
+    with caplog.at_level(logging.WARNING):
+        assert Cohort.from_folder(features, csv).unlabelled == []
+    assert "no row in" not in caplog.text
+
+
+def _damage(features):
+    """One bad file of each kind beside good ones; returns the bad names."""
+    import h5py
+
+    with h5py.File(features / "nan.h5", "r+") as f:
+        f["features"][2, 3] = np.nan
+    with h5py.File(features / "huge.h5", "r+") as f:
+        f["features"][4, 0] = 3e38
+    (features / "junk.h5").write_bytes(b"not hdf5")
+    with h5py.File(features / "unwritten.h5", "w") as f:
+        f.create_dataset("features", shape=(1000, 8), dtype="float32")
+    np.save(features / "inf.npy", np.array([[1.0] * 8, [np.inf] * 8], dtype=np.float32))
+    torch.save(torch.full((3, 8), float("nan")), features / "nan.pt")
+    _write_slides(features, ["wide"], dim=16)
+
+
+def test_validate_lists_every_bad_file_in_one_error(tmp_path):
+    from tcssa.data import validate_cohort
+
+    good = ["g1", "g2", "nan", "huge", "junk", "unwritten"]
+    features = _write_slides(tmp_path / "feats", good)
+    _damage(features)
+    slides = good + ["inf", "nan_pt", "wide"]
+    (features / "nan.pt").rename(features / "nan_pt.pt")
+    csv = _write_csv(
+        tmp_path / "l.csv", "slide_id,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(slides))
+    )
+    with pytest.raises(ValueError) as caught:
+        Cohort.from_folder(features, csv)  # header checks: the unreadable, unwritten and odd-D files
+    header_error = str(caught.value)
+    assert "junk.h5: not a readable HDF5 file" in header_error
+    assert "unwritten.h5: features 1000x8 float32" in header_error and "never written" in header_error
+    assert "nan_pt.pt: features contain NaN or Inf" in header_error  # a .pt has no header: read whole
+    assert "g1.h5 has D=8, but D=16: " in header_error and "wide.h5" in header_error
+    assert "nan.h5" not in header_error  # values of h5 files are not read by the header check
+    cohort = Cohort.from_folder(features, csv, check_files=False)
+    with pytest.raises(ValueError) as caught:
+        validate_cohort(cohort)
+    message = str(caught.value)
+    assert message.startswith("7 problem(s) with the cohort's feature files (6 of 9 files unusable")
+    for name, what in [
+        ("junk.h5", "not a readable HDF5 file"),
+        ("unwritten.h5", "never written"),
+        ("nan.h5", "NaN or Inf in 1 of 5 patches (first rows: [2])"),
+        ("huge.h5", "feature values reach 3e+38"),
+        ("inf.npy", "NaN or Inf in 1 of 2 patches (first rows: [1])"),
+        ("nan_pt.pt", "NaN or Inf"),
+    ]:
+        line = next(line for line in message.splitlines() if f"{name}:" in line)
+        assert what in line, line
+    assert "feature dimension differs across the cohort" in message and "wide.h5" in message
+    good_only = cohort.subset(["g1", "g2"])
+    good_only.dim = None
+    validate_cohort(good_only)
+    assert good_only.dim == 8
+
+
+def test_validate_scans_h5_in_bounded_blocks(tmp_path, monkeypatch):
+    from tcssa.data import formats, validate_cohort
+
+    features = _write_slides(tmp_path / "feats", ["a", "b"])
+    write_h5(features / "long.h5", np.ones((5000, 8), dtype=np.float32))
+    import h5py
+
+    with h5py.File(features / "long.h5", "r+") as f:
+        f["features"][4321, 7] = -2e4
+    blocks = []
+    original = formats._raise_on_values
+
+    def counting(block, *args):
+        blocks.append(len(block))
+        return original(block, *args)
+
+    monkeypatch.setattr(formats, "_raise_on_values", counting)
+    monkeypatch.setattr(formats, "SCAN_BLOCK_BYTES", 32 * 100)  # 100 rows of 8 float32 per block
+    csv = _write_csv(tmp_path / "l.csv", "slide_id,label\na,0\nb,1\nlong,0\n")
+    cohort = Cohort.from_folder(features, csv)
+    with pytest.raises(ValueError, match=r"long.h5: feature values reach 2e\+04.*first rows: \[4321\]"):
+        validate_cohort(cohort)
+    assert max(blocks) == 100
+
+
+def test_validate_passes_a_good_cohort_unchanged(tmp_path):
+    features = _write_slides(tmp_path / "feats", ["a", "b", "c"])
+    csv = _write_csv(tmp_path / "l.csv", "slide_id,label\na,0\nb,1\nc,0\n")
+    cohort = Cohort.from_folder(features, csv)
+    cohort.validate()
+    assert cohort.dim == 8

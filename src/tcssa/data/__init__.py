@@ -1,14 +1,24 @@
 """Slide data: feature files, labels, cohorts, splits, batches, a synthetic cohort and MIL benchmarks."""
 
-from tcssa.data.bag import Bag
+from tcssa.data.bag import MAX_FEATURE_MAGNITUDE, Bag
 from tcssa.data.benchmarks import BENCHMARK_NAMES, load_benchmark, write_benchmark_cohort
-from tcssa.data.cohort import Cohort, resolve_feature_files
+from tcssa.data.cohort import Cohort, resolve_feature_files, validate_cohort
 from tcssa.data.dataset import BagBatch, BagDataset, collate_bags
-from tcssa.data.formats import FEATURE_EXTENSIONS, peek_shape, read_bag, write_h5
+from tcssa.data.formats import (
+    FEATURE_EXTENSIONS,
+    FeatureHeader,
+    NoSpaceError,
+    peek_header,
+    peek_shape,
+    read_bag,
+    scan_values,
+    write_h5,
+)
 from tcssa.data.labels import TCGA_CASE_PATTERN, LabelTable, load_class_map, read_labels, save_class_map
 from tcssa.data.splits import (
     Split,
     check_splits,
+    cohort_cases,
     load_splits,
     make_kfold_splits,
     make_train_val_test_split,
@@ -24,11 +34,15 @@ __all__ = [
     "Cohort",
     "FEATURE_EXTENSIONS",
     "LabelTable",
+    "MAX_FEATURE_MAGNITUDE",
+    "FeatureHeader",
+    "NoSpaceError",
     "TCGA_CASE_PATTERN",
     "Split",
     "SyntheticCohort",
     "SyntheticConfig",
     "check_splits",
+    "cohort_cases",
     "load_splits",
     "make_kfold_splits",
     "make_synthetic_cohort",
@@ -38,10 +52,13 @@ __all__ = [
     "save_splits",
     "collate_bags",
     "load_class_map",
+    "peek_header",
     "peek_shape",
     "read_bag",
     "read_labels",
     "resolve_feature_files",
     "save_class_map",
+    "scan_values",
+    "validate_cohort",
     "write_h5",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tcssa.data.formats import FEATURE_EXTENSIONS, peek_shape
+from tcssa.data.formats import FEATURE_EXTENSIONS, peek_header, peek_shape, scan_values
 from tcssa.data.labels import read_labels
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,14 @@ def resolve_feature_files(
     in the log. A slide with two files (``a.h5`` and ``a.pt``) is always an error: which one is
     meant cannot be guessed.
     """
-    features_dir = Path(features_dir)
+    found, missing, _ = _resolve(Path(features_dir), slide_ids, skip_missing)
+    return found, missing
+
+
+def _resolve(
+    features_dir: Path, slide_ids: list[str], skip_missing: bool
+) -> tuple[dict[str, Path], list[str], dict[str, list[Path]]]:
+    """``resolve_feature_files`` plus every feature file of the folder by stem."""
     if not features_dir.is_dir():
         raise FileNotFoundError(f"features folder not found: {features_dir}")
     by_stem = _feature_files_by_stem(features_dir)
@@ -70,7 +77,7 @@ def resolve_feature_files(
             features_dir,
             _listing(missing),
         )
-    return found, missing
+    return found, missing, by_stem
 
 
 @dataclass
@@ -83,7 +90,8 @@ class Cohort:
     class_names: list[str]
     case_ids: dict[str, str] | None = None
     dim: int | None = None
-    missing: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # labelled slides without a feature file
+    unlabelled: list[str] = field(default_factory=list)  # feature files (names) without a label row
 
     @property
     def num_classes(self) -> int:
@@ -105,9 +113,21 @@ class Cohort:
         ``class_names`` and ``case_id_pattern`` are passed to ``read_labels``.
         With ``check_files`` every file's header is read once, so an unreadable file or a feature
         dimension that differs across the cohort fails here, naming the file, not mid-training.
+        Feature files in the folder that the labels do not list are left out with a logged warning
+        (count and first names) and kept in ``unlabelled``.
         """
         table = read_labels(labels_csv, class_names=class_names, case_id_pattern=case_id_pattern)
-        found, missing = resolve_feature_files(features_dir, table.slide_ids, skip_missing)
+        found, missing, by_stem = _resolve(Path(features_dir), table.slide_ids, skip_missing)
+        labelled = set(table.slide_ids)
+        unlabelled = [p.name for stem, paths in by_stem.items() if stem not in labelled for p in paths]
+        if unlabelled:
+            log.warning(
+                "%d feature file(s) in %s have no row in %s and are left out: %s",
+                len(unlabelled),
+                features_dir,
+                labels_csv,
+                _listing(unlabelled, 10),
+            )
         kept = [s for s in table.slide_ids if s in found]
         if not kept:
             raise ValueError(f"{features_dir}: none of the {len(table.slide_ids)} slides has a feature file")
@@ -120,6 +140,7 @@ class Cohort:
             class_names=table.class_names,
             case_ids={s: cases[s] for s in kept} if cases else None,
             missing=missing,
+            unlabelled=unlabelled,
         )
         if check_files:
             cohort.check_files()
@@ -128,20 +149,13 @@ class Cohort:
         return cohort
 
     def check_files(self) -> None:
-        """Read every file's header; set ``dim`` and fail on a file whose D differs."""
-        dims: dict[int, list[str]] = defaultdict(list)
-        slides = self.slide_ids
-        for slide in tqdm(slides, desc="checking feature files", unit="file", disable=len(slides) < 200):
-            dims[peek_shape(self.paths[slide])[1]].append(slide)
-        if len(dims) > 1:
-            first_dim = peek_shape(self.paths[slides[0]])[1]
-            odd = [(d, ids) for d, ids in dims.items() if d != first_dim]
-            details = "; ".join(f"D={d}: {_listing([str(self.paths[s]) for s in ids], 5)}" for d, ids in odd)
-            raise ValueError(
-                f"feature dimension differs across the cohort: {self.paths[slides[0]]} has D={first_dim}, "
-                f"but {details}"
-            )
-        self.dim = next(iter(dims))
+        """Read every file's header; set ``dim``; fail, listing every bad file, on a file that is
+        unreadable or whose D differs (``validate`` without reading values)."""
+        validate_cohort(self, values=False)
+
+    def validate(self, values: bool = True) -> None:
+        """``validate_cohort(self, values=values)``."""
+        validate_cohort(self, values=values)
 
     def subset(self, slide_ids: list[str]) -> Cohort:
         unknown = [s for s in slide_ids if s not in self.paths]
@@ -154,6 +168,7 @@ class Cohort:
             labels={s: self.labels[s] for s in slide_ids},
             case_ids={s: self.case_ids[s] for s in slide_ids} if self.case_ids else None,
             missing=list(self.missing),
+            unlabelled=list(self.unlabelled),
         )
 
     def label_counts(self) -> dict[str, int]:
@@ -161,3 +176,55 @@ class Cohort:
         for slide in self.slide_ids:
             counts[self.class_names[self.labels[slide]]] += 1
         return counts
+
+
+def validate_cohort(cohort: Cohort, *, values: bool = True, progress: bool | None = None) -> None:
+    """Check every feature file of ``cohort`` before anything is written; one ValueError lists
+    every bad file (one line each, naming it), not just the first.
+
+    Per file: the header (readable, features N x D with N > 0, a numeric dtype, coords N x 2, h5
+    data actually written), the same D across the cohort (sets ``cohort.dim``) and, with
+    ``values``, every feature value finite and within ``MAX_FEATURE_MAGNITUDE``. h5 and npy files
+    are scanned in blocks of ``SCAN_BLOCK_BYTES`` (memory stays bounded, cost is one read of the
+    cohort); files without a header (pt, npz, csv) are read whole once, which checks them fully.
+    ``progress``: a progress bar (default: for 200 files or more).
+    """
+    slides = cohort.slide_ids
+    if not slides:
+        raise ValueError("the cohort has no slides to check")
+    problems: list[str] = []
+    dims: dict[int, list[str]] = defaultdict(list)  # in slide order: the first key is the first good file's
+    show = len(slides) >= 200 if progress is None else progress
+    what = "checking feature files" + (" (values)" if values else "")
+    for slide in tqdm(slides, desc=what, unit="file", disable=not show):
+        path = cohort.paths[slide]
+        try:
+            header = peek_header(path)
+            if values and header.header_only:
+                scan_values(path)
+        except (ValueError, FileNotFoundError) as err:
+            message = str(err)
+            problems.append(message if str(path) in message else f"{path}: {message}")
+            continue
+        dims[header.dim].append(slide)
+    if len(dims) > 1:
+        first_dim = next(iter(dims))
+        first_slide = dims[first_dim][0]
+        odd = [(d, ids) for d, ids in dims.items() if d != first_dim]
+        details = "; ".join(f"D={d}: {_listing([str(cohort.paths[s]) for s in ids], 5)}" for d, ids in odd)
+        problems.append(
+            f"feature dimension differs across the cohort: {cohort.paths[first_slide]} has "
+            f"D={first_dim}, but {details}"
+        )
+    if problems:
+        if len(problems) == 1:
+            raise ValueError(problems[0])
+        bad = len(slides) - sum(len(ids) for ids in dims.values())
+        raise ValueError(
+            f"{len(problems)} problem(s) with the cohort's feature files ({bad} of {len(slides)} files "
+            "unusable"
+            + (", and differing feature dimensions" if len(dims) > 1 else "")
+            + "):\n  "
+            + "\n  ".join(problems)
+        )
+    cohort.dim = next(iter(dims))

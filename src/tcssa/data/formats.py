@@ -195,14 +195,15 @@ class ValueScan:
 
 
 def scan_values(
-    path: str | Path, *, max_bytes: int | None = None, block_bytes: int = SCAN_BLOCK_BYTES
+    path: str | Path, *, max_bytes: int | None = None, block_bytes: int | None = None
 ) -> ValueScan:
     """Check a file's feature values (finite, within ``MAX_FEATURE_MAGNITUDE``) block by block.
 
-    h5 and npy are read ``block_bytes`` at a time (memory stays bounded whatever N is); with
-    ``max_bytes`` only that many bytes of rows are checked, spread over the start, the middle and
-    the end of the file (a sample, for ``tcssa inspect`` on a huge file). Other formats are read
-    whole and get every check of ``read_bag``. Raises ValueError naming the file.
+    h5 and npy are read ``block_bytes`` (default ``SCAN_BLOCK_BYTES``) at a time, so memory stays
+    bounded whatever N is; with ``max_bytes`` only that many bytes of rows are checked, spread over
+    the start, the middle and the end of the file (a sample, for ``tcssa inspect`` on a huge file).
+    Other formats are read whole and get every check of ``read_bag``. Raises ValueError naming
+    the file.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -213,6 +214,7 @@ def scan_values(
             low, high = bag.coords.min(0).values.tolist(), bag.coords.max(0).values.tolist()
             extent = (low[0], low[1], high[0], high[1])
         return ValueScan(bag.num_patches, bag.num_patches, extent)
+    block_bytes = SCAN_BLOCK_BYTES if block_bytes is None else block_bytes
     header = peek_header(path)
     n, row_bytes = header.num_patches, max(1, header.nbytes // header.num_patches)
     rows_per_block = max(1, block_bytes // row_bytes)

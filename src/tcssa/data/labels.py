@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +41,62 @@ def _is_integer(text: str) -> bool:
     return True
 
 
+def read_text(path: str | Path) -> str:
+    """A small text file (labels, splits) decoded as UTF-8, a byte-order mark tolerated.
+
+    Bytes that are not UTF-8 are a ValueError naming the file, the line and the bytes (a file saved
+    as Latin-1 / Windows-1252 by a spreadsheet, say), not a bare UnicodeDecodeError.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(
+            f"{path}: is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8 "
+            "(e.g. 'CSV UTF-8' in a spreadsheet, or iconv -f utf-16 -t utf-8)"
+        )
+    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = body.count(b"\n", 0, err.start) + 1
+        column = err.start - (body.rfind(b"\n", 0, err.start) + 1) + 1
+        bad = body[err.start : err.start + max(1, min(err.end - err.start, 4))]
+        raise ValueError(
+            f"{path}: line {line} (byte {column} of the line) has bytes {bad!r} that are not UTF-8; "
+            "save the file as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or "
+            "iconv -f windows-1252 -t utf-8 for a Windows/Latin-1 file)"
+        ) from None
+
+
+def _class_key(label: str):
+    """What two spellings of one class share: the number for numeric labels ("1", "1.0", "01"),
+    else the text with case and whitespace ignored ("Positive", "positive ", "posi tive")."""
+    try:
+        value = float(label)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value):
+        return ("number", value)
+    return ("text", "".join(label.split()).casefold())
+
+
+def check_class_spellings(path: str | Path, labels: list[str], lines: dict[str, int] | None = None) -> None:
+    """Refuse labels that would become separate classes but differ only in spelling (case,
+    whitespace, or the same number written twice: 1 and 1.0), naming both spellings and the file."""
+    by_key: dict[tuple, list[str]] = {}
+    for label in dict.fromkeys(labels):  # distinct, first appearance first
+        by_key.setdefault(_class_key(label), []).append(label)
+    clashes = [names for names in by_key.values() if len(names) > 1]
+    if not clashes:
+        return
+    where = lambda name: f"{name!r} (line {lines[name]})" if lines and name in lines else repr(name)
+    details = "; ".join(" and ".join(where(n) for n in names) for names in clashes[:5])
+    raise ValueError(
+        f"{path}: labels that differ only in case, whitespace or number format would become separate "
+        f"classes: {details}. Spell each class one way (tcssa keeps labels exactly as written)."
+    )
+
+
 def class_order(raw_labels: list[str]) -> list[str]:
     """Deterministic class order: numeric for integer labels ("2" before "10"), else alphabetical."""
     distinct = set(raw_labels)
@@ -64,7 +122,7 @@ def read_labels(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
@@ -75,6 +133,7 @@ def read_labels(
         reader.fieldnames = columns
         has_cases = "case_id" in columns
         slide_ids, raw_labels, case_ids = [], [], []
+        first_line: dict[str, int] = {}
         for line, row in enumerate(reader, start=2):
             if all(not (v or "").strip() for v in row.values() if isinstance(v, str)):
                 continue  # a blank line
@@ -85,6 +144,7 @@ def read_labels(
                 raise ValueError(f"{path}: line {line} has an empty {', '.join(empty)}")
             slide_ids.append(values["slide_id"])
             raw_labels.append(values["label"])
+            first_line.setdefault(values["label"], line)
             if has_cases:
                 case_ids.append(values["case_id"])
     if not slide_ids:
@@ -98,6 +158,7 @@ def read_labels(
     if duplicates:
         raise ValueError(f"{path}: duplicate slide ids ({len(duplicates)}): {', '.join(duplicates[:20])}")
     if class_names is None:
+        check_class_spellings(path, raw_labels, first_line)
         class_names = class_order(raw_labels)
         if len(class_names) < 2:
             raise ValueError(
@@ -108,7 +169,10 @@ def read_labels(
         class_names = [str(c) for c in class_names]
         unknown = sorted(set(raw_labels) - set(class_names))
         if unknown:
-            raise ValueError(f"{path}: labels {unknown} are not among the classes {class_names}")
+            near = {_class_key(c): c for c in class_names}
+            hints = [f"{u!r} looks like {near[_class_key(u)]!r}" for u in unknown if _class_key(u) in near]
+            hint = f" ({'; '.join(hints[:5])}: spell it as the class map does)" if hints else ""
+            raise ValueError(f"{path}: labels {unknown} are not among the classes {class_names}{hint}")
     index = {name: i for i, name in enumerate(class_names)}
     return LabelTable(
         slide_ids=slide_ids,
