@@ -134,3 +134,112 @@ def test_too_few_cases_and_bad_arguments():
         make_kfold_splits(cohort, folds=1)
     with pytest.raises(ValueError, match="val_fraction"):
         make_kfold_splits(cohort, folds=2, val_fraction=1.0)
+
+
+# ------------------------------------------------------------------ split files against the cohort
+
+
+def _write_splits(path, rows):
+    path.write_text("fold,split,slide_id\n" + "".join(f"{f},{part},{s}\n" for f, part, s in rows))
+    return path
+
+
+def test_a_split_file_with_a_patient_on_both_sides_is_refused(tmp_path):
+    cohort = Cohort(
+        slide_ids=["p1_a", "p1_b", "p2_a", "p3_a"],
+        paths={},
+        labels={"p1_a": 0, "p1_b": 0, "p2_a": 1, "p3_a": 1},
+        class_names=["neg", "pos"],
+        case_ids={"p1_a": "p1", "p1_b": "p1", "p2_a": "p2", "p3_a": "p3"},
+    )
+    path = _write_splits(
+        tmp_path / "leaky.csv",
+        [(0, "train", "p1_a"), (0, "train", "p1_b"), (0, "train", "p2_a"), (0, "test", "p3_a")]  # fine
+        + [(1, "train", "p1_a"), (1, "train", "p3_a"), (1, "val", "p2_a"), (1, "test", "p1_b")],  # p1 leaks
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"leaky.csv: fold 1: 1 case\(s\) have slides on more than one side: "
+        r"p1 \(train: p1_a; test: p1_b\)",
+    ):
+        load_splits(path, cohort)
+    assert len(load_splits(path)) == 2  # without the cohort the case ids are unknown
+
+
+def test_a_split_file_with_a_tcga_patient_on_both_sides_is_refused_without_case_ids(tmp_path):
+    a, b = "TCGA-50-5055-01Z-00-DX1.0c9d", "TCGA-50-5055-01Z-00-DX2.aa1f"
+    path = _write_splits(
+        tmp_path / "tcga.csv", [(0, "train", a), (0, "val", b), (0, "test", "TCGA-MP-A4TA-01Z")]
+    )
+    with pytest.raises(
+        ValueError, match=rf"tcga.csv: fold 0: 1 case\(s\) .*TCGA-50-5055 \(train: {a}; val: {b}\)"
+    ):
+        load_splits(path)  # TCGA barcodes name their patient
+
+
+def test_kfold_groups_tcga_barcodes_by_patient_without_a_case_column():
+    slide_ids, labels = [], {}
+    for patient in range(20):
+        for k in range(2):
+            slide = f"TCGA-AA-{patient:04d}-01Z-00-DX{k + 1}"
+            slide_ids.append(slide)
+            labels[slide] = patient % 2
+    cohort = Cohort(slide_ids, {}, labels, ["a", "b"])
+    for split in make_kfold_splits(cohort, folds=4, seed=0, val_fraction=0.25):
+        sides = {}
+        for name, ids in split.parts().items():
+            for slide in ids:
+                sides.setdefault(slide[:12], set()).add(name)
+        assert all(len(s) == 1 for s in sides.values())
+
+
+def test_labelled_slides_left_out_of_a_split_file_are_reported(tmp_path, caplog):
+    import logging
+
+    cohort = _cohort(num_cases=20)
+    splits = make_kfold_splits(cohort, folds=3, seed=0, val_fraction=0)
+    kept = set(cohort.slide_ids) - {"c003_s0", "c007_s0"}
+    for split in splits:
+        split.train, split.test = [s for s in split.train if s in kept], [s for s in split.test if s in kept]
+    path = save_splits(splits, tmp_path / "partial.csv")
+    with caplog.at_level(logging.WARNING, logger="tcssa.data.splits"):
+        loaded = load_splits(path, cohort)
+    assert loaded == splits
+    assert [s.left_out for s in loaded] == [["c003_s0", "c007_s0"]] * 3
+    assert f"partial.csv: 2 of {len(cohort.slide_ids)} labelled slides" in caplog.text
+    assert "not listed in any of its 3 fold(s)" in caplog.text and "c003_s0, c007_s0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert all(
+            s.left_out == [] for s in load_splits(save_splits(make_kfold_splits(cohort, 3), path), cohort)
+        )
+    assert caplog.text == ""
+
+
+def test_non_utf8_split_file_names_the_line(tmp_path):
+    path = tmp_path / "cp1252.csv"
+    path.write_bytes(b"fold,split,slide_id\n0,train,a\n0,test,caf\xe9\n")
+    with pytest.raises(
+        ValueError, match=r"cp1252.csv: line 3 \(byte 11 of the line\) has bytes b'\\xe9' that are not UTF-8"
+    ):
+        load_splits(path)
+
+
+def test_a_class_with_fewer_cases_than_folds_says_what_each_class_has():
+    cohort = _cohort(num_cases=60)
+    rare = sorted({c for s, c in cohort.case_ids.items() if cohort.labels[s] == 1})[:3]
+    slides = [s for s in cohort.slide_ids if cohort.labels[s] == 0 or cohort.case_ids[s] in rare]
+    small = cohort.subset(slides)
+    positives = sum(small.labels[s] for s in slides)
+    with pytest.raises(
+        ValueError,
+        match=rf"k-fold split: 5 folds need at least 5 cases of every class .* but pos has 3; "
+        rf"cases per class: neg 40 \(\d+ slides\), pos 3 \({positives} slides\)\. Use at most 3 folds",
+    ):
+        make_kfold_splits(small, folds=5)
+    assert len(make_kfold_splits(small, folds=3, val_fraction=0)) == 3
+    without_cases = Cohort(["a", "b", "c", "d"], {}, {"a": 0, "b": 0, "c": 0, "d": 1}, ["neg", "pos"])
+    with pytest.raises(
+        ValueError, match=r"slides per class: neg 3, pos 1\. A class with fewer than 2 slides"
+    ):
+        make_kfold_splits(without_cases, folds=2, val_fraction=0)
