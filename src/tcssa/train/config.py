@@ -8,6 +8,10 @@ value), and written beside the run as JSON (``to_dict``).
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,10 @@ class TrainConfig:
     cache_gb: float = 0.0  # keep up to this much of the train/val features in memory (float16) across epochs
 
     def __post_init__(self) -> None:
+        for name, kind in _field_kinds().items():
+            problem = _type_problem(getattr(self, name), kind)
+            if problem:
+                raise ValueError(f"{name} must be {problem}, got {getattr(self, name)!r}")
         positive = ("num_slots", "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "folds")
         for name in positive:
             if getattr(self, name) < 1:
@@ -82,13 +90,33 @@ class TrainConfig:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """A config from ``{option: value}`` read from ``source`` (a file name, for the messages).
+
+        Every value is checked against the field's type: a number written as a string (PyYAML reads
+        ``1e-3``, without a dot, as one) becomes a number for a float field; a value that is not of
+        the field's type (``epochs: 1.5``, ``lr: fast``) is an error naming the option, the value
+        and ``source``.
+        """
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{source}: expected a mapping of option: value, got {type(values).__name__} {values!r}"
+            )
+        odd_keys = [k for k in values if not isinstance(k, str)]
+        if odd_keys:
+            raise ValueError(f"{source}: option names must be text, got {odd_keys!r}")
+        kinds = _field_kinds()
+        unknown = sorted(set(values) - set(kinds))
         if unknown:
-            raise ValueError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"{source}: unknown training option(s) {unknown}; known: {sorted(kinds)}")
+        coerced = {}
+        for key, value in values.items():
+            converted, problem = _coerce(value, kinds[key])
+            if problem:
+                raise ValueError(f"{source}: option {key!r} must be {problem}, got {value!r}")
+            coerced[key] = converted
         try:
-            return cls(**values)
-        except TypeError as err:
+            return cls(**coerced)
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from err
 
     @classmethod
@@ -97,12 +125,22 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from err
+        except (UnicodeDecodeError, OSError) as err:
+            raise ValueError(f"{path}: cannot read the config file ({err})") from err
+        if values is None:
+            raise ValueError(
+                f"{path}: the config file holds no options (it is empty or null); write option: value "
+                "lines (TrainConfig fields), or leave out --config"
+            )
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()}, source=str(path))
+            raise ValueError(
+                f"{path}: expected a mapping of option: value, got {type(values).__name__} {values!r}"
+            )
+        keys = {k: k.replace("-", "_") if isinstance(k, str) else k for k in values}
+        return cls.from_dict({keys[k]: v for k, v in values.items()}, source=str(path))
 
     def override(self, **values: Any) -> TrainConfig:
         """A copy with the given options replaced; None means "not given" and keeps the current value."""
@@ -122,3 +160,85 @@ class TrainConfig:
     @property
     def slides_per_update(self) -> int:
         return self.batch_size * self.grad_accum_steps
+
+
+# ------------------------------------------------------------------ field types
+# Each field's kind, read from the dataclass annotations: "int", "float", "str", "dict", with
+# "|None" when None is allowed too.
+
+
+def _field_kinds() -> dict[str, str]:
+    global _KINDS
+    if _KINDS is None:
+        hints = typing.get_type_hints(TrainConfig)
+        _KINDS = {f.name: _kind(hints[f.name], f.name) for f in fields(TrainConfig)}
+    return _KINDS
+
+
+_KINDS: dict[str, str] | None = None
+
+
+def _kind(annotation: Any, name: str) -> str:
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and len(args) == 2:
+            return _kind(inner[0], name) + "|None"
+    base = origin or annotation
+    for kind, python_type in (("int", int), ("float", float), ("str", str), ("dict", dict), ("bool", bool)):
+        if base is python_type:
+            return kind
+    raise TypeError(f"TrainConfig.{name}: no type check for the annotation {annotation!r}")
+
+
+_DESCRIPTIONS = {
+    "int": "a whole number",
+    "float": "a finite number",
+    "str": "text",
+    "dict": "a mapping (option: value)",
+    "bool": "true or false",
+}
+
+
+def _describe(kind: str) -> str:
+    base, _, optional = kind.partition("|")
+    return _DESCRIPTIONS[base] + (" or null" if optional else "")
+
+
+def _type_problem(value: Any, kind: str) -> str | None:
+    """What ``value`` should be when it is not of ``kind`` (no conversion), else None."""
+    base, _, optional = kind.partition("|")
+    if value is None:
+        return None if optional else _describe(kind)
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):
+        ok = False  # True is an int to Python, never a count or a rate here
+    elif base == "int":
+        ok = isinstance(value, numbers.Integral)
+    elif base == "float":
+        ok = isinstance(value, numbers.Real) and math.isfinite(value)
+    elif base == "str":
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, dict)
+    return None if ok else _describe(kind)
+
+
+def _coerce(value: Any, kind: str) -> tuple[Any, str | None]:
+    """``value`` as ``kind`` where that is exact (``"1e-3"`` -> 0.001, ``4.0`` -> 4), and what is wrong."""
+    base = kind.partition("|")[0]
+    if isinstance(value, str) and base in ("int", "float"):
+        text = value.strip()
+        try:
+            value = int(text) if base == "int" and text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            return value, _describe(kind)
+    if base == "int" and isinstance(value, float) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value.is_integer()):
+            return value, _describe(kind)
+        value = int(value)
+    if base == "float" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = float(value)
+    return value, _type_problem(value, kind)
