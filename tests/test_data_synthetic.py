@@ -254,3 +254,57 @@ def test_rare_design_at_full_scale(tmp_path):
     assert auc["mean pooling + logistic regression, 5-fold CV"] < 0.8
     assert auc["32 random patches, perfect lesion detector"] < 0.8
     assert np.mean(purity) > 0.9
+
+
+def test_synth_into_a_full_disk_is_one_clear_error_with_no_partial_files(tmp_path, monkeypatch, capsys):
+    """The disk fills up while the 6th slide's phenotype dataset is written (monkeypatched h5py)."""
+    import errno
+    import threading
+
+    from tcssa.cli import main
+    from tcssa.data import NoSpaceError
+
+    original, lock, calls = h5py.Group.create_dataset, threading.Lock(), {"phenotype": 0}
+
+    def create_dataset(self, name, *args, **kwargs):
+        if name == "phenotype":
+            with lock:
+                calls["phenotype"] += 1
+                full = calls["phenotype"] >= 6
+            if full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    out = tmp_path / "cohort"
+    options = dict(num_slides=12, dim=8, min_patches=50, max_patches=80, workers=2, progress=False)
+    with pytest.raises(NoSpaceError, match=r"^no space left writing .*features/slide_00\d\d\.h5") as caught:
+        make_synthetic_cohort(out, **options)
+    assert caught.value.errno == errno.ENOSPC
+    written = sorted(p.name for p in (out / "features").iterdir())
+    assert all(name.endswith(".h5") for name in written), written  # no *.partial left behind
+    assert 5 <= len(written) < 12
+    for name in written:  # every file under a real name is complete
+        assert read_bag(out / "features" / name, extras=["phenotype"]).num_patches >= 50
+    assert not (out / "labels.csv").exists()  # the cohort was not finished: no labels, no config
+    calls["phenotype"] = 0
+    args = ["synth", "--out", str(out), "--slides", "12", "--dim", "8", "--min-patches", "50"]
+    assert main(args + ["--max-patches", "80", "--overwrite"]) != 0  # one line, no traceback
+    err = capsys.readouterr().err
+    assert "tcssa synth: error: no space left" in err and "slide_00" in err and "Traceback" not in err
+
+
+def test_synth_labels_csv_is_never_left_truncated(tmp_path, monkeypatch):
+    import errno
+
+    from tcssa.data import NoSpaceError, synthetic
+
+    def full(path, header, rows):
+        with synthetic.atomic_output(path) as partial:
+            partial.write_text("slide_id,label,case_id\nslide_0000,neg")  # half a file, then ENOSPC
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "_write_csv", full)
+    with pytest.raises(NoSpaceError, match=r"no space left writing .*labels.csv"):
+        make_synthetic_cohort(tmp_path, **SMALL)
+    assert not (tmp_path / "labels.csv").exists() and not list(tmp_path.glob("*.partial"))

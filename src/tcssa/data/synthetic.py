@@ -51,7 +51,7 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from tcssa.data.formats import write_h5
+from tcssa.data.formats import atomic_output, write_h5
 
 TASKS = ("rare", "subtype", "composition")
 TISSUE_PHENOTYPES = ("stroma", "tumour", "immune", "necrosis", "fat")
@@ -373,10 +373,16 @@ def _slide_features(
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    # through a temporary file: a full disk leaves no truncated labels.csv that looks complete
+    with atomic_output(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def parse_overrides(pairs: list[str], reserved: tuple[str, ...] = ()) -> dict:
@@ -478,7 +484,8 @@ def write_synthetic_cohort(
         (config, geometry, plan, seed, case_seeds[plan.case_id], features_dir)
         for plan, seed in zip(plans, slide_seed.spawn(len(plans)), strict=True)
     ]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         rows = list(
             tqdm(
                 pool.map(_write_slide, jobs),
@@ -488,11 +495,17 @@ def write_synthetic_cohort(
                 disable=not progress,
             )
         )
+    except BaseException:
+        # a failed slide (a full disk, say) stops the slides not yet started instead of letting
+        # each of them fail in turn; every file already written is complete (write_h5 renames)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     labels_csv, truth_csv = root / "labels.csv", root / "truth.csv"
     _write_csv(labels_csv, ["slide_id", "label", "case_id"], [[r[0], r[2], r[1]] for r in rows])
     truth_header = ["slide_id", "case_id", "label", "num_patches", "lesion_fraction", "immune_ratio"]
     _write_csv(truth_csv, truth_header + [f"share_{n}" for n in config.phenotype_names], rows)
-    (root / "synthetic_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+    _write_text(root / "synthetic_config.json", json.dumps(asdict(config), indent=2) + "\n")
     return SyntheticCohort(
         root=root,
         features_dir=features_dir,
