@@ -275,3 +275,54 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
         assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-5)
     preds = evaluate(model, test, collate=pad_collate)
     torch.testing.assert_close(torch.tensor(preds.probs), torch.tensor(ddp["probs"]), atol=1e-6, rtol=1e-5)
+
+
+class Overflowing(FailingAfter):
+    """Finite features so large (3e38) that the logits overflow to Inf, on the named slides."""
+
+    def __init__(self, items, slides):
+        super().__init__(items, limit=0)
+        self.slides = set(slides)
+
+    def __getitem__(self, i):
+        bag, label = self.items[i]
+        if bag.slide_id in self.slides:
+            bag = type(bag)(torch.full_like(bag.features, 3e38), bag.slide_id)
+        return bag, label
+
+
+def test_logits_that_overflow_in_training_name_the_slide():
+    train, val, _ = _split(make_bags(40))
+    bad = train[5][0].slide_id
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=2)
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(TinyMIL(), Overflowing(train, [bad]), val, config, collate=pad_collate)
+    message = str(info.value)
+    assert "fold 0, epoch 1" in message and f"NaN or Inf for 1 of 2 slide(s): {bad}." in message
+    assert "feature files" in message and "last complete epoch" in message
+
+
+def test_outputs_that_overflow_on_a_validation_or_test_slide_name_it():
+    train, val, test = _split(make_bags(40))
+    bad_val, bad_test = val[2][0].slide_id, test[1][0].slide_id
+    config = TrainConfig(epochs=2, lr=1e-2)
+    with pytest.raises(
+        NonFiniteLossError, match=rf"fold 0, epoch 1, validation set: .*1 of 8 slide\(s\): {bad_val}\."
+    ):
+        fit(TinyMIL(), train, Overflowing(val, [bad_val]), config, collate=pad_collate)
+    model = TinyMIL()
+    with pytest.raises(
+        NonFiniteLossError, match=rf"^fold 3 test: .*NaN or Inf for 1 of 8 slide\(s\): {bad_test}\."
+    ):
+        evaluate(model, Overflowing(test, [bad_test]), collate=pad_collate, batch_size=3, desc="fold 3 test")
+
+
+def test_weights_that_are_no_longer_finite_are_reported_as_divergence():
+    _, _, test = _split(make_bags(40))
+    model = TinyMIL()
+    with torch.no_grad():
+        model.head.weight.fill_(math.inf)
+    with pytest.raises(
+        NonFiniteLossError, match=r"weights are NaN or Inf \(head.weight\).*diverged, lower --lr"
+    ):
+        evaluate(model, test, collate=pad_collate)

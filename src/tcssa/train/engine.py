@@ -164,6 +164,24 @@ def _batch_slides(batch: Any) -> str:
     return ", ".join(f"{sid} ({n:,} patches)" for sid, n in zip(batch.slide_ids, sizes, strict=True))
 
 
+def _nonfinite_outputs(model: nn.Module, slides: Sequence[str], total: int) -> str:
+    """Why outputs are NaN/Inf: the model's weights, or (naming them) the slides' features."""
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        return (
+            f"the model's weights are NaN or Inf ({', '.join(broken[:3])}), so every output is: the "
+            "training diverged, lower --lr"
+        )
+    shown = ", ".join(str(s) for s in slides[:10]) + (
+        f" ... ({len(slides) - 10} more)" if len(slides) > 10 else ""
+    )
+    return (
+        f"the model's outputs (logits) are NaN or Inf for {len(slides)} of {total} slide(s): {shown}. "
+        "Their feature files hold NaN/Inf or values too large for the model (check them with "
+        "`tcssa inspect FILE`)"
+    )
+
+
 def _load_batches(dataset: Any, batches: list[list[int]], collate: Callable, num_workers: int, phase: str):
     """Yield ``(indices, batch)``; running out of memory while reading or padding names the slides."""
     loader = iter(_loader(dataset, batches, collate, num_workers))
@@ -219,7 +237,7 @@ def evaluate(
     model.eval()
     mine = list(range(len(dataset)))[dist.rank :: dist.world_size]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    records: list[tuple[int, str, int, list[float], float]] = []
+    records: list[tuple[int, str, int, list[float], float, bool]] = []
     slot_counts = None
     num_patches = 0
     route = with_routing and hasattr(model, "routing")
@@ -239,13 +257,19 @@ def evaluate(
         logits = logits.float()
         losses = F.cross_entropy(logits, labels, reduction="none").cpu().tolist()
         probs = logits.softmax(dim=-1).cpu().tolist()
+        finite = torch.isfinite(logits).all(dim=1).cpu().tolist()
         for j, index in enumerate(indices):
-            records.append((index, batch.slide_ids[j], int(labels[j]), probs[j], losses[j]))
+            records.append((index, batch.slide_ids[j], int(labels[j]), probs[j], losses[j], finite[j]))
         bar.update(1)
     bar.close()
 
     gathered = [r for part in dist.all_gather_objects(records) for r in part]
     gathered.sort(key=lambda r: r[0])
+    bad = [r[1] for r in gathered if not r[5]]
+    if bad:  # every process holds the gathered records, so all raise alike
+        raise NonFiniteLossError(
+            f"{desc + ': ' if desc else ''}{_nonfinite_outputs(model, bad, len(gathered))}"
+        )
     if route:
         counts = (
             slot_counts if slot_counts is not None else torch.zeros(model_num_slots(model), dtype=torch.long)
@@ -350,15 +374,21 @@ def fit(
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
         if has_val:
-            val = evaluate(
-                model,
-                val_set,
-                collate=collate,
-                batch_size=config.eval_batch_size,
-                device=device,
-                dist=dist,
-                num_workers=config.num_workers,
-            )
+            try:
+                val = evaluate(
+                    model,
+                    val_set,
+                    collate=collate,
+                    batch_size=config.eval_batch_size,
+                    device=device,
+                    dist=dist,
+                    num_workers=config.num_workers,
+                )
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(
+                    f"fold {fold}, epoch {epoch}, validation set: {err}; stopping. The checkpoint of "
+                    "the last complete epoch is kept (resume state and best model)."
+                ) from err
             record["val_loss"] = val.loss
             with _quiet_metric_warnings():
                 record.update({f"val_{k}": v for k, v in val.metrics(class_names).items()})
@@ -459,6 +489,8 @@ def _train_epoch(
     for update in range(num_updates):
         optimizer.zero_grad(set_to_none=True)
         update_sum = torch.zeros((), dtype=torch.float64, device=device)
+        nonfinite_logits = torch.zeros((), dtype=torch.float64, device=device)
+        seen: list[tuple[list[str], torch.Tensor]] = []  # this update's slides, logits finite per slide
         group = []
         while i < len(passes) and passes[i][0] == update:
             group.append(passes[i])
@@ -484,21 +516,25 @@ def _train_epoch(
             for name in extra:  # every process must all-reduce the same names, even after weight-0 passes
                 sums.setdefault(name, zero())
             if update_size:  # a weight-0 pass only keeps DDP in step
+                finite = torch.isfinite(logits.detach()).all(dim=1)
+                seen.append((list(batch.slide_ids), finite))
+                nonfinite_logits += (~finite).sum().double()
                 update_sum += total.detach().double()
                 sums["task"] += task.detach().double()
                 for name, value in extra.items():
                     sums[name] += n * value.detach().double()
                 count += n
-        # Every process checks the same all-reduced number, so all stop together.
-        if not math.isfinite(float(dist.all_sum(update_sum))):
+        # Every process checks the same all-reduced numbers, so all stop together.
+        update_total, nonfinite = dist.all_sum(torch.stack([update_sum, nonfinite_logits])).tolist()
+        if not math.isfinite(update_total) or nonfinite > 0:
             raise NonFiniteLossError(
-                f"fold {fold}, epoch {epoch}, update {update + 1}: the training loss is "
-                f"{float(update_sum)}; stopping. The checkpoint of the last complete epoch is kept "
-                "(resume state and best model). Check the features for extreme values, or lower --lr."
+                f"fold {fold}, epoch {epoch}, update {update + 1}: the training loss is {update_total}"
+                f"{_nonfinite_slides(model, seen, dist)}; stopping. The checkpoint of the last "
+                "complete epoch is kept (resume state and best model)."
             )
         with _warmed_up(optimizer, warmup_factor(config.warmup_epochs, epoch, update, num_updates)):
             optimizer.step()
-        bar.set_postfix(loss=f"{float(update_sum) / group[0][3] if group[0][3] else 0.0:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{update_total / group[0][3] if group[0][3] else 0.0:.4f}", refresh=False)
         bar.update(1)
 
     names = sorted(sums)
@@ -507,6 +543,22 @@ def _train_epoch(
     log = {f"train_{k}_loss": float(totals[j]) / slides for j, k in enumerate(names)}
     log["train_loss"] = sum(float(totals[j]) for j in range(len(names))) / slides
     return log
+
+
+def _nonfinite_slides(model: nn.Module, seen: list[tuple[list[str], torch.Tensor]], dist: Distributed) -> str:
+    """What made an update's loss non-finite, naming its slides (gathered from every process)."""
+    local_bad = [sid for ids, finite in seen for sid, ok in zip(ids, finite.tolist(), strict=True) if not ok]
+    local_all = [sid for ids, _ in seen for sid in ids]
+    bad = [sid for part in dist.all_gather_objects(local_bad) for sid in part]
+    every = [sid for part in dist.all_gather_objects(local_all) for sid in part]
+    if bad or any(not torch.isfinite(p).all() for p in model.parameters()):
+        return f" ({_nonfinite_outputs(model, bad, len(every))})"
+    shown = ", ".join(every[:10]) + (" ..." if len(every) > 10 else "")
+    return (
+        f" with finite logits on every slide of the update ({shown}), so a term of the model's own "
+        "loss (e.g. the routing loss) is not: check these slides' features for extreme values, or "
+        "lower --lr"
+    )
 
 
 def warmup_factor(warmup_epochs: float, epoch: int, update: int, num_updates: int) -> float:
