@@ -91,3 +91,15 @@ def test_benchmark_command(tmp_path, capsys):
     assert (tmp_path / "labels.csv").is_file()
     help_text = build_parser()._subparsers._group_actions[0].choices["benchmark"].format_help()
     assert all(name in help_text for name in BENCHMARK_NAMES)
+
+
+def test_real_hand_crafted_benchmarks_pass_the_value_checks(tmp_path):
+    """The bound on feature magnitude must not refuse real data: the hand-crafted UCSB features
+    reach 10,823, far above any encoder's output."""
+    from tcssa.data import MAX_FEATURE_MAGNITUDE, validate_cohort
+
+    bags, _ = load_benchmark("ucsb_breast_cancer")
+    assert 1e4 < max(float(np.abs(b).max()) for b in bags) < MAX_FEATURE_MAGNITUDE
+    for name in ("musk2", "ucsb_breast_cancer"):
+        write_benchmark_cohort(name, tmp_path / name)
+        validate_cohort(Cohort.from_folder(tmp_path / name / "features", tmp_path / name / "labels.csv"))

@@ -57,17 +57,20 @@ def check_features(features: np.ndarray, source: str | Path) -> np.ndarray:
     return features
 
 
-# The largest |feature value| a bag may hold. Patch encoders emit values far below it: an encoder
-# ending in a LayerNorm (UNI, CONCH, Virchow, GigaPath, H-optimus, ...) bounds each output by
-# sqrt(D - 1) * |gamma| + |beta|, about 40 |gamma| at D = 1536, and ResNet / CLAM features (ReLU then
-# average pooling) stay in the tens. Anything beyond 1e4 is a corrupt file or not features (unscaled
-# sums, uninitialised memory, 3e38 float32 garbage). Bounded inputs keep every float32 product
-# downstream finite with room to spare: a gate logit sum_d x_d w_dk is at most D * 1e4 * |w|
-# (1e4 * 1e4 * 10 = 1e9 even at D = 1e4 and absurd weights), its square in the router z-loss about
-# 1e18, and a squared norm D * 1e8 = 1e12, all far below float32's 3.4e38; and the bound sits below
-# float16's 65504, so the float16 cache of a bag can never overflow either. Bags beyond it are
-# refused, not rescaled: rescaling one slide would silently change what the model sees.
-MAX_FEATURE_MAGNITUDE = 1e4
+# The largest |feature value| a bag may hold. Real features stay far below it: an encoder ending in
+# a LayerNorm (UNI, CONCH, Virchow, GigaPath, H-optimus, ...) bounds each output by
+# sqrt(D - 1) * |gamma| + |beta|, about 40 |gamma| at D = 1536; ResNet / CLAM features (ReLU then
+# average pooling) stay in the tens; hand-crafted ones are larger but not by orders of magnitude
+# (the UCSB breast-cancer MIL benchmark, shape and texture measures in pixels, peaks at 10,823,
+# which is why the bound is not 1e4). A value beyond 1e6 is a corrupt file or not features at all
+# (3e38 float32 garbage, uninitialised memory, unscaled sums). Within the bound every float32 product
+# downstream stays finite with a wide margin: a gate logit sum_d x_d w_dk is at most
+# D * 1e6 * max|w| = 1e11 even at D = 1e4 and an absurd weight of 10, its square in the router's
+# z-loss 1e22, a squared feature norm D * 1e12 = 1e16, all far below float32's 3.4e38 (at 3e38 a
+# single product overflows to Inf). Bags beyond it are refused, not rescaled: rescaling one slide
+# would silently change what the model sees. (float16 is not covered: the optional float16 cache of
+# BagDataset keeps a bag beyond 65504 on disk instead, and write_h5 refuses a float16 overflow.)
+MAX_FEATURE_MAGNITUDE = 1e6
 
 
 def magnitude_error(source: str | Path, peak: float, bad_rows: list[int], num_bad: int, num_rows: int) -> str:
@@ -75,9 +78,11 @@ def magnitude_error(source: str | Path, peak: float, bad_rows: list[int], num_ba
     return (
         f"{source}: feature values reach {peak:.3g}, beyond the bound |x| <= {MAX_FEATURE_MAGNITUDE:g}, "
         f"in {num_bad} of {num_rows} patches (first rows: {bad_rows}). No patch encoder emits values "
-        "this large (a final LayerNorm keeps them near sqrt(D) at most); the file is probably corrupt "
-        "or holds something other than features, and values this large overflow or swamp the gate's "
-        "float32 logits. Re-extract the slide or leave it out; tcssa does not rescale a slide silently."
+        "this large (a final LayerNorm keeps them near sqrt(D) at most; the largest real features "
+        "tcssa knows of, hand-crafted ones, peak near 1.1e4); the file is probably corrupt or holds "
+        "something other than features, and "
+        "such values overflow or swamp the gate's float32 logits. Re-extract the slide or leave it "
+        "out; tcssa does not rescale a slide silently."
     )
 
 
