@@ -55,14 +55,16 @@ def test_lesion_fraction_auc_scores_each_band_against_all_negatives():
     assert np.isnan(empty[0]["auc_mean"]) and empty[0]["n_folds"] == 0
 
 
-@pytest.mark.parametrize("model_name", ["kmeans-k", "random-k", "mean"])
-def test_precomputed_tokens_give_the_models_own_output(small_cohort, model_name):
+@pytest.mark.parametrize(
+    ("model_name", "k"), [("kmeans-k", 32), ("kmeans-k", 8), ("random-k", 32), ("random-k", 8), ("mean", 32)]
+)
+def test_precomputed_tokens_give_the_models_own_output(small_cohort, model_name, k):
     _, cohort, store = small_cohort
     config = replace(TINY, dim=16, model_options={"kmeans-k": {"iterations": 3}})
     stores = _precomputed_stores(store, config, progress=False)
     options = config.model_options.get(model_name, {})
-    model = build_model(model_name, 16, 2, num_slots=config.num_slots, seed=3, **options).eval()
-    test_set = _datasets(model_name, config.num_slots, store, stores, config)("test", cohort.slide_ids, 0)
+    model = build_model(model_name, 16, 2, num_slots=k, seed=3, **options).eval()
+    test_set = _datasets(model_name, k, store, stores, config)("test", cohort.slide_ids, 0)
     with torch.no_grad():
         for bag, _ in test_set:
             whole = store.bags[bag.slide_id].features.float()
@@ -125,10 +127,10 @@ def test_the_demo_end_to_end(tmp_path, capsys):
     assert {int(r["n_folds"]) for r in budget} == {TINY.sweep_folds}  # every point on the same folds
     assert not list((out / "sweeps").rglob("model.safetensors"))
     assert sorted((r["model"], int(r["num_tokens"])) for r in budget) == [
-        ("random-k", 8), ("random-k", 32), ("tcssa", 8), ("tcssa", 32)
+        ("kmeans-k", 8), ("kmeans-k", 32), ("random-k", 8), ("random-k", 32), ("tcssa", 8), ("tcssa", 32)
     ]  # fmt: skip
     lesion = list(csv.DictReader(open(out / "sweeps" / "lesion_fraction.csv")))
-    assert {r["model"] for r in lesion} == set(TINY.lesion_models) and len(lesion) == 3 * 2
+    assert {r["model"] for r in lesion} == set(TINY.models) and len(lesion) == len(TINY.models) * 2
     info = json.loads((out / "demo.json").read_text())
     assert info["seconds"]["total"] > 0 and info["token_budget"][0].startswith("slide ")
 
@@ -136,9 +138,19 @@ def test_the_demo_end_to_end(tmp_path, capsys):
     assert result.report == out / "report.html"
     assert document.count("<figure>") == 7  # AUC bars, ROC, 2 sweeps, utilisation, slot map, embedding
     assert "Slot map of slide_" in document and "does rare evidence survive" in document
-    assert "its AUCs are mostly noise" in document  # a small cohort says so
+    # the claim is as strong as the paired bootstrap allows, in the report and in the printed lines
+    assert "TC-SSA − random-k AUC" in document and "95% paired bootstrap interval" in document
+    assert result.verdicts[0] in document
     lines = result.summary_lines()
-    assert lines[0].split()[:2] == ["model", "AUC"] and len(lines) == 1 + len(TINY.models) + 5
+    assert lines[0].split()[:2] == ["model", "AUC"] and len(lines) == 1 + len(TINY.models) + 3 + 5
+    assert "TC-SSA − random-k AUC" in "\n".join(lines)
+    # one unit for the largest slot: a share of the shown slide's patches, in lines and slot map alike
+    shown = info["token_budget"][0].split()[1].rstrip(":")
+    assert f"Slot map of {shown}," in document
+    share = (
+        next(line for line in lines if "largest slot receives" in line).split("receives ")[1].split("%")[0]
+    )
+    assert f"largest receives {share}% of its" in document
     assert "patches -> 32 slot tokens" in "\n".join(lines)
 
     _prepare(out)  # running the demo again into the same folder starts from an empty one

@@ -52,6 +52,38 @@ def top1_slots(model, features: torch.Tensor) -> np.ndarray:
     return out.probs[0].argmax(dim=-1).numpy()
 
 
+@torch.inference_mode()
+def routing_facts(model, features: torch.Tensor, phenotype: np.ndarray | None = None,
+                  names: list[str] | None = None) -> str:  # fmt: skip
+    """One sentence of numbers on how this slide was routed, in the units every figure uses.
+
+    The largest slot's share is of the slide's patches under top-2 routing (as in the slot utilisation
+    figure and the demo's token budget lines). With ground truth, it adds where the rarest phenotype
+    (a lesion) went: how many slots hold its patches as their top-1, and how pure the main one is.
+    """
+    out = model.routing(features.unsqueeze(0))
+    counts = out.slot_counts[0].double()
+    num_patches = features.shape[0]
+    text = (
+        f"Top-2 routing of this slide: {int((counts > 0).sum())} of {counts.numel()} slots used, the "
+        f"largest receives {100 * float(counts.max()) / num_patches:.1f}% of its {num_patches:,} patches."
+    )
+    if phenotype is None or len(np.unique(phenotype)) < 2:
+        return text
+    top1 = out.probs[0].argmax(dim=-1).numpy()
+    present, sizes = np.unique(phenotype, return_counts=True)
+    rare = int(present[np.argmin(sizes)])
+    rare_name = names[rare] if names and rare < len(names) else f"phenotype {rare}"
+    rare_slots, rare_counts = np.unique(top1[phenotype == rare], return_counts=True)
+    main = int(rare_slots[np.argmax(rare_counts)])
+    purity = float(np.mean(phenotype[top1 == main] == rare))
+    return (
+        f"{text} Its rarest phenotype ({rare_name}, {int(sizes.min()):,} patches) has {len(rare_slots)} "
+        f"top-1 slot(s); slot {main} takes {int(rare_counts.max()):,} of them and is "
+        f"{100 * purity:.0f}% {rare_name} among its top-1 patches."
+    )
+
+
 @dataclass
 class Embedding:
     points: np.ndarray  # M x 2
@@ -214,8 +246,9 @@ def slide_figures(
     names = [str(n) for n in names] if isinstance(names, list) else None
     label = f"{slide_id}, a fold {fold} test slide"
     figures, notes = [], []
+    facts = routing_facts(model, bag.features, phenotype, names)
     if bag.coords is not None:
-        figures.append(slot_map(bag.coords.numpy(), slots, num_slots, phenotype, names, label))
+        figures.append(slot_map(bag.coords.numpy(), slots, num_slots, phenotype, names, label, facts=facts))
     else:
         notes.append(f"{path} has no patch coordinates, so no slot map.")
     keep = rare_patches(phenotype, max_points) if phenotype is not None else None

@@ -539,8 +539,11 @@ def slot_map(
     phenotype: np.ndarray | None = None,
     phenotype_names: Sequence[str] | None = None,
     slide_label: str = "",
+    facts: str = "",
 ) -> Plot:
-    """Each patch of one slide at its coordinates, coloured by its top-1 slot, beside its phenotype map."""
+    """Each patch of one slide at its coordinates, coloured by its top-1 slot, beside its phenotype map.
+
+    ``facts`` (the caller's numbers on this slide's routing) lead the caption."""
     coords = np.asarray(coords)
     top1_slot = np.asarray(top1_slot)
     if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(top1_slot):
@@ -582,7 +585,8 @@ def slot_map(
         ax.set_xlabel("x (level-0 pixels)")
         ax.set_ylabel("y (level-0 pixels)")
         ax.set_facecolor("white")
-    caption = "Slots should follow tissue regions"
+    caption = f"{facts} " if facts else ""
+    caption += "Slots should follow tissue regions"
     caption += (
         ": regions of one phenotype on the right should share a colour on the left, and a small lesion "
         "should keep slots of its own instead of being averaged into its surroundings."

@@ -354,7 +354,7 @@ def build_report(
     verdicts = verdict_lines(uncertainty)
     page.add("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in verdicts) + "</ul>")
     if demo and demo.get("token_budget"):
-        page.add("<p>What the trained TC-SSA does to the largest slide of the cohort:</p>")
+        page.add("<p>What the trained TC-SSA does to the slide shown under \u201cInside one slide\u201d:</p>")
         page.add(f"<pre>{esc(chr(10).join(demo['token_budget']))}</pre>")
     scores = [
         plots.ModelScore(
