@@ -241,7 +241,7 @@ def test_sweep_axes_hold_every_error_bar_and_the_legend_is_outside():
     assert low <= 0.20 - 0.30 and high >= 0.95 + 0.10  # not cut at 0 or at 1
     assert ax.get_legend() is None and plot.figure.legends  # the legend is the figure's, beside the axes
     labels = [t.get_text() for t in plot.figure.legends[0].get_texts()]
-    assert "abmil (all patches)" in labels
+    assert "abmil, all patches (0.90 ± 0.05)" in labels
     assert plot.caption.startswith("computed.")
 
 

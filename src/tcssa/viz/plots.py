@@ -318,7 +318,7 @@ def _sweep_axes(
         if not mine:
             continue
         # Shift each model a little along the (log) x axis so that error bars at one x do not overlap.
-        dodge = 1.0 + 0.035 * (index - (len(order) - 1) / 2)
+        dodge = 1.0 + 0.02 * (index - (len(order) - 1) / 2)
         ax.errorbar(
             [p.x * dodge for p in mine],
             [p.auc_mean for p in mine],
@@ -330,22 +330,20 @@ def _sweep_axes(
             capsize=4,
             label=_display_name(model),
         )
-    for ref in references:
-        colour = model_colour(ref.model, order)
-        ax.axhline(ref.auc_mean, color=colour, linestyle="--", linewidth=1.4,
-                   label=f"{_display_name(ref.model)} (all patches)")  # fmt: skip
-        if np.isfinite(ref.auc_std) and ref.auc_std > 0:
-            ax.axhspan(ref.auc_mean - ref.auc_std, ref.auc_mean + ref.auc_std, color=colour, alpha=0.08)
+    for ref in references:  # a level line; its fold std goes in the legend (a band would hide the data)
+        spread = f" ± {ref.auc_std:.2f}" if np.isfinite(ref.auc_std) else ""
+        ax.axhline(ref.auc_mean, color=model_colour(ref.model, order), linestyle="--", linewidth=1.4,
+                   label=f"{_display_name(ref.model)}, all patches ({ref.auc_mean:.2f}{spread})")  # fmt: skip
     ax.axhline(0.5, **CHANCE_STYLE, label="chance")
     lows = [p.auc_mean - np.nan_to_num(p.auc_std) for p in points]
     highs = [p.auc_mean + np.nan_to_num(p.auc_std) for p in points]
-    lows += [r.auc_mean - np.nan_to_num(r.auc_std) for r in references]
-    highs += [r.auc_mean + np.nan_to_num(r.auc_std) for r in references]
+    lows += [r.auc_mean for r in references]
+    highs += [r.auc_mean for r in references]
     # every error bar whole: the axis is not cut at 0 or at 1
     ax.set_ylim(min(0.45, float(np.nanmin(lows)) - 0.03), max(1.02, float(np.nanmax(highs)) + 0.02))
     ax.grid(alpha=0.3)
-    # the legend stands beside the axes, never over the data
-    figure.legend(loc="outside right upper", frameon=False, fontsize=9)
+    # the legend stands under the axes, never over the data
+    figure.legend(loc="outside lower center", ncols=4, frameon=False, fontsize=9)
     return figure, ax
 
 

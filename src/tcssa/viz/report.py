@@ -236,16 +236,19 @@ def _point_text(point: plots.SweepPoint | None) -> str:
 
 
 def budget_caption(points: Sequence[plots.SweepPoint]) -> str:
-    """What the token budget sweep of this run shows, in numbers."""
-    budgets = sorted({p.x for p in points})
-    models = list(dict.fromkeys(p.model for p in points))
-    ends = [budgets[0], budgets[-1]] if len(budgets) > 1 else budgets
-    parts = [
-        f"K = {k:.0f}: "
-        + ", ".join(f"{plots._display_name(m)} {_point_text(_at(points, m, k))}" for m in models)
-        for k in ends
-    ]
-    return "Test AUC at the smallest and largest budget — " + "; ".join(parts) + "."
+    """What the token budget sweep of this run shows, in numbers: each model at its smallest and
+    largest budget."""
+    parts = []
+    for model in dict.fromkeys(p.model for p in points):
+        mine = sorted(
+            (p for p in points if p.model == model and not math.isnan(p.auc_mean)), key=lambda p: p.x
+        )
+        if not mine:
+            continue
+        ends = [mine[0], mine[-1]] if len(mine) > 1 else mine
+        values = " → ".join(f"{p.auc_mean:.2f} at K = {p.x:.0f}" for p in ends)
+        parts.append(f"{plots._display_name(model)} {values}")
+    return "Test AUC: " + "; ".join(parts) + "."
 
 
 def lesion_caption(points: Sequence[plots.SweepPoint]) -> str:
