@@ -181,3 +181,10 @@ def test_quick_demo_command(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "quick")]) == 0
     out = capsys.readouterr().out
     assert "report:" in out and (tmp_path / "quick" / "report.html").is_file()
+
+
+def test_the_report_says_where_the_settings_were_chosen():
+    assert "never this run's seed 0" in QUICK.settings_provenance()
+    held_in = replace(QUICK, seed=QUICK.tuning_seeds[0]).settings_provenance()
+    assert "not held out" in held_in and "optimistic" in held_in
+    assert replace(QUICK, tuning_seeds=()).settings_provenance() == "not recorded"
