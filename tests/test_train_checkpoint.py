@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -88,3 +89,110 @@ def test_config_yaml_and_overrides(tmp_path):
         TrainConfig.from_yaml(path)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         config.override(batch_size=0)
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def _tiny_checkpoint(folder):
+    from tcssa.mil import build_model
+
+    model = build_model("mean", 4, 2, num_slots=2)
+    save_model(folder, model, {"model": model.config, "class_names": ["a", "b"], "fold": 0})
+    return folder
+
+
+def _edit_config(folder, edit):
+    path = folder / "model_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_checkpoint_loads_when_sound(tmp_path):
+    from tcssa.train.runs import load_checkpoint
+
+    model, config = load_checkpoint(_tiny_checkpoint(tmp_path / "ok"))
+    assert config["class_names"] == ["a", "b"] and model.in_dim == 4
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c["model"].update(in_dim="4"), "model.in_dim must be a whole number >= 1, got '4'"),
+        (lambda c: c["model"].pop("num_classes"), "model.num_classes must be a whole number >= 1, got None"),
+        (lambda c: c["model"].update(name=7), "model.name must be a model name (text), got 7"),
+        (lambda c: c.update(class_names="ab"), "class_names must be a list of class names, got 'ab'"),
+        (lambda c: c.update(class_names=["a"]), "1 class_names ['a'] for a model of num_classes=2"),
+        (
+            lambda c: c["model"].update(bogus=1),
+            "cannot rebuild the model from it (model 'mean' has no option",
+        ),
+        (lambda c: c.pop("model"), "not a tcssa model config (needs 'model' and 'class_names')"),
+    ],
+)
+def test_a_damaged_model_config_is_an_error_naming_the_file_and_the_entry(tmp_path, edit, message):
+    from tcssa.train.runs import load_checkpoint
+
+    path = _edit_config(_tiny_checkpoint(tmp_path / "ck"), edit)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(tmp_path / "ck")
+    assert str(info.value).startswith(f"checkpoint config {path}: {message}")
+
+
+@pytest.mark.parametrize("text,what", [("null", "got NoneType None"), ("[1, 2]", "got list [1, 2]")])
+def test_a_model_config_that_is_not_an_object_names_the_file(tmp_path, text, what):
+    from tcssa.train.runs import load_checkpoint
+
+    folder = _tiny_checkpoint(tmp_path / "ck")
+    (folder / "model_config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"model_config.json: expected a JSON object .*{re.escape(what)}"):
+        load_checkpoint(folder)
+    (folder / "model_config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"model_config.json: not a JSON text file"):
+        load_checkpoint(folder)
+
+
+def test_weights_with_nan_are_blamed_on_the_checkpoint_not_the_labels(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tcssa.train.runs import load_checkpoint
+
+    folder = _tiny_checkpoint(tmp_path / "ck")
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    state[first] = state[first] * float("nan")
+    save_file(state, str(weights))
+    expected = (
+        f"{weights}: the checkpoint's weights contain NaN or Inf (1 of {len(state)} tensors, e.g. {first})"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_checkpoint(folder)
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}: not a readable safetensors file"):
+        load_checkpoint(folder)
+
+
+def test_a_full_disk_while_writing_names_the_file_not_the_temporary_one(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import tcssa.train.checkpoint as checkpoint
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "a.json", full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "a.json")
+
+    def full_safetensors(tensors, filename, metadata=None):  # how safetensors reports it
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_safetensors)
+    with pytest.raises(OSError) as info:
+        save_model(tmp_path / "fold_0", nn.Linear(2, 2), {})
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(tmp_path / "fold_0" / "model.safetensors")
+    assert list((tmp_path / "fold_0").iterdir()) == []  # no temporary file left behind

@@ -17,6 +17,7 @@ Two kinds of files:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -35,7 +36,11 @@ _TENSOR_REF = "__tensor__"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then move it onto ``path``."""
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then move it onto ``path``.
+
+    An operating-system error while writing (a full disk, say) is raised as an ``OSError`` that
+    names ``path``, not the temporary file, also where safetensors reports it as its own error.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,9 +48,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        named = _os_error_naming(err, path, tmp)
+        if named is not None:
+            raise named from err
         raise
+
+
+def _os_error_naming(err: BaseException, path: Path, tmp: str) -> OSError | None:
+    """``err`` as an OSError naming ``path`` when it is an OS error about the write, else None."""
+    if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+        return OSError(err.errno, err.strerror or str(err), str(path))
+    text = str(err)
+    if isinstance(err, SafetensorError) and ("os error 28" in text or "No space left" in text):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -61,9 +79,11 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a JSON text file ({err})") from err
 
 
 # --------------------------------------------------------------------- models
@@ -93,12 +113,65 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
     return weights, config
 
 
+#: Whole-number entries of ``model_config.json``'s "model" object, with their smallest valid value.
+_MODEL_ENTRIES = {"in_dim": 1, "num_classes": 1, "num_slots": 1}
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """``model_config.json`` of a checkpoint, checked: an error names the file and the bad entry.
+
+    It must be an object with ``model`` (``name`` text; ``in_dim``, ``num_classes``, ``num_slots``
+    whole numbers; ``seed`` a whole number when present) and ``class_names`` (a list of
+    ``num_classes`` texts).
+    """
+    config = read_json(path)
+    where = f"checkpoint config {path}"
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{where}: expected a JSON object with 'model' and 'class_names', got {type(config).__name__} "
+            f"{_short(config)}; is the checkpoint complete?"
+        )
+    model = config.get("model")
+    if not isinstance(model, dict) or "class_names" not in config:
+        raise ValueError(f"{where}: not a tcssa model config (needs 'model' and 'class_names')")
+    if not isinstance(model.get("name"), str):
+        raise ValueError(f"{where}: model.name must be a model name (text), got {_short(model.get('name'))}")
+    for key, minimum in _MODEL_ENTRIES.items():
+        value = model.get(key)
+        if key == "num_slots" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{where}: model.{key} must be a whole number >= {minimum}, got {_short(value)}")
+    if "seed" in model and (isinstance(model["seed"], bool) or not isinstance(model["seed"], int)):
+        raise ValueError(f"{where}: model.seed must be a whole number, got {_short(model['seed'])}")
+    names = config["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}: class_names must be a list of class names, got {_short(names)}")
+    if len(names) != model["num_classes"]:
+        raise ValueError(
+            f"{where}: {len(names)} class_names {names} for a model of num_classes={model['num_classes']}"
+        )
+    return config
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
-    """Load a ``model.safetensors`` into ``model`` (strict: every key must match)."""
+    """Load a ``model.safetensors`` into ``model`` (strict: every key must match; all values finite)."""
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(
+            f"{weights}: the checkpoint's weights contain NaN or Inf ({len(broken)} of {len(state)} "
+            f"tensors, e.g. {', '.join(broken[:3])}); the file is damaged or was saved from a diverged "
+            "model: use another checkpoint"
+        )
     own = model.state_dict()
     reshaped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if reshaped:

@@ -33,6 +33,14 @@ from tcssa.train.config import TrainConfig
 from tcssa.train.distributed import SINGLE_PROCESS, Distributed
 from tcssa.train.engine import Predictions, derived_seed, evaluate, fit
 from tcssa.train.metrics import METRIC_NAMES, summarize_folds
+from tcssa.train.rundir import (
+    RunLock,
+    check_inputs,
+    clear_untrained_folds,
+    input_fingerprints,
+    lock_run_dir,
+    nothing_trained,
+)
 
 SUMMARY_COLUMNS = [
     "fold",
@@ -199,6 +207,7 @@ def train_run(
     verbose: bool = True,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
     resumable: bool = True,
+    check_values: bool | None = None,
 ) -> RunResult:
     """Train ``config.model`` on every fold and write the run directory ``out_dir``.
 
@@ -210,13 +219,26 @@ def train_run(
     each finished fold's summary row (for a caller's own progress display).
     ``resumable=False`` skips the per-epoch resume state (see ``fit``); a fold
     already finished is still skipped on ``resume``.
+
+    Before anything is written the cohort is checked: every file's header and D and, with
+    ``check_values`` (default: unless ``datasets`` supplies the slides), every feature value, so a
+    bad file is an error naming it, not a run directory that needs ``--resume`` after the fix.
+    ``out_dir`` is locked for the life of the run (a second run into it is refused), and its
+    config.json records sha256 fingerprints of the inputs, which ``resume`` requires unchanged. A
+    run that stopped before any fold finished an epoch is started again in place, resume or not.
     """
     from tcssa.data import Cohort
 
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
+    if check_values is None:
+        check_values = datasets is None  # slides supplied by the caller were read by the caller
+    if check_values:
+        _validate_values(cohort, dist)
     if splits is None:
         splits = make_splits(cohort, config, split_csv)
     splits = splits_for_cohort(splits, cohort, skip_missing)
+    in_folds = {s for split in splits for ids in split.parts().values() for s in ids}
+    left_out = [s for s in cohort.slide_ids if s not in in_folds]
     out_dir = Path(out_dir)
     run_config = {
         **config.to_dict(),
@@ -224,60 +246,134 @@ def train_run(
         "labels_csv": str(Path(labels_csv).resolve()),
         "split_csv": None if split_csv is None else str(Path(split_csv).resolve()),
         "skip_missing": skip_missing,
-        "num_slides": len(cohort.slide_ids),
+        "num_slides": len(cohort.slide_ids) - len(left_out),  # in at least one fold
+        "num_slides_left_out": len(left_out),  # labelled, with features, but in no fold of the split
+        "slides_left_out": left_out,
         "missing_slides": list(cohort.missing),
         "class_names": list(cohort.class_names),
         "in_dim": cohort.dim,
         "world_size": dist.world_size,
+        "inputs": input_fingerprints(labels_csv, split_csv, cohort, splits),
     }
-    _prepare_out_dir(out_dir, run_config, resume, dist)
-    if dist.is_main:
-        from tcssa.data import save_class_map, save_splits
+    lock = _prepare_out_dir(out_dir, run_config, resume, dist)
+    try:
+        if dist.is_main:
+            from tcssa.data import save_class_map, save_splits
 
-        save_class_map(cohort.class_names, out_dir / "class_map.json")
-        save_splits(splits, out_dir / "splits.csv")
-        if cohort.missing:
-            print(
-                f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
-                f"{', '.join(cohort.missing[:10])}{' ...' if len(cohort.missing) > 10 else ''}"
-            )
-    return _run_folds(cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold, resumable)
+            save_class_map(cohort.class_names, out_dir / "class_map.json")
+            save_splits(splits, out_dir / "splits.csv")
+            if cohort.missing:
+                print(
+                    f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
+                    f"{_first(cohort.missing)}"
+                )
+            if left_out:
+                source = split_csv if split_csv is not None else "the given splits"
+                print(
+                    f"note: {len(left_out)} labelled slide(s) are in no fold of {source} and take no part "
+                    f"in the run: {_first(left_out)}"
+                )
+        return _run_folds(
+            cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold, resumable
+        )
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _prepare_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed) -> None:
-    # Rank 0 decides and tells the others: were every process to look for config.json itself, one
-    # could find the file rank 0 has just written and refuse a fresh run.
+def _first(ids: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(ids[:limit]) + (f" ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _validate_values(cohort: Any, dist: Distributed) -> None:
+    """Every feature value of the cohort finite and in range (rank 0 reads, all raise alike)."""
+    try:
+        from tcssa.data import validate_cohort
+    except ImportError:  # a tcssa.data without it: Cohort.from_folder has checked the headers
+        return
     problem = None
     if dist.is_main:
         try:
-            _check_out_dir(out_dir, run_config, resume)
+            validate_cohort(cohort, values=True)
         except ValueError as err:
             problem = str(err)
     problem = dist.broadcast_object(problem)
     if problem:
         raise ValueError(problem)
+
+
+def _lock_out_dir(out_dir: Path, dist: Distributed, check: Callable[[], None] | None = None):
+    """Rank 0 locks ``out_dir`` (creating it) and runs ``check``; every process raises its error.
+
+    Rank 0 decides and tells the others: were every process to look for config.json itself, one
+    could find the file rank 0 has just written and refuse a fresh run.
+    """
+    problem, lock, error = None, None, None
     if dist.is_main:
-        write_json(out_dir / "config.json", run_config)
-    dist.barrier()
+        try:
+            lock = lock_run_dir(out_dir)
+            if check is not None:
+                check()
+        except ValueError as err:
+            problem, error = str(err), err
+            if lock is not None:
+                lock.release()
+                lock = None
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise error if error is not None else ValueError(problem)
+    return lock
+
+
+def _prepare_out_dir(
+    out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed
+) -> RunLock | None:
+    """Lock the run directory, check it may take this run, write config.json; the lock (rank 0)."""
+    lock = _lock_out_dir(out_dir, dist, lambda: _check_out_dir(out_dir, run_config, resume))
+    try:
+        if dist.is_main:
+            write_json(out_dir / "config.json", run_config)
+        dist.barrier()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+# Entries of config.json that older versions did not write: a run without them is not held to them.
+_ADDED_LATER = {"inputs", "num_slides_left_out", "slides_left_out"}
 
 
 def _check_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool) -> None:
     saved_path = out_dir / "config.json"
-    if saved_path.is_file():
-        if not resume:
-            raise ValueError(
-                f"{out_dir} already holds a run (config.json); pass --resume to continue it, "
-                "or choose another --out"
-            )
-        saved = read_json(saved_path)
-        changed = sorted(
-            k
-            for k in set(saved) | set(run_config)
-            if k not in _RUNTIME_OPTIONS | {"world_size"} and saved.get(k) != run_config.get(k)
+    if not saved_path.is_file():
+        return
+    if nothing_trained(out_dir):
+        # it stopped (a bad input, say) before any fold finished an epoch: nothing to resume
+        print(f"note: {out_dir} holds a run that stopped before its first epoch ended; starting it again")
+        clear_untrained_folds(out_dir)
+        return
+    if not resume:
+        raise ValueError(
+            f"{out_dir} already holds a run (config.json); pass --resume to continue it, "
+            "or choose another --out"
         )
-        if changed:
-            details = "; ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
-            raise ValueError(f"cannot resume {out_dir}: the settings differ from the saved run ({details})")
+    saved = read_json(saved_path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{saved_path}: not a run config (a JSON object); cannot resume {out_dir}")
+    check_inputs(out_dir, saved, run_config)
+    ignored = _RUNTIME_OPTIONS | {"world_size"}
+    changed = sorted(
+        k
+        for k in set(saved) | set(run_config)
+        if k not in ignored
+        and not (k in _ADDED_LATER and k not in saved)
+        and saved.get(k) != run_config.get(k)
+    )
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {out_dir}: the settings differ from the saved run ({details})")
 
 
 def _run_folds(
@@ -493,14 +589,17 @@ def evaluate_checkpoint(
 def load_checkpoint(checkpoint: str | Path):
     """(model in eval mode, its model_config.json) from a checkpoint folder or .safetensors file."""
     from tcssa.mil import build_model
-    from tcssa.train.checkpoint import load_weights, resolve_checkpoint
+    from tcssa.train.checkpoint import load_weights, read_model_config, resolve_checkpoint
 
     weights, config_path = resolve_checkpoint(checkpoint)
-    model_config = read_json(config_path)
-    if not isinstance(model_config.get("model"), dict) or "class_names" not in model_config:
-        raise ValueError(f"{config_path}: not a tcssa model config (needs 'model' and 'class_names')")
+    model_config = read_model_config(config_path)
     build_args = dict(model_config["model"])
-    model = build_model(build_args.pop("name"), **build_args)
+    try:
+        model = build_model(build_args.pop("name"), **build_args)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"checkpoint config {config_path}: cannot rebuild the model from it ({err})"
+        ) from err
     load_weights(model, weights)
     return model.eval(), model_config
 
@@ -536,29 +635,57 @@ def compare(
         raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
     out_dir = Path(out_dir)
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
+    _validate_values(cohort, dist)  # once for all models, before anything is written
     splits = splits_for_cohort(make_splits(cohort, config, split_csv), cohort, skip_missing)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_splits(splits, out_dir / "splits.csv")
-    rows = []
-    for name in models:
+    lock = _lock_out_dir(out_dir, dist, lambda: _check_compare_dir(out_dir, splits))
+    try:
         if dist.is_main:
-            print(f"== {name} ==", flush=True)
-        result = train_run(
-            features_dir,
-            labels_csv,
-            out_dir / name,
-            config.override(model=name),
-            split_csv=split_csv,
-            splits=splits,
-            skip_missing=skip_missing,
-            resume=resume,
-            dist=dist,
-        )
-        rows.append(comparison_row(result))
-        if dist.is_main:
-            write_comparison(out_dir, rows)
-    return rows
+            save_splits(splits, out_dir / "splits.csv")
+        rows = []
+        for name in models:
+            if dist.is_main:
+                print(f"== {name} ==", flush=True)
+            result = train_run(
+                features_dir,
+                labels_csv,
+                out_dir / name,
+                config.override(model=name),
+                split_csv=split_csv,
+                splits=splits,
+                skip_missing=skip_missing,
+                resume=resume,
+                dist=dist,
+                check_values=False,
+            )
+            rows.append(comparison_row(result))
+            if dist.is_main:
+                write_comparison(out_dir, rows)
+        return rows
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fold_lists(splits: Sequence[Any]) -> list[tuple]:
+    return [
+        (s.fold, sorted(s.train), sorted(s.val), sorted(s.test)) for s in sorted(splits, key=lambda s: s.fold)
+    ]
+
+
+def _check_compare_dir(out_dir: Path, splits: Sequence[Any]) -> None:
+    """A comparison directory that holds trained runs on other folds is refused (its splits.csv
+    would no longer describe them); the model runs check their own inputs."""
+    from tcssa.data import load_splits
+
+    saved = out_dir / "splits.csv"
+    if not saved.is_file() or _fold_lists(load_splits(saved)) == _fold_lists(splits):
+        return
+    if all(nothing_trained(d) for d in out_dir.iterdir() if d.is_dir()):
+        return
+    raise ValueError(
+        f"{out_dir} holds a comparison trained on other folds ({saved}); its runs would not be "
+        "comparable with these: restore the inputs, or choose another --out"
+    )
 
 
 def comparison_row(result: RunResult) -> dict[str, Any]:
