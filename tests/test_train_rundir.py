@@ -239,7 +239,9 @@ def test_a_run_that_stopped_before_its_first_epoch_ended_restarts_in_place(
 
 
 # ---------------------------------------------------------- slides the split leaves out
-def test_config_counts_only_the_slides_the_split_uses(cohort, tmp_path, capsys):
+def test_config_counts_only_the_slides_the_split_uses(cohort, tmp_path, caplog, capsys):
+    from tcssa.data import load_splits
+
     features, labels = cohort
     full = tmp_path / "full"
     _train(features, labels, full)
@@ -251,13 +253,17 @@ def test_config_counts_only_the_slides_the_split_uses(cohort, tmp_path, capsys):
     split.write_text(
         "fold,split,slide_id\n" + "\n".join(r for r in kept if r.split(",")[2] not in dropped) + "\n"
     )
-    capsys.readouterr()
-    _train(features, labels, tmp_path / "part", split_csv=split)
+    with caplog.at_level("WARNING"):
+        _train(features, labels, tmp_path / "part", split_csv=split)
     config = json.loads((tmp_path / "part" / "config.json").read_text())
     assert (config["num_slides"], config["num_slides_left_out"]) == (9, 3)
     assert config["slides_left_out"] == dropped
+    assert str(split) in caplog.text and ", ".join(dropped) in caplog.text  # load_splits names them
+    # splits handed over directly: the run says so itself
+    capsys.readouterr()
+    _train(features, labels, tmp_path / "given", splits=load_splits(split))
     out = capsys.readouterr().out
-    assert f"note: 3 labelled slide(s) are in no fold of {split} and take no part in the run: " in out
+    assert "note: 3 labelled slide(s) are in no fold of the given splits and take no part in the run: " in out
     assert ", ".join(dropped) in out
 
 

@@ -187,7 +187,8 @@ def make_splits(cohort: Any, config: TrainConfig, split_csv: str | Path | None) 
     from tcssa.data import load_splits, make_kfold_splits
 
     if split_csv is not None:
-        return load_splits(split_csv)
+        # with the cohort: its case ids for the leak check, and a warning naming left-out slides
+        return load_splits(split_csv, cohort)
     return make_kfold_splits(cohort, folds=config.folds, seed=config.seed, val_fraction=config.val_fraction)
 
 
@@ -267,11 +268,10 @@ def train_run(
                     f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
                     f"{_first(cohort.missing)}"
                 )
-            if left_out:
-                source = split_csv if split_csv is not None else "the given splits"
+            if left_out and split_csv is None:  # load_splits has warned about a split file's
                 print(
-                    f"note: {len(left_out)} labelled slide(s) are in no fold of {source} and take no part "
-                    f"in the run: {_first(left_out)}"
+                    f"note: {len(left_out)} labelled slide(s) are in no fold of the given splits and take "
+                    f"no part in the run: {_first(left_out)}"
                 )
         return _run_folds(
             cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold, resumable
@@ -287,10 +287,8 @@ def _first(ids: Sequence[str], limit: int = 10) -> str:
 
 def _validate_values(cohort: Any, dist: Distributed) -> None:
     """Every feature value of the cohort finite and in range (rank 0 reads, all raise alike)."""
-    try:
-        from tcssa.data import validate_cohort
-    except ImportError:  # a tcssa.data without it: Cohort.from_folder has checked the headers
-        return
+    from tcssa.data import validate_cohort
+
     problem = None
     if dist.is_main:
         try:
