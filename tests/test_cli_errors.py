@@ -104,6 +104,23 @@ def test_an_out_that_is_a_file_is_an_error_naming_it(cohort, tmp_path, capsys):
     assert taken.read_text() == "mine"
 
 
+def test_an_eval_out_that_is_a_file_is_an_error_naming_it(cohort, tmp_path, capsys):
+    features, labels = cohort
+    out = tmp_path / "run"
+    assert main(_train_args(features, labels, out)) == 0
+    taken = tmp_path / "eval.txt"
+    taken.write_text("mine")
+    args = ["eval", "--checkpoint", str(out / "fold_0"), "--features", str(features), "--labels", str(labels),
+            "--out", str(taken)]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert (
+        line
+        == f"tcssa eval: error: cannot write {taken / 'predictions.csv'}: {taken} is a file, not a folder"
+    )
+
+
 def test_an_out_that_cannot_be_written_is_an_error_naming_it(cohort, tmp_path, monkeypatch, capsys):
     from pathlib import Path
 

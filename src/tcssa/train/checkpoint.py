@@ -42,7 +42,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     names ``path``, not the temporary file, also where safetensors reports it as its own error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        folder = path.parent
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise ValueError(f"cannot write {path}: {blocker} is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
