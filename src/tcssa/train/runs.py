@@ -8,10 +8,13 @@ A run directory (``tcssa train``) holds, as the shared contract fixes::
 
 plus, while a fold is in progress, ``fold_{k}/resume.safetensors`` and, once it
 is done, ``fold_{k}/result.json`` (its metrics; a finished fold is skipped on
-``--resume``). A comparison directory (``tcssa compare``) holds
-``comparison.csv``, ``comparison.md`` and one run directory per model, all on
-the same folds. Under torchrun every process trains and evaluates; rank 0
-alone writes.
+``--resume``), and ``.tcssa.lock``, locked while a run is in progress there
+(``tcssa.train.rundir``). config.json records, under ``inputs``, sha256
+fingerprints of the labels and split files, the cohort and the folds;
+``--resume`` refuses to continue when one changed. A comparison directory
+(``tcssa compare``) holds ``comparison.csv``, ``comparison.md`` and one run
+directory per model, all on the same folds. Under torchrun every process trains
+and evaluates; rank 0 alone writes.
 """
 
 from __future__ import annotations
