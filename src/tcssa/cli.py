@@ -749,7 +749,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="leave out labelled slides with no feature file (counted and listed) instead of failing",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last complete epoch"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete epoch (refused if the labels, split file "
+        "or cohort changed since it started, or if another run is in progress there)",
     )
 
 
