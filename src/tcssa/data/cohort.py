@@ -107,11 +107,13 @@ class Cohort:
         class_names: list[str] | None = None,
         case_id_pattern: str | None = None,
         check_files: bool = True,
+        progress: bool | None = None,
     ) -> Cohort:
         """Labels from ``labels_csv``, files from ``features_dir`` (exact stem match).
 
-        ``class_names`` and ``case_id_pattern`` are passed to ``read_labels``.
-        With ``check_files`` every file's header is read once, so an unreadable file or a feature
+        ``class_names`` and ``case_id_pattern`` are passed to ``read_labels``; ``progress`` to
+        ``validate_cohort`` (a bar for 200 files or more by default). With ``check_files`` every
+        file's header is read once, so an unreadable file or a feature
         dimension that differs across the cohort fails here, naming the file, not mid-training.
         Feature files in the folder that the labels do not list are left out with a logged warning
         (count and first names) and kept in ``unlabelled``.
@@ -143,15 +145,15 @@ class Cohort:
             unlabelled=unlabelled,
         )
         if check_files:
-            cohort.check_files()
+            cohort.check_files(progress=progress)
         else:
             cohort.dim = peek_shape(cohort.paths[kept[0]])[1]
         return cohort
 
-    def check_files(self) -> None:
+    def check_files(self, progress: bool | None = None) -> None:
         """Read every file's header; set ``dim``; fail, listing every bad file, on a file that is
         unreadable or whose D differs (``validate`` without reading values)."""
-        validate_cohort(self, values=False)
+        validate_cohort(self, values=False, progress=progress)
 
     def validate(self, values: bool = True) -> None:
         """``validate_cohort(self, values=values)``."""

@@ -233,7 +233,10 @@ def train_run(
     """
     from tcssa.data import Cohort
 
-    cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
+    # verbose=False: the caller shows its own progress (the demo's 54 runs), so no header-check bar
+    cohort = Cohort.from_folder(
+        features_dir, labels_csv, skip_missing=skip_missing, progress=None if verbose else False
+    )
     if check_values is None:
         check_values = datasets is None  # slides supplied by the caller were read by the caller
     if check_values:
