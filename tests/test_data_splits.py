@@ -243,3 +243,21 @@ def test_a_class_with_fewer_cases_than_folds_says_what_each_class_has():
         ValueError, match=r"slides per class: neg 3, pos 1\. A class with fewer than 2 slides"
     ):
         make_kfold_splits(without_cases, folds=2, val_fraction=0)
+
+
+def test_a_validation_carve_too_fine_for_the_training_part_says_so_not_sklearn():
+    # 12 one-slide cases, 6 per class: 3 folds leave 8 training slides (4 per class), which a
+    # val_fraction of 0.15 (7 parts) cannot stratify
+    slide_ids = [f"s{i}" for i in range(12)]
+    cohort = Cohort(
+        slide_ids=slide_ids,
+        paths={s: Path(f"{s}.h5") for s in slide_ids},
+        labels={s: int(i >= 6) for i, s in enumerate(slide_ids)},
+        class_names=["neg", "pos"],
+    )
+    with pytest.raises(
+        ValueError, match=r"validation split: cannot cut 7 stratified parts from 8 slides"
+    ) as err:
+        make_kfold_splits(cohort, folds=3, val_fraction=0.15)
+    assert "neg 4, pos 4" in str(err.value) and "val_fraction=0" in str(err.value)
+    assert len(make_kfold_splits(cohort, folds=3, val_fraction=0)) == 3

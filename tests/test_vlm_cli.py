@@ -134,7 +134,8 @@ def test_stage1_with_a_mil_checkpoint_keeps_it_by_reference(workspace, tmp_path)
     checkpoint = tmp_path / "model.safetensors"
     save_file(state, str(checkpoint))
     # tcssa train's layout: fold_k/model.safetensors + model_config.json {"model": build_model config}
-    config = {"model": {"name": "tcssa", "in_dim": D, "num_slots": 4, "expert_dropout": 0.1}, "fold": 0}
+    model_config = {"name": "tcssa", "in_dim": D, "num_classes": 2, "num_slots": 4, "expert_dropout": 0.1}
+    config = {"model": model_config, "class_names": ["negative", "positive"], "fold": 0}
     (tmp_path / "model_config.json").write_text(json.dumps(config))
     loaded = load_compressor(tmp_path)  # the fold folder
     assert (loaded.num_slots, loaded.dim, loaded.config.expert_dropout) == (4, D, 0.1)
@@ -209,3 +210,40 @@ def test_wsi_vqa_case_ids_reach_slide_features_through_a_slide_map(trained):
     assert summary["n_questions_missing_features"] == 0
     assert vqa(f"eval --run {root}/s2 {where} --out {out}") == 0  # without the map: both missing
     assert json.loads((out / "eval_summary.json").read_text())["n_questions_missing_features"] == 2
+
+
+def test_damaged_mil_checkpoints_and_run_folders_name_the_file(tmp_path):
+    compressor = TCSSA(D, num_slots=4, expert_hidden=6)
+    state = {f"compressor.{k}": v for k, v in compressor.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    config_file = tmp_path / "model_config.json"
+    good = {"name": "tcssa", "in_dim": D, "num_classes": 2, "num_slots": 4}
+    for bad, match in (
+        (None, "expected a JSON object"),
+        ({"model": {**good, "in_dim": "32"}, "class_names": ["a", "b"]}, r"model\.in_dim must be a whole"),
+        ({"model": {**good, "top_k": "2"}, "class_names": ["a", "b"]}, r"model\.top_k must be a whole"),
+        ({"model": {**good, "noise_std": None}, "class_names": ["a", "b"]}, r"model\.noise_std must be"),
+    ):
+        config_file.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match) as err:
+            load_compressor(tmp_path)
+        assert "model_config.json" in str(err.value)
+    config_file.unlink()
+    state["compressor.gate.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: non-finite values in gate\.weight"):
+        load_compressor(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_compressor(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, match in (
+        ("null", "expected a JSON object"),
+        ("{", "not readable JSON"),
+        ('{"lm": "x"}', "no 'slidelm'"),
+    ):
+        (run / "slidelm.json").write_text(text)
+        with pytest.raises(ValueError, match=match) as err:
+            load_run(run)
+        assert "slidelm.json" in str(err.value)

@@ -146,7 +146,14 @@ def _grouped_folds(
         # sklearn warns when a class has fewer cases than folds; the split is still valid and
         # the small class simply misses some folds, which check_splits / the caller can see
         warnings.simplefilter("ignore", UserWarning)
-        return list(splitter.split(np.zeros(len(slide_ids)), labels, groups))
+        try:
+            return list(splitter.split(np.zeros(len(slide_ids)), labels, groups))
+        except ValueError as err:  # e.g. every class smaller than the number of parts
+            raise ValueError(
+                f"{what}: cannot cut {folds} stratified parts from {distinct} {unit} "
+                f"({unit} per class: {_counts_text(per_class, grouped)}); use fewer folds, a larger "
+                f"val_fraction (fewer validation parts) or val_fraction=0 (scikit-learn: {err})"
+            ) from err
 
 
 def _carve_val(

@@ -60,14 +60,40 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
     options = {}
     config_file = path.parent / "model_config.json"
     if config_file.is_file():
-        saved = json.loads(config_file.read_text())
-        saved = saved.get("model", saved)  # tcssa train writes {"model": build_model's config, ...}
-        if saved.get("name", "tcssa") != "tcssa":
+        from tcssa.train.checkpoint import read_model_config
+
+        saved = read_model_config(config_file)["model"]  # an error names the file and the entry
+        if saved["name"] != "tcssa":
             raise ValueError(f"{path}: a {saved['name']!r} MIL model has no TC-SSA compressor")
-        options = {k: saved[k] for k in ("top_k", "expert_dropout", "noise_std") if k in saved}
+        options = _compressor_options(saved, config_file)
     compressor = TCSSA(dim, num_slots=num_slots, expert_hidden=hidden, **{**options, **overrides})
-    compressor.load_state_dict(weights, strict=True)
+    try:
+        compressor.load_state_dict(weights, strict=True)
+    except RuntimeError as err:  # missing, unexpected or misshapen tensors
+        raise ValueError(
+            f"{path}: the compressor weights do not fit a TC-SSA of their own shape ({err})"
+        ) from err
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{path}: non-finite values in {', '.join(broken)}; the checkpoint is damaged")
     return compressor
+
+
+def _compressor_options(saved: dict, config_file: Path) -> dict:
+    """top_k, expert_dropout and noise_std of a MIL model config, each checked by type and range."""
+    options = {}
+    if "top_k" in saved:
+        top_k = saved["top_k"]
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"{config_file}: model.top_k must be a whole number >= 1, got {top_k!r}")
+        options["top_k"] = top_k
+    for key in ("expert_dropout", "noise_std"):
+        if key in saved:
+            value = saved[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e3:
+                raise ValueError(f"{config_file}: model.{key} must be a number >= 0, got {value!r}")
+            options[key] = float(value)
+    return options
 
 
 def save_run(model: SlideLM, out_dir: str | Path, info: dict) -> Path:
@@ -88,10 +114,31 @@ def save_run(model: SlideLM, out_dir: str | Path, info: dict) -> Path:
 
 
 def read_run_info(run_dir: str | Path) -> dict:
+    """``slidelm.json`` of a run folder, checked: an error names the file and what is wrong."""
     path = Path(run_dir) / SLIDELM_FILE
     if not path.is_file():
         raise FileNotFoundError(f"not a SlideLM run folder (no {SLIDELM_FILE}): {run_dir}")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err}); is the run complete?") from err
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}; is the run complete?")
+    for key in ("lm", "slidelm"):
+        if key not in info:
+            raise ValueError(f"{path}: no {key!r} entry; not a run written by `tcssa vqa train`")
+    if not isinstance(info["lm"], str) or not isinstance(info["slidelm"], dict):
+        raise ValueError(f"{path}: 'lm' must be a folder path and 'slidelm' an object of settings")
+    return info
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the run folder is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def load_base_lm(lm_path: str | Path, dtype: torch.dtype | None = None):
@@ -113,12 +160,15 @@ def load_run(run_dir: str | Path, dtype: torch.dtype | None = None, trainable_lo
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     lm, tokenizer = load_base_lm(info["lm"], dtype)
-    config = SlideLMConfig(**info["slidelm"])
+    try:
+        config = SlideLMConfig(**info["slidelm"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{run_dir / SLIDELM_FILE}: its 'slidelm' settings are not valid ({err})") from err
     compressor = None
     if config.slide_tokens == "slots":
         if info.get("compressor_file"):
             compressor = TCSSA.from_config(config.compressor_config())
-            compressor.load_state_dict(load_file(str(run_dir / info["compressor_file"])), strict=True)
+            compressor.load_state_dict(_load_tensors(run_dir / info["compressor_file"]), strict=True)
         elif info.get("compressor_source"):
             compressor = load_compressor(info["compressor_source"])
         else:
@@ -128,7 +178,7 @@ def load_run(run_dir: str | Path, dtype: torch.dtype | None = None, trainable_lo
 
         lm = PeftModel.from_pretrained(lm, str(run_dir / info["lora_dir"]), is_trainable=trainable_lora)
     model = SlideLM(lm, config, compressor)
-    model.projector.load_state_dict(load_file(str(run_dir / PROJECTOR_FILE)), strict=True)
+    model.projector.load_state_dict(_load_tensors(run_dir / PROJECTOR_FILE), strict=True)
     return model.eval(), tokenizer, info
 
 
