@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -216,3 +217,44 @@ def test_every_budget_is_the_same_alone_and_padded(lengths, k, seed):
             assert torch.equal(batched.assignment[i, real], alone.assignment[0]), name
             assert (batched.assignment[i, ~real] == -1).all(), name
             assert int(batched.token_mask[i].sum()) == min(n, k), name
+
+
+def _reference_kmeans(points: np.ndarray, k: int, iterations: int) -> np.ndarray:
+    """kmeans_pool's documented algorithm, written out plainly for one slide (float64)."""
+    dist = lambda a, c: ((a[:, None, :] - c[None, :, :]) ** 2).sum(-1)  # noqa: E731
+    first = int(np.argmin(dist(points, points.mean(0, keepdims=True))[:, 0]))
+    chosen = [first]
+    nearest = np.full(len(points), np.inf)
+    for _ in range(1, k):
+        nearest = np.minimum(nearest, dist(points, points[chosen[-1]][None])[:, 0])
+        chosen.append(int(np.argmax(nearest)))
+    centers = points[chosen].copy()
+    assignment = dist(points, centers).argmin(1)
+    for _ in range(iterations):
+        for j in range(k):
+            if (assignment == j).any():
+                centers[j] = points[assignment == j].mean(0)
+        updated = dist(points, centers).argmin(1)
+        if (updated == assignment).all():
+            break
+        assignment = updated
+    return np.stack(
+        [points[assignment == j].mean(0) if (assignment == j).any() else centers[j] for j in range(k)]
+    )
+
+
+def test_kmeans_pools_share_one_initialisation_and_match_each_k_alone():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 60, 6, generator=gen, dtype=torch.float64)
+    mask = torch.ones(2, 60, dtype=torch.bool)
+    mask[1, 45:] = False
+    pools = budget.kmeans_pools(x, mask, [3, 8, 5], iterations=4)
+    assert sorted(pools) == [3, 5, 8]
+    for k, out in pools.items():
+        alone = budget.kmeans_pool(x, mask, k, iterations=4)
+        torch.testing.assert_close(out.tokens, alone.tokens)
+        for b, n in ((0, 60), (1, 45)):
+            expected = _reference_kmeans(x[b, :n].numpy(), k, 4)
+            np.testing.assert_allclose(out.tokens[b].numpy(), expected, atol=1e-9)
+    with pytest.raises(ValueError, match="at least one K"):
+        budget.kmeans_pools(x, mask, [])

@@ -25,6 +25,7 @@ from its real patches only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -150,27 +151,58 @@ def kmeans_pool(x: Tensor, mask: Tensor | None, k: int, iterations: int = 10) ->
     loses all its patches keeps its previous center. Slides with fewer than K
     patches get their patches as tokens and invalid tokens for the rest.
     """
-    mask = _check(x, mask, k)
+    return kmeans_pools(x, mask, [k], iterations)[k]
+
+
+def kmeans_pools(
+    x: Tensor, mask: Tensor | None, ks: Sequence[int], iterations: int = 10
+) -> dict[int, BudgetTokens]:
+    """``kmeans_pool`` for several K at once, each result identical to its own call.
+
+    Farthest-point initialisation is greedy, so the first k centers chosen for the largest K are
+    exactly the k centers a run with K = k would choose: the K sequential passes over the slide are
+    made once for the largest K and shared (a budget sweep over K = 8..128 costs 128 passes, not 248).
+    """
+    if not ks:
+        raise ValueError("kmeans_pools needs at least one K")
+    largest = max(ks)
+    mask = _check(x, mask, min(ks))  # also refuses a K below 1
     if iterations < 0:
         raise ValueError(f"k-means iterations must be >= 0, got {iterations}")
     batch, n, dim = x.shape
     num_real = mask.sum(dim=1)
-    token_mask = torch.arange(k, device=x.device).unsqueeze(0) < num_real.unsqueeze(1)  # B x K
     with torch.no_grad():
         data = x.detach()
         x_sq = data.square().sum(-1)
-        # Farthest-point initialisation over real patches.
+        # Farthest-point initialisation over real patches, up to the largest K.
         mean = (data * mask.unsqueeze(-1)).sum(1) / num_real.unsqueeze(-1)
         dist_to_mean = _sq_distances(data, x_sq, mean.unsqueeze(1)).squeeze(-1)
         current = dist_to_mean.masked_fill(~mask, float("inf")).argmin(dim=1)  # B
         chosen = [current]
         nearest = torch.full((batch, n), float("inf"), dtype=x.dtype, device=x.device)
-        for _ in range(1, k):
+        for _ in range(1, largest):
             center = data.gather(1, current.view(batch, 1, 1).expand(-1, 1, dim))
             nearest = torch.minimum(nearest, _sq_distances(data, x_sq, center).squeeze(-1))
             current = nearest.masked_fill(~mask, float("-inf")).argmax(dim=1)
             chosen.append(current)
-        index = torch.stack(chosen, dim=1)  # B x K
+        order = torch.stack(chosen, dim=1)  # B x largest
+    return {k: _lloyd(x, data, x_sq, mask, num_real, order[:, :k], k, iterations) for k in ks}
+
+
+def _lloyd(
+    x: Tensor,
+    data: Tensor,
+    x_sq: Tensor,
+    mask: Tensor,
+    num_real: Tensor,
+    index: Tensor,
+    k: int,
+    iterations: int,
+) -> BudgetTokens:
+    """Lloyd steps from the centers ``index`` (B x k patch indices); the tokens of the final clusters."""
+    dim = x.shape[-1]
+    token_mask = torch.arange(k, device=x.device).unsqueeze(0) < num_real.unsqueeze(1)  # B x K
+    with torch.no_grad():
         centers = data.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
 
         def assign(centers: Tensor) -> Tensor:

@@ -251,16 +251,17 @@ def _precomputed_stores(store, config: DemoConfig, progress: bool) -> dict[str, 
         )
     if "kmeans-k" in config.models:
         iterations = config.model_options.get("kmeans-k", {}).get("iterations", 10)
-        swept = "kmeans-k" in config.budget_models
-        for k in sorted({config.num_slots, *(config.budgets if swept else ())}):
-
-            def centroids(bag, k=k):
-                tokens = budget.kmeans_pool(bag.features[None], None, k, iterations)
-                return Bag(tokens.tokens[0][tokens.token_mask[0]], None, bag.slide_id)
-
-            stores[f"kmeans-k@{k}"] = store.map(
-                centroids, progress=progress, desc=f"k-means centroids (kmeans-k, K = {k})"
-            )
+        ks = sorted({config.num_slots, *(config.budgets if "kmeans-k" in config.budget_models else ())})
+        centroids = {k: {} for k in ks}
+        # one farthest-point initialisation per slide serves every K (budget.kmeans_pools)
+        for slide_id, bag in tqdm(
+            store.bags.items(), desc="k-means centroids (kmeans-k)", unit="slide", disable=not progress
+        ):
+            pools = budget.kmeans_pools(bag.features.float()[None], None, ks, iterations)
+            for k, tokens in pools.items():
+                centroids[k][slide_id] = Bag(tokens.tokens[0][tokens.token_mask[0]], None, slide_id)
+        for k in ks:
+            stores[f"kmeans-k@{k}"] = MemoryCohort(store.cohort, centroids[k])
     if "random-k" in config.models:
         hash_seed = config.model_options.get("random-k", {}).get("hash_seed", 0)
         budgets = sorted({config.num_slots, *(config.budgets if "random-k" in config.budget_models else ())})
