@@ -31,6 +31,7 @@ from tcssa.train.runs import train_run
 from tcssa.viz.runs import fold_scores, load_model_run
 
 PRESETS = {"quick": demo.QUICK, "full": demo.FULL}
+COHORT_FIELDS = {"num_slides", "dim", "min_patches", "max_patches", "lesion_fraction", "seed"}
 
 
 def candidates(grid: dict[str, list]) -> list[dict]:
@@ -63,7 +64,8 @@ def run_seed(base: demo.DemoConfig, seed: int, grid: list[dict], models: list[st
     )
     cohort = Cohort.from_folder(synthetic.features_dir, synthetic.labels_csv)
     store = MemoryCohort.load(cohort, progress=False)
-    stores = demo._precomputed_stores(store, replace(config, models=tuple(models), budget_models=(), lesion_models=()), False)
+    only = replace(config, models=tuple(models), budget_models=(), lesion_models=())
+    stores = demo._precomputed_stores(store, only, False)
     splits = make_kfold_splits(cohort, folds=config.folds, seed=seed)
     rows = []
     baseline_runs: dict[str, Path] = {}
@@ -116,7 +118,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-settings"))
     args = parser.parse_args()
     base = apply(PRESETS[args.preset], json.loads(args.base))
-    grid = candidates(json.loads(args.grid)) or [{}]
+    grid_fields = json.loads(args.grid)
+    cohort_fields = sorted(set(grid_fields) & COHORT_FIELDS)
+    if cohort_fields:  # each seed's cohort is built once, from --base: a grid over it would be ignored
+        parser.error(f"--grid cannot vary the cohort ({', '.join(cohort_fields)}); set it with --base")
+    grid = candidates(grid_fields) or [{}]
     models = args.models.split(",")
     if "random-k" not in models:
         models.append("random-k")

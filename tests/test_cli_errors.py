@@ -79,8 +79,10 @@ def test_ctrl_c_before_the_run_started_says_nothing_was_written(cohort, tmp_path
     monkeypatch.setattr(runs, "make_splits", interrupted)
     assert main(_train_args(features, labels, tmp_path / "run")) == 130
     line = _one_line(capsys.readouterr().err)
+    run = tmp_path / "run"
     assert (
-        line == f"tcssa train: interrupted before the run started; nothing was written to {tmp_path / 'run'}"
+        line
+        == f"tcssa train: interrupted before the run started; {run} holds no results (rerun the same command)"
     )
 
 

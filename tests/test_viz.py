@@ -269,3 +269,25 @@ def test_slot_utilisation_caption_and_whiskers_come_from_the_shares():
     assert bars.get_ylim()[0] == 0
     for line in bars.lines:  # the whiskers (and reference lines) never pass below 0
         assert np.nanmin(line.get_ydata()) >= 0
+
+
+def test_the_reports_collapse_line_follows_the_runs_top_k(tmp_path):
+    import csv
+    import json
+
+    root = write_compare_run(tmp_path / "cmp", num_slots=8)
+    run = root / "tcssa"
+    # the older share column only (of all assignments), from a top-1 run: one slot with 40%
+    rows = [
+        {"fold": 0, "slot": k, "count": 40 if k == 0 else 10, "share": 0.4 if k == 0 else 0.6 / 7}
+        for k in range(8)
+    ]
+    with (run / "slot_utilisation.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["fold", "slot", "count", "share"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model_options": {"top_k": 1}}))
+    assert "No slot collapse in tcssa" in build_report(root).read_text()  # 40% < 50% at top-1
+    (run / "config.json").write_text(json.dumps(config))  # top-2: 40% of assignments > 25%
+    assert "Slot collapse in tcssa" in build_report(root).read_text()

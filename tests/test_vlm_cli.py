@@ -134,11 +134,13 @@ def test_stage1_with_a_mil_checkpoint_keeps_it_by_reference(workspace, tmp_path)
     checkpoint = tmp_path / "model.safetensors"
     save_file(state, str(checkpoint))
     # tcssa train's layout: fold_k/model.safetensors + model_config.json {"model": build_model config}
-    model_config = {"name": "tcssa", "in_dim": D, "num_classes": 2, "num_slots": 4, "expert_dropout": 0.1}
-    config = {"model": model_config, "class_names": ["negative", "positive"], "fold": 0}
+    config = {"model": {"name": "tcssa", "in_dim": D, "num_slots": 4, "expert_dropout": 0.1}, "fold": 0}
     (tmp_path / "model_config.json").write_text(json.dumps(config))
     loaded = load_compressor(tmp_path)  # the fold folder
     assert (loaded.num_slots, loaded.dim, loaded.config.expert_dropout) == (4, D, 0.1)
+    (tmp_path / "model_config.json").write_text(json.dumps(config["model"]))  # the bare model config
+    assert load_compressor(tmp_path).config.expert_dropout == 0.1
+    (tmp_path / "model_config.json").write_text(json.dumps(config))
     data = f"--data {root}/train.csv --features {root}/features --projector-hidden 16"
     assert (
         vqa(f"train --stage 1 --lm {root}/lm {data} --out {tmp_path}/run --mil-checkpoint {checkpoint}") == 0
@@ -217,7 +219,7 @@ def test_damaged_mil_checkpoints_and_run_folders_name_the_file(tmp_path):
     state = {f"compressor.{k}": v for k, v in compressor.state_dict().items()}
     save_file(state, str(tmp_path / "model.safetensors"))
     config_file = tmp_path / "model_config.json"
-    good = {"name": "tcssa", "in_dim": D, "num_classes": 2, "num_slots": 4}
+    good = {"name": "tcssa", "in_dim": D, "num_slots": 4}
     for bad, match in (
         (None, "expected a JSON object"),
         ({"model": {**good, "in_dim": "32"}, "class_names": ["a", "b"]}, r"model\.in_dim must be a whole"),

@@ -131,6 +131,10 @@ def test_slideinstruct(tmp_path):
         path.write_text(json.dumps([{**records[0], **change}]))
         with pytest.raises(ValueError, match=message):
             read_slideinstruct(path)
+    # a repeated sample id is reported with the file and the id, and the samples are kept
+    path.write_text(json.dumps([records[0], records[0], {**records[0], "id": "c2"}]))
+    with pytest.warns(UserWarning, match=r"instruct\.json: 1 sample id\(s\) occur more than once: c1"):
+        assert len(read_slideinstruct(path).items) == 3
 
 
 @pytest.mark.parametrize(

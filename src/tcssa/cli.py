@@ -247,7 +247,8 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="a smaller cohort (60 slides of 1,000-6,000 patches), fewer sweep points; same report",
+        help="under 3 minutes on 2 cores: 80 slides of 1,000-4,000 patches, D = 256, lesions in 1-4%% "
+        "(the full demo: 200 slides, 2,000-30,000 patches, D = 512, lesions 0.2-5%%); same report",
     )
     demo.add_argument(
         "--out",
@@ -503,7 +504,11 @@ def _add_vqa_commands(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_cmd_vqa_demo)
 
     prefill = sub.add_parser("prefill", help="LM prefill FLOPs and time: K slot tokens vs N patch tokens")
-    prefill.add_argument("--lm", help="local causal LM folder (default: the small offline model)")
+    prefill.add_argument(
+        "--lm",
+        help="local causal LM folder (default: the small offline model), or a published architecture "
+        "(Qwen2.5-0.5B, Qwen2.5-7B): FLOPs only, built on the meta device, no weights, nothing timed",
+    )
     prefill.add_argument(
         "--tokens", type=int, nargs="+", default=[32, 1000, 10000, 38400], help="slide-token counts to time"
     )
@@ -890,7 +895,7 @@ def _interrupted(args: argparse.Namespace) -> str:
         )
         if started:
             return f"interrupted; the run directory {out} is safe, continue with --resume"
-        return f"interrupted before the run started; nothing was written to {out}"
+        return f"interrupted before the run started; {out} holds no results (rerun the same command)"
     return "interrupted"
 
 

@@ -233,14 +233,20 @@ def train_run(
     """
     from tcssa.data import Cohort
 
-    # verbose=False: the caller shows its own progress (the demo's 54 runs), so no header-check bar
-    cohort = Cohort.from_folder(
-        features_dir, labels_csv, skip_missing=skip_missing, progress=None if verbose else False
-    )
     if check_values is None:
         check_values = datasets is None  # slides supplied by the caller were read by the caller
+    # With check_values every file is read once, headers and values together (the header-only check
+    # of from_folder would read .pt/.npz/.csv files whole a second time). verbose=False: the caller
+    # shows its own progress (the demo's runs), so no header-check bar.
+    cohort = Cohort.from_folder(
+        features_dir,
+        labels_csv,
+        skip_missing=skip_missing,
+        check_files=not check_values,
+        progress=None if verbose else False,
+    )
     if check_values:
-        _validate_values(cohort, dist)
+        _validate_values(cohort, dist, progress=None if verbose else False)
     if splits is None:
         splits = make_splits(cohort, config, split_csv)
     splits = splits_for_cohort(splits, cohort, skip_missing)
@@ -291,14 +297,15 @@ def _first(ids: Sequence[str], limit: int = 10) -> str:
     return ", ".join(ids[:limit]) + (f" ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def _validate_values(cohort: Any, dist: Distributed) -> None:
-    """Every feature value of the cohort finite and in range (rank 0 reads, all raise alike)."""
+def _validate_values(cohort: Any, dist: Distributed, progress: bool | None = None) -> None:
+    """Every feature file's header and values checked: readable, one D, finite and in range (rank 0
+    reads, all raise alike)."""
     from tcssa.data import validate_cohort
 
     problem = None
     if dist.is_main:
         try:
-            validate_cohort(cohort, values=True)
+            validate_cohort(cohort, values=True, progress=progress)
         except ValueError as err:
             problem = str(err)
     problem = dist.broadcast_object(problem)
@@ -638,8 +645,9 @@ def compare(
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
     out_dir = Path(out_dir)
-    cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing)
-    _validate_values(cohort, dist)  # once for all models, before anything is written
+    # headers and values read once, for all models, before anything is written
+    cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing, check_files=False)
+    _validate_values(cohort, dist)
     splits = splits_for_cohort(make_splits(cohort, config, split_csv), cohort, skip_missing)
     lock = _lock_out_dir(out_dir, dist, lambda: _check_compare_dir(out_dir, splits))
     try:

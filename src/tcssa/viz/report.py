@@ -421,7 +421,8 @@ def build_report(
         use = run.slot_shares()
         folds, shares, counts = use.folds, use.shares, use.counts
         unit = "of the test patches" if use.of_patches else "of the routing assignments"
-        threshold = plots.collapse_threshold(use.of_patches)
+        top_k = int(run.config.get("model_options", {}).get("top_k", 2))  # tcssa's default: top-2
+        threshold = plots.collapse_threshold(use.of_patches, top_k)
         collapsed = [
             (fold, float(shares[i].max()), int(shares[i].argmax()))
             for i, fold in enumerate(folds)
@@ -447,8 +448,8 @@ def build_report(
                 )
             )
         page.figure(
-            lambda shares=shares, counts=counts, folds=folds, of_patches=use.of_patches: (
-                plots.slot_utilisation(shares, counts, folds, of_patches=of_patches)
+            lambda shares=shares, counts=counts, folds=folds, of_patches=use.of_patches, top_k=top_k: (
+                plots.slot_utilisation(shares, counts, folds, of_patches=of_patches, top_k=top_k)
             ),
             "slot utilisation",
         )

@@ -60,10 +60,8 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
     options = {}
     config_file = path.parent / "model_config.json"
     if config_file.is_file():
-        from tcssa.train.checkpoint import read_model_config
-
-        saved = read_model_config(config_file)["model"]  # an error names the file and the entry
-        if saved["name"] != "tcssa":
+        saved = _read_compressor_config(config_file)
+        if saved.get("name", "tcssa") != "tcssa":
             raise ValueError(f"{path}: a {saved['name']!r} MIL model has no TC-SSA compressor")
         options = _compressor_options(saved, config_file)
     compressor = TCSSA(dim, num_slots=num_slots, expert_hidden=hidden, **{**options, **overrides})
@@ -77,6 +75,29 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
     if broken:
         raise ValueError(f"{path}: non-finite values in {', '.join(broken)}; the checkpoint is damaged")
     return compressor
+
+
+def _read_compressor_config(config_file: Path) -> dict:
+    """The model part of a ``model_config.json``: tcssa train's ``{"model": {...}, ...}`` or the bare
+    model config. Only what the compressor needs is checked (it needs no class names)."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_file}: not readable JSON ({err}); is the checkpoint complete?") from err
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_file}: expected a JSON object, got {type(config).__name__}; is the checkpoint complete?"
+        )
+    saved = config.get("model", config)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: 'model' must be an object, got {type(saved).__name__}")
+    if "name" in saved and not isinstance(saved["name"], str):
+        raise ValueError(f"{config_file}: model.name must be a model name (text), got {saved['name']!r}")
+    for key in ("in_dim", "num_slots"):
+        value = saved.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{config_file}: model.{key} must be a whole number >= 1, got {value!r}")
+    return saved
 
 
 def _compressor_options(saved: dict, config_file: Path) -> dict:

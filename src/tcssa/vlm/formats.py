@@ -28,6 +28,8 @@ import csv
 import io
 import json
 import string
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
@@ -304,6 +306,16 @@ def read_slideinstruct(path: str | Path) -> VQASet:
                 slide_id=slide_id_from_reference(str(images[0])),
                 turns=tuple(turns),
             )
+        )
+    ids = Counter(str(r.get("id")) for r in records if r.get("id") is not None)
+    repeated = sorted(i for i, n in ids.items() if n > 1)
+    if repeated:
+        # training conversations: a repeated id is suspicious (a file concatenated twice?) but not
+        # wrong in itself, as the id only labels the sample, so it is reported, not refused
+        warnings.warn(
+            f"{path}: {len(repeated)} sample id(s) occur more than once: {', '.join(repeated[:10])}"
+            + (" ..." if len(repeated) > 10 else ""),
+            stacklevel=2,
         )
     return result
 
