@@ -640,6 +640,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
         ),
         title="tcssa demo: does rare evidence survive 32 tokens?",
         mean_patches=mean_patches,
+        uncertainty=uncertainty,
     )
     stage("report", mark)
     seconds["total"] = round(time.perf_counter() - started, 1)

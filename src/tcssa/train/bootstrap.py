@@ -16,7 +16,7 @@ matrix products.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +41,6 @@ class AUCInterval:
     high: float
     level: float
     replicates: int
-
-    def text(self, digits: int = 3) -> str:
-        pct = f"{100 * self.level:.0f}%"
-        return f"{self.mean:.{digits}f} [{pct} CI {self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
 @dataclass(frozen=True)
@@ -125,6 +121,42 @@ def _validated(models: Sequence[Sequence[FoldScores]], names: Sequence[str]) -> 
                 raise ValueError(f"bootstrap: {names[0]} and {name} disagree on the labels of fold {i}")
 
 
+def _check_settings(replicates: int, level: float) -> None:
+    if replicates < 100:
+        raise ValueError(f"bootstrap: use at least 100 replicates, got {replicates}")
+    if not 0.5 < level < 1:
+        raise ValueError(f"bootstrap: level must be in (0.5, 1), got {level}")
+
+
+def compare_aucs(
+    scores: Mapping[str, Sequence[FoldScores]],
+    *,
+    replicates: int = DEFAULT_REPLICATES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+) -> tuple[dict[str, AUCInterval], dict[tuple[str, str], PairedAUCDifference]]:
+    """Every model's AUC interval and every ordered pair's paired difference, from one set of
+    replicates: the slides each replicate draws depend on the folds only, so this gives exactly
+    what ``auc_interval`` and ``paired_auc_difference`` give model by model and pair by pair."""
+    _check_settings(replicates, level)
+    names = list(scores)
+    _validated([scores[n] for n in names], names)
+    observed, boot = _replicate_aucs([scores[n] for n in names], replicates, seed)
+    intervals = {n: _interval(observed[i], boot[i], level) for i, n in enumerate(names)}
+    differences = {}
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i != j:
+                diff = boot[i] - boot[j]
+                differences[(a, b)] = PairedAUCDifference(
+                    a=intervals[a],
+                    b=intervals[b],
+                    difference=_interval(observed[i] - observed[j], diff, level),
+                    p_not_better=float((diff <= 0).mean()),
+                )
+    return intervals, differences
+
+
 def auc_interval(
     folds: Sequence[FoldScores],
     *,
@@ -133,9 +165,8 @@ def auc_interval(
     seed: int = 0,
 ) -> AUCInterval:
     """The mean-over-folds AUC of one model with its stratified bootstrap interval."""
-    _validated([folds], ["model"])
-    observed, boot = _replicate_aucs([folds], replicates, seed)
-    return _interval(observed[0], boot[0], level)
+    intervals, _ = compare_aucs({"model": folds}, replicates=replicates, level=level, seed=seed)
+    return intervals["model"]
 
 
 def paired_auc_difference(
@@ -148,16 +179,8 @@ def paired_auc_difference(
     seed: int = 0,
 ) -> PairedAUCDifference:
     """AUC(A) - AUC(B) on the same test slides, with a paired stratified bootstrap interval."""
-    if replicates < 100:
-        raise ValueError(f"bootstrap: use at least 100 replicates, got {replicates}")
-    if not 0.5 < level < 1:
-        raise ValueError(f"bootstrap: level must be in (0.5, 1), got {level}")
-    _validated([folds_a, folds_b], list(names))
-    observed, boot = _replicate_aucs([folds_a, folds_b], replicates, seed)
-    diff = boot[0] - boot[1]
-    return PairedAUCDifference(
-        a=_interval(observed[0], boot[0], level),
-        b=_interval(observed[1], boot[1], level),
-        difference=_interval(observed[0] - observed[1], diff, level),
-        p_not_better=float((diff <= 0).mean()),
-    )
+    if names[0] == names[1]:
+        names = (f"{names[0]} (A)", f"{names[1]} (B)")  # one model against itself: keep both apart
+    scores = {names[0]: folds_a, names[1]: folds_b}
+    _, differences = compare_aucs(scores, replicates=replicates, level=level, seed=seed)
+    return differences[names]

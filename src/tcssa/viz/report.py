@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tcssa import __version__
+from tcssa.train.bootstrap import compare_aucs
 from tcssa.viz import plots
 from tcssa.viz.runs import CompareRun, fold_scores, load_compare_run, read_csv_rows, to_float
 
@@ -128,26 +129,17 @@ class Uncertainty:
 
 def comparison_uncertainty(compare: CompareRun, *, replicates: int = 2000, seed: int = 0) -> Uncertainty:
     """Paired stratified bootstrap (``tcssa.train.bootstrap``) over the test slides of the run."""
-    from tcssa.train.bootstrap import auc_interval, paired_auc_difference
-
     names = [n for n in compare.model_names if n in compare.models and compare.models[n].predictions]
     if len(names) < len(compare.model_names):
         return Uncertainty(reason="some models have no per-fold predictions")
     try:
         scores = {n: fold_scores(compare.models[n]) for n in names}
-        result = Uncertainty()
-        result.intervals = {n: auc_interval(scores[n], replicates=replicates, seed=seed) for n in names}
-        ranked = sorted(names, key=lambda n: -result.intervals[n].mean)
-        for a in names:
-            for b in names:
-                if a != b:
-                    result.against[(a, b)] = paired_auc_difference(
-                        scores[a], scores[b], names=(a, b), replicates=replicates, seed=seed
-                    )
+        intervals, against = compare_aucs(scores, replicates=replicates, seed=seed)
     except ValueError as err:  # multi-class runs, a fold with one class, different test slides
         return Uncertainty(reason=str(err))
-    top = ranked[0]
-    if len(ranked) > 1 and all(result.against[(top, other)].supported for other in ranked[1:]):
+    result = Uncertainty(intervals=intervals, against=against)
+    top, *others = sorted(names, key=lambda n: -intervals[n].mean)
+    if others and all(against[(top, other)].supported for other in others):
         result.best = top
     return result
 
@@ -323,11 +315,13 @@ def build_report(
     slide_analysis: SlideAnalysis | None = None,
     title: str = "tcssa report",
     mean_patches: float | None = None,
+    uncertainty: Uncertainty | None = None,
 ) -> Path:
     """Write the HTML report of a compare run and return its path (default ``compare_dir/report.html``).
 
     ``slide_analysis`` computes the slot map and embedding figures (it needs a TC-SSA checkpoint and the
-    slide features); without it, or when it cannot run, the report says so in a note.
+    slide features); without it, or when it cannot run, the report says so in a note. ``uncertainty``:
+    the run's ``comparison_uncertainty`` when the caller has it already (computed here otherwise).
     """
     compare = load_compare_run(compare_dir)
     out = Path(out) if out is not None else compare.path / REPORT_NAME
@@ -340,7 +334,8 @@ def build_report(
     page.add(_header_html(compare, demo, title))
 
     page.section("Comparison")
-    uncertainty = comparison_uncertainty(compare)
+    if uncertainty is None:
+        uncertainty = comparison_uncertainty(compare)
     page.add(comparison_table_html(compare.rows, mean_patches, uncertainty))
     page.add(
         "<p>Mean ± std (ddof 1) over the test folds"

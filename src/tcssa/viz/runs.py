@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tcssa.train.bootstrap import FoldScores
 from tcssa.viz.plots import FoldPredictions
 
 SLOT_COLUMNS = ("fold", "slot", "count", "share")
@@ -185,14 +186,12 @@ def load_compare_run(path: str | Path) -> CompareRun:
     return compare
 
 
-def fold_scores(run: ModelRun, positive: int = 1) -> list:
+def fold_scores(run: ModelRun, positive: int = 1) -> list[FoldScores]:
     """Each test fold's labels, positive-class scores and slide ids, for ``tcssa.train.bootstrap``.
 
     Binary runs only (one-vs-rest would need a choice of class): ``positive`` names the class whose
     probability is the score.
     """
-    from tcssa.train.bootstrap import FoldScores
-
     folds = []
     for fold in sorted(run.predictions, key=lambda f: f.fold):
         if fold.probs.shape[1] != 2:
