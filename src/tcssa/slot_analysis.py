@@ -44,33 +44,36 @@ def features_dir_of(run: ModelRun) -> Path | None:
 
 
 @torch.inference_mode()
-def top1_slots(model, features: torch.Tensor) -> np.ndarray:
-    """The slot with the highest routing probability for each patch (N), from a model with ``.routing``."""
+def route(model, features: torch.Tensor):
+    """The compressor's routing of one slide (N x D), from a model with ``.routing``."""
     if not hasattr(model, "routing"):
         raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} has no slot routing")
-    out = model.routing(features.unsqueeze(0))
-    return out.probs[0].argmax(dim=-1).numpy()
+    return model.routing(features.unsqueeze(0))
 
 
-@torch.inference_mode()
-def routing_facts(model, features: torch.Tensor, phenotype: np.ndarray | None = None,
-                  names: list[str] | None = None) -> str:  # fmt: skip
-    """One sentence of numbers on how this slide was routed, in the units every figure uses.
+def top1_slots(model, features: torch.Tensor) -> np.ndarray:
+    """The slot with the highest routing probability for each patch (N), from a model with ``.routing``."""
+    return route(model, features).probs[0].argmax(dim=-1).numpy()
+
+
+def routing_facts(
+    out, top1: np.ndarray, phenotype: np.ndarray | None = None, names: list[str] | None = None
+) -> str:
+    """One sentence of numbers on how this slide was routed (``out``: its ``route``; ``top1``: each
+    patch's top-1 slot), in the units every figure uses.
 
     The largest slot's share is of the slide's patches under top-2 routing (as in the slot utilisation
     figure and the demo's token budget lines). With ground truth, it adds where the rarest phenotype
     (a lesion) went: how many slots hold its patches as their top-1, and how pure the main one is.
     """
-    out = model.routing(features.unsqueeze(0))
     counts = out.slot_counts[0].double()
-    num_patches = features.shape[0]
+    num_patches = out.probs.shape[1]
     text = (
         f"Top-2 routing of this slide: {int((counts > 0).sum())} of {counts.numel()} slots used, the "
         f"largest receives {100 * float(counts.max()) / num_patches:.1f}% of its {num_patches:,} patches."
     )
     if phenotype is None or len(np.unique(phenotype)) < 2:
         return text
-    top1 = out.probs[0].argmax(dim=-1).numpy()
     present, sizes = np.unique(phenotype, return_counts=True)
     rare = int(present[np.argmin(sizes)])
     rare_name = names[rare] if names and rare < len(names) else f"phenotype {rare}"
@@ -239,14 +242,15 @@ def slide_figures(
             raise
         bag = read_bag(path)
     model, _ = load_checkpoint(checkpoint)
-    slots = top1_slots(model, bag.features)
+    routed = route(model, bag.features)  # once: the slot map, the embedding and the caption's facts
+    slots = routed.probs[0].argmax(dim=-1).numpy()
     num_slots = model.num_tokens
     phenotype = bag.extras.get(PHENOTYPE)
     names = bag.attrs.get("phenotype_names")
     names = [str(n) for n in names] if isinstance(names, list) else None
     label = f"{slide_id}, a fold {fold} test slide"
     figures, notes = [], []
-    facts = routing_facts(model, bag.features, phenotype, names)
+    facts = routing_facts(routed, slots, phenotype, names)
     if bag.coords is not None:
         figures.append(slot_map(bag.coords.numpy(), slots, num_slots, phenotype, names, label, facts=facts))
     else:
