@@ -1,5 +1,7 @@
 """tcssa inspect: a file's description and a folder's table, with unreadable files as error rows."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,16 @@ import torch
 from tcssa.cli import main
 from tcssa.data import write_h5
 from tcssa.data.inspection import inspect_folder, summarize_file
+
+
+def _with_peak_memory(fn, *args):
+    """fn(*args) and the peak of Python-tracked memory it allocated (bytes)."""
+    tracemalloc.start()
+    try:
+        result = fn(*args)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def _folder(tmp_path):
@@ -79,26 +91,17 @@ def test_inspect_reports_the_stored_dtype(tmp_path):
 
 
 def test_inspect_of_an_h5_claiming_25_gb_reads_only_its_header(tmp_path):
-    import tracemalloc
-
     import h5py
 
     path = tmp_path / "claims.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("features", shape=(6_000_000, 1024), dtype="float32")  # 24.6 GB, never written
-    tracemalloc.start()
-    try:
-        summaries = inspect_folder(tmp_path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    summaries, peak = _with_peak_memory(inspect_folder, tmp_path)
     assert peak < 50 * 2**20
     assert summaries[0].error.startswith("features 6000000x1024 float32 (24.6 GB) is declared but its data")
 
 
 def test_inspect_of_a_large_file_checks_a_bounded_sample(tmp_path, monkeypatch, capsys):
-    import tracemalloc
-
     import h5py
 
     from tcssa.data import inspection
@@ -108,12 +111,7 @@ def test_inspect_of_a_large_file_checks_a_bounded_sample(tmp_path, monkeypatch, 
     features = np.random.default_rng(0).normal(size=(40_000, 64)).astype(np.float32)  # 10 MiB
     coords = np.stack([np.arange(40_000) * 256, np.zeros(40_000)], axis=1)
     path = write_h5(tmp_path / "big.h5", features, coords, attrs={"patch_size": 256})
-    tracemalloc.start()
-    try:
-        summary = summarize_file(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    summary, peak = _with_peak_memory(summarize_file, path)
     assert peak < 4 * 2**20  # far less than the 10 MiB of features
     assert (summary.num_patches, summary.dim, summary.dtype) == (40_000, 64, "float32")
     assert summary.sampled and 0 < summary.rows_checked <= 2**18 // (64 * 4)
