@@ -17,6 +17,7 @@ from tcssa.bench import (
     probe_memory,
 )
 from tcssa.cli import main
+from tcssa.io.published import to_published
 
 JUDGED = replace(QUICK, quick=False)  # the quick preset withholds verdicts; the judging logic is tested on it
 
@@ -80,7 +81,7 @@ def test_bench_reference_is_the_same_function_as_tcssa():
     torch.manual_seed(0)
     ours = TCSSA(24, num_slots=6, expert_hidden=16)
     reference = ReferenceTCSSA(24, num_slots=6, hidden=16)
-    reference.load_state_dict(ours.reference_state_dict())
+    reference.load_state_dict(to_published(ours))
     x = torch.randn(200, 24)
     ours.eval(), reference.eval()
     torch.testing.assert_close(reference(x)[0], ours(x).tokens[0], atol=1e-5, rtol=1e-5)
@@ -146,7 +147,7 @@ def test_target_3_judges_the_mean_auc_over_cohorts_not_one_seed():
 
 def test_batched_warmup_ramps_the_learning_rate_then_holds_it():
     from tcssa.bench.reference import batched_warmup, train_epoch_batched
-    from tcssa.bucketing import LengthBucketSampler
+    from tcssa.data.batching import LengthBucketSampler
     from tcssa.mil import build_model
 
     model = build_model("tcssa", 8, 2, num_slots=4, expert_hidden=4)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcssa import budget
+from tcssa.method import budget
 
 
 def test_pool_by_assignment_is_the_mean_of_each_token():

@@ -142,7 +142,7 @@ def test_an_out_that_cannot_be_written_is_an_error_naming_it(cohort, tmp_path, m
 
 
 def test_a_second_training_into_a_run_in_progress_is_refused(cohort, tmp_path, capsys):
-    from tcssa.train.rundir import lock_run_dir
+    from tcssa.io.rundir import lock_run_dir
 
     features, labels = cohort
     out = tmp_path / "run"
@@ -224,7 +224,7 @@ def test_a_missing_vlm_extra_names_the_extra_to_install(monkeypatch, tmp_path, c
 
 
 def test_a_missing_optional_module_deeper_down_names_its_extra(monkeypatch, capsys):
-    import tcssa.train.benchmarks as benchmarks
+    import tcssa.apps.classic_mil_cv as benchmarks
 
     def needs(module):
         def run(args):
@@ -235,7 +235,7 @@ def test_a_missing_optional_module_deeper_down_names_its_extra(monkeypatch, caps
     monkeypatch.setattr(benchmarks, "run_from_args", needs("mil"))
     assert main(["benchmark-mil", "--out", "x"]) == 1
     line = _one_line(capsys.readouterr().err)
-    assert line.startswith("tcssa benchmark-mil: error: ") and 'pip install "tcssa[benchmarks]"' in line
+    assert line.startswith("tcssa benchmark-mil: error: ") and 'pip install "tcssa[classic-mil]"' in line
     monkeypatch.setattr(benchmarks, "run_from_args", needs("not_ours"))
     with pytest.raises(ModuleNotFoundError):  # not an optional dependency: a bug, shown as one
         main(["benchmark-mil", "--out", "x"])
@@ -259,7 +259,7 @@ def test_benchmark_mil_data_dir_help_says_where_the_mat_files_come_from():
     text = " ".join(_help("benchmark-mil").split())
     assert "MILSurvey" in text and "Andrews et al. 2003" in text
     assert "musk1, musk2, elephant, protein and ucsb_breast_cancer run without it" in text
-    assert 'pip install "tcssa[benchmarks]"' in text
+    assert 'pip install "tcssa[classic-mil]"' in text
 
 
 def test_vqa_train_takes_grad_accum_steps_and_the_old_name_quietly(capsys):

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from reference_tcssa import ReferenceTCSSA
 from tcssa import TCSSA
-from tcssa import routing_loss as rl
+from tcssa.io.published import from_published, load_published, to_published
+from tcssa.method import routing_loss as rl
 
 D = 16
 
@@ -208,7 +209,7 @@ def test_reference_checkpoint_load_reproduces_published_forward(wrap):
                 "attention.gate.weight": torch.zeros(1, D),  # another "gate" that is not ours
             },
         }
-    ours = TCSSA(D, num_slots=8, expert_hidden=12).load_reference_state_dict(state).eval()
+    ours = load_published(TCSSA(D, num_slots=8, expert_hidden=12), state).eval()
     x = feats(300, D, seed=5)
     ref_tokens, ref_losses = ref(x)
     out = ours(x)
@@ -218,21 +219,21 @@ def test_reference_checkpoint_load_reproduces_published_forward(wrap):
 
     # Export back to the published layout: a fresh reference module loads it strictly.
     fresh = ReferenceTCSSA(D, num_slots=8, hidden=12).eval()
-    fresh.load_state_dict(ours.reference_state_dict(), strict=True)
+    fresh.load_state_dict(to_published(ours), strict=True)
     torch.testing.assert_close(fresh(x)[0], ref_tokens, atol=0, rtol=0)
-    built = TCSSA.from_reference_state_dict(state).eval()
+    built = from_published(state).eval()
     torch.testing.assert_close(built(x).tokens, out.tokens, atol=0, rtol=0)
 
 
 def test_reference_checkpoint_errors_are_clear():
     with pytest.raises(ValueError, match="not a TC-SSA reference checkpoint"):
-        TCSSA(D).load_reference_state_dict({"foo.weight": torch.zeros(1)})
+        load_published(TCSSA(D), {"foo.weight": torch.zeros(1)})
     ref = ReferenceTCSSA(D, num_slots=4, hidden=12).state_dict()
     with pytest.raises(ValueError, match="K=4"):
-        TCSSA(D, num_slots=8, expert_hidden=12).load_reference_state_dict(ref)
+        load_published(TCSSA(D, num_slots=8, expert_hidden=12), ref)
     del ref["experts.2.net.3.bias"]
     with pytest.raises(ValueError, match="expert 2 lacks"):
-        TCSSA(D, num_slots=4, expert_hidden=12).load_reference_state_dict(ref)
+        load_published(TCSSA(D, num_slots=4, expert_hidden=12), ref)
 
 
 def test_more_slots_than_patches_and_empty_slots_are_zero():
@@ -294,10 +295,10 @@ def test_two_hundred_thousand_patches():
 def test_bfloat16_on_a_cpu_without_the_instructions_warns_once(monkeypatch, native):
     import warnings
 
-    from tcssa import compressor
+    from tcssa import runtime
 
-    monkeypatch.setattr(compressor, "cpu_has_bfloat16", lambda: native)
-    compressor._warn_once_if_cpu_lacks_bfloat16.cache_clear()
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: native)
+    runtime.warn_once_if_cpu_lacks_bfloat16.cache_clear()
     model = TCSSA(16, num_slots=4, expert_hidden=8).eval().bfloat16()
     x = torch.randn(50, 16)
     with warnings.catch_warnings(record=True) as caught:
@@ -309,4 +310,4 @@ def test_bfloat16_on_a_cpu_without_the_instructions_warns_once(monkeypatch, nati
     assert len(messages) == (0 if native else 1)
     if messages:
         assert "without bfloat16 instructions" in messages[0] and "float32" in messages[0]
-    compressor._warn_once_if_cpu_lacks_bfloat16.cache_clear()
+    runtime.warn_once_if_cpu_lacks_bfloat16.cache_clear()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tcssa import TCSSA
+from tcssa.io.checkpoints import upgrade_expert_layout
 
 
 def test_no_mask_equals_an_all_true_mask_in_eval_and_training():
@@ -73,7 +74,9 @@ def test_checkpoint_of_the_earlier_expert_layout_loads_transposed():
     for name in ("experts.w1", "experts.w2"):
         old[name] = old[name].transpose(1, 2).contiguous()
     fresh = TCSSA(16, num_slots=3, expert_hidden=16).eval()
-    fresh.load_state_dict(old)
+    with pytest.raises(RuntimeError, match="layout_version"):  # loaded as it is, the marker is missing
+        fresh.load_state_dict(old)
+    fresh.load_state_dict(upgrade_expert_layout(old))
     x = torch.randn(1, 40, 16)
     torch.testing.assert_close(fresh(x).tokens, model(x).tokens, atol=0, rtol=0)
     assert "experts.layout_version" in model.state_dict()

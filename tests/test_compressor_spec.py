@@ -1,5 +1,5 @@
 """Spec checks of the compressor's training-time behaviour, each written to fail on one plausible
-error in ``tcssa.compressor``: the size of the routing noise, the expert dropout, the logits the
+error in ``tcssa.method.compressor``: the size of the routing noise, the expert dropout, the logits the
 routing loss is taken from (the noisy ones, docs/METHOD.md), and the experts' initialisation.
 
 The expectations are computed here, from docs/METHOD.md, not by calling the code under test.
@@ -240,7 +240,7 @@ def test_bfloat16_uniform_routing_gives_the_exact_switch_loss(float32_and_bfloat
 
 
 def test_routing_loss_functions_compute_in_float32_for_bfloat16_inputs():
-    from tcssa import routing_loss as rl
+    from tcssa.method import routing_loss as rl
 
     k = 32
     pbar = torch.full((1, k), 1 / k)

@@ -328,7 +328,8 @@ def test_validate_lists_every_bad_file_in_one_error(tmp_path):
 
 
 def test_validate_scans_h5_in_bounded_blocks(tmp_path, monkeypatch):
-    from tcssa.data import formats, validate_cohort
+    from tcssa.data import validate_cohort
+    from tcssa.io import features as formats
 
     features = _write_slides(tmp_path / "feats", ["a", "b"])
     write_h5(features / "long.h5", np.ones((5000, 8), dtype=np.float32))

@@ -7,10 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from tcssa.cli import main
-from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort
-from tcssa.data.memory import MemoryCohort
-from tcssa.demo import (
+from tcssa.apps.demo import (
     FULL,
     QUICK,
     TINY,
@@ -23,6 +20,9 @@ from tcssa.demo import (
     run_demo,
     token_budget_demo,
 )
+from tcssa.cli import main
+from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort
+from tcssa.data.memory import MemoryCohort
 from tcssa.mil import build_model
 from tcssa.train.runs import train_run
 

@@ -6,9 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from fake_runs import write_compare_run
-from tcssa.data import write_h5
-from tcssa.mil import build_model
-from tcssa.slot_analysis import (
+from tcssa.apps.slot_analysis import (
     choose_slide,
     embed_patches,
     mean_patches,
@@ -16,8 +14,11 @@ from tcssa.slot_analysis import (
     slide_figures,
     top1_slots,
 )
+from tcssa.data import write_h5
+from tcssa.io.runs import load_compare_run
+from tcssa.mil import build_model
 from tcssa.train.runs import load_checkpoint
-from tcssa.viz import build_report, load_compare_run
+from tcssa.viz import build_report
 
 DIM = 16
 

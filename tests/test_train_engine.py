@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tcssa.train.checkpoint import load_training_state
+from tcssa.io.checkpoints import load_training_state
 from tcssa.train.config import TrainConfig
 from tcssa.train.distributed import Distributed
 from tcssa.train.engine import (

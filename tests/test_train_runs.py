@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tcssa.cli import main
-from tcssa.train.checkpoint import save_model
+from tcssa.io.checkpoints import save_model
 from tcssa.train.runs import COMPARISON_COLUMNS, SUMMARY_COLUMNS, load_checkpoint
 from train_fixtures import write_cohort
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from fake_runs import write_compare_run, write_model_run, write_sweeps
+from tcssa.io.runs import FoldPredictions, load_compare_run
 from tcssa.viz import (
-    FoldPredictions,
     SweepPoint,
     build_report,
-    load_compare_run,
     plots,
     roc_curves,
     slot_embedding,

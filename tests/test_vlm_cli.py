@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tcssa.cli import main
-from tcssa.compressor import TCSSA
 from tcssa.data import write_h5
+from tcssa.method.compressor import TCSSA
 from tcssa.vlm.checkpoint import load_compressor, load_run
 
 D = 8

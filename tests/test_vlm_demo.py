@@ -3,8 +3,8 @@ import random
 
 import pytest
 
+from tcssa.apps.vqa_demo import BURDEN_ANSWERS, LESION_ANSWERS, TINY, questions_for_slide, run_vqa_demo
 from tcssa.cli import main
-from tcssa.vlm.demo import BURDEN_ANSWERS, LESION_ANSWERS, TINY, questions_for_slide, run_vqa_demo
 from tcssa.vlm.formats import read_slidebench_vqa
 
 TRUTH = {

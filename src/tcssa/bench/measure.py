@@ -24,7 +24,7 @@ from tcssa.bench.workloads import (
     method_input,
     synthetic_slide,
 )
-from tcssa.compressor import BFLOAT16_EMULATED_WARNING
+from tcssa.runtime import BFLOAT16_EMULATED_WARNING
 
 MIB = 1 << 20
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcssa import routing_loss
-from tcssa.bucketing import LengthBucketSampler, pad_slides
+from tcssa.data.batching import LengthBucketSampler, pad_slides
+from tcssa.io.published import to_published
+from tcssa.method import routing_loss
 from tcssa.mil import build_model
 from tcssa.mil.base import ClassifierHead
 
@@ -36,7 +37,7 @@ class ReferenceTCSSA(nn.Module):
     """TC-SSA in the published code's formulation (docs/METHOD.md, "Known weak points"):
     one slide (N x D) at a time, a dense N x K top-2 mask, a dense bmm for the aggregation
     and a Python loop over the K experts. Same parameter layout as the published checkpoints,
-    so ``load_state_dict(TCSSA.reference_state_dict())`` gives it our weights."""
+    so ``load_state_dict(tcssa.io.published.to_published(model))`` gives it our weights."""
 
     def __init__(self, dim: int, num_slots: int = 32, hidden: int = 512, dropout: float = 0.25) -> None:
         super().__init__()
@@ -134,7 +135,7 @@ def batched_warmup(optimizer, steps: int):
     """Linear warm-up of the batched optimizer's learning rate over its first ``steps`` steps
     (from 1/(steps+1) of it up to all of it), constant after: the large-batch recipe of Goyal
     et al. 2017 that goes with the linear scaling rule. On five seeded rare-lesion cohorts
-    (benchmarks/auc_recipes.py) 16 slides per step at lr x 16 reached a mean 10-epoch test AUC
+    (scripts/auc_recipes.py) 16 slides per step at lr x 16 reached a mean 10-epoch test AUC
     of 0.750 without it and 0.839 with two warm-up epochs (one slide per step: 0.951)."""
     return torch.optim.lr_scheduler.LinearLR(
         optimizer, start_factor=1 / (steps + 1), end_factor=1.0, total_iters=max(steps, 1)
@@ -158,7 +159,7 @@ def build_classifiers(
     """
     batched = build_model("tcssa", dim, num_classes, num_slots=num_slots, seed=seed)
     reference = ReferenceClassifier(dim, num_classes, num_slots)
-    reference.compressor.load_state_dict(batched.compressor.reference_state_dict())
+    reference.compressor.load_state_dict(to_published(batched.compressor))
     reference.head.load_state_dict(batched.head.state_dict())
     # AdamW's default on CPU is its per-parameter loop, what the published code gets.
     batched_lr = lr * batch_size

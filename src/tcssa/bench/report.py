@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from tcssa.bench.config import BenchConfig
-from tcssa.compressor import cpu_has_bfloat16
+from tcssa.runtime import cpu_has_bfloat16
 
 
 @dataclass

@@ -41,9 +41,10 @@ from tcssa.bench.workloads import (
     synthetic_slide,
     write_h5_slide,
 )
-from tcssa.bucketing import LengthBucketSampler
-from tcssa.compressor import TCSSA
-from tcssa.streaming import iter_h5_chunks
+from tcssa.data.batching import LengthBucketSampler
+from tcssa.io.chunks import compress_h5, iter_h5_chunks
+from tcssa.io.published import to_published
+from tcssa.method.compressor import TCSSA
 
 
 class _Bench:
@@ -129,7 +130,7 @@ class _Bench:
         torch.manual_seed(c.seed)
         ours = TCSSA(c.dim, num_slots=c.num_slots).eval()
         reference = ReferenceTCSSA(c.dim, c.num_slots).eval()
-        reference.load_state_dict(ours.reference_state_dict())
+        reference.load_state_dict(to_published(ours))
         half = TCSSA(c.dim, num_slots=c.num_slots).eval()
         half.load_state_dict(ours.state_dict())
         half = half.bfloat16()
@@ -188,7 +189,7 @@ class _Bench:
         torch.manual_seed(c.seed)
         model = TCSSA(c.dim, num_slots=c.num_slots).eval()
         with torch.inference_mode():
-            streamed = model.compress_h5(files[str(smallest)], chunk_size=max(1, smallest // 7))
+            streamed = compress_h5(model, files[str(smallest)], chunk_size=max(1, smallest // 7))
             whole = model(next(iter_h5_chunks(files[str(smallest)], smallest)))
         self.result.rows.append(
             {

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from tcssa.bench.config import METHODS, BenchConfig
 from tcssa.bench.reference import DenseSelfAttention, ReferenceTCSSA
-from tcssa.compressor import TCSSA
+from tcssa.io.chunks import compress_h5
+from tcssa.method.compressor import TCSSA
 from tcssa.mil import build_model
 
 
@@ -51,7 +52,7 @@ def build_method(name: str, config: BenchConfig) -> Callable:
         if name.endswith("bf16"):
             model = model.bfloat16()
         if name == "tcssa-h5":
-            return lambda path: model.compress_h5(path, chunk_size=config.chunk_size)
+            return lambda path: compress_h5(model, path, chunk_size=config.chunk_size)
         if name.startswith("expert-read"):
             slots = torch.randn(1, config.num_slots, dim, dtype=model.gate.weight.dtype)
             return lambda x: model.experts(slots)

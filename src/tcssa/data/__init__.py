@@ -1,19 +1,8 @@
 """Slide data: feature files, labels, cohorts, splits, batches, a synthetic cohort and MIL benchmarks."""
 
-from tcssa.data.bag import MAX_FEATURE_MAGNITUDE, Bag
-from tcssa.data.benchmarks import BENCHMARK_NAMES, load_benchmark, write_benchmark_cohort
+from tcssa.data.classic_mil import BENCHMARK_NAMES, load_benchmark, write_benchmark_cohort
 from tcssa.data.cohort import Cohort, resolve_feature_files, validate_cohort
 from tcssa.data.dataset import BagBatch, BagDataset, collate_bags
-from tcssa.data.formats import (
-    FEATURE_EXTENSIONS,
-    FeatureHeader,
-    NoSpaceError,
-    peek_header,
-    peek_shape,
-    read_bag,
-    scan_values,
-    write_h5,
-)
 from tcssa.data.labels import TCGA_CASE_PATTERN, LabelTable, load_class_map, read_labels, save_class_map
 from tcssa.data.splits import (
     Split,
@@ -25,6 +14,17 @@ from tcssa.data.splits import (
     save_splits,
 )
 from tcssa.data.synthetic import SyntheticCohort, SyntheticConfig, make_synthetic_cohort
+from tcssa.io.bag import MAX_FEATURE_MAGNITUDE, Bag
+from tcssa.io.features import (
+    FEATURE_EXTENSIONS,
+    FeatureHeader,
+    NoSpaceError,
+    peek_header,
+    peek_shape,
+    read_bag,
+    scan_values,
+    write_h5,
+)
 
 __all__ = [
     "BENCHMARK_NAMES",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tcssa.data.formats import FEATURE_EXTENSIONS, peek_header, peek_shape, scan_values
 from tcssa.data.labels import read_labels
+from tcssa.io.features import FEATURE_EXTENSIONS, peek_header, peek_shape, scan_values
 
 log = logging.getLogger(__name__)
 

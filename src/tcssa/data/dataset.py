@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tcssa.data.bag import Bag
 from tcssa.data.cohort import Cohort
-from tcssa.data.formats import read_bag
+from tcssa.io.bag import Bag
+from tcssa.io.features import read_bag
 
 
 class BagDataset(Dataset):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tcssa.data.bag import to_bag
-from tcssa.data.formats import (
+from tcssa.io.bag import to_bag
+from tcssa.io.features import (
     CSV_EXTENSIONS,
     FEATURE_EXTENSIONS,
     H5_EXTENSIONS,

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tcssa.data.bag import Bag
 from tcssa.data.cohort import Cohort
-from tcssa.data.formats import read_bag
+from tcssa.io.bag import Bag
+from tcssa.io.features import read_bag
 
 
 class MemoryCohort:

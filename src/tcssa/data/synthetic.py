@@ -51,7 +51,7 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from tcssa.data.formats import atomic_output, write_h5
+from tcssa.io.features import atomic_output, write_h5
 
 TASKS = ("rare", "subtype", "composition")
 TISSUE_PHENOTYPES = ("stroma", "tumour", "immune", "necrosis", "fat")

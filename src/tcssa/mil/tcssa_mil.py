@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from tcssa import routing_loss
-from tcssa.compressor import TCSSA, CompressorOutput
+from tcssa.method import routing_loss
+from tcssa.method.compressor import TCSSA, CompressorOutput
 from tcssa.mil.base import ClassifierHead, MILModel
 
 

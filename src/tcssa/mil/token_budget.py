@@ -1,7 +1,7 @@
 """Token-budget baselines: the METHOD.md head sees exactly K tokens chosen without TC-SSA's routing.
 
 ``random-k`` samples K patches, ``kmeans-k`` takes K k-means centroids,
-``grid-k`` pools K spatial cells (the functions live in ``tcssa.budget``).
+``grid-k`` pools K spatial cells (the functions live in ``tcssa.method.budget``).
 Like ``tcssa``, the head takes the mean of the K tokens; for a slide with
 fewer than K patches the mean runs over its valid tokens only.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tcssa import budget
+from tcssa.method import budget
 from tcssa.mil.base import ClassifierHead, MILModel, masked_mean
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tcssa.io.runs import ModelRun
+
 DEFAULT_REPLICATES = 2000
 DEFAULT_LEVEL = 0.95
 
@@ -184,3 +186,21 @@ def paired_auc_difference(
     scores = {names[0]: folds_a, names[1]: folds_b}
     _, differences = compare_aucs(scores, replicates=replicates, level=level, seed=seed)
     return differences[names]
+
+
+def fold_scores(run: ModelRun, positive: int = 1) -> list[FoldScores]:
+    """Each test fold's labels, positive-class scores and slide ids, for ``tcssa.train.bootstrap``.
+
+    Binary runs only (one-vs-rest would need a choice of class): ``positive`` names the class whose
+    probability is the score.
+    """
+    folds = []
+    for fold in sorted(run.predictions, key=lambda f: f.fold):
+        if fold.probs.shape[1] != 2:
+            raise ValueError(
+                f"{run.path}: a bootstrap AUC interval needs a binary run, fold {fold.fold} has "
+                f"{fold.probs.shape[1]} classes"
+            )
+        labels = (fold.labels == positive).astype(np.int64)
+        folds.append(FoldScores(labels, fold.probs[:, positive], tuple(run.prediction_slide_ids[fold.fold])))
+    return folds

@@ -19,7 +19,7 @@ import h5py
 import torch
 from tqdm.auto import tqdm
 
-from tcssa.train.checkpoint import atomic_write
+from tcssa.io.checkpoints import atomic_write
 from tcssa.train.distributed import SINGLE_PROCESS
 from tcssa.train.runs import load_checkpoint
 

@@ -53,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tcssa.train.checkpoint import (
+from tcssa.io.checkpoints import (
     load_training_state,
     save_model,
     save_training_state,

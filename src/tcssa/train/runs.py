@@ -9,7 +9,7 @@ A run directory (``tcssa train``) holds, as the shared contract fixes::
 plus, while a fold is in progress, ``fold_{k}/resume.safetensors`` and, once it
 is done, ``fold_{k}/result.json`` (its metrics; a finished fold is skipped on
 ``--resume``), and ``.tcssa.lock``, locked while a run is in progress there
-(``tcssa.train.rundir``). config.json records, under ``inputs``, sha256
+(``tcssa.io.rundir``). config.json records, under ``inputs``, sha256
 fingerprints of the labels and split files, the cohort and the folds;
 ``--resume`` refuses to continue when one changed. A comparison directory
 (``tcssa compare``) holds ``comparison.csv``, ``comparison.md`` and one run
@@ -31,12 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from tcssa.train.checkpoint import read_json, write_json, write_text
-from tcssa.train.config import TrainConfig
-from tcssa.train.distributed import SINGLE_PROCESS, Distributed
-from tcssa.train.engine import Predictions, derived_seed, evaluate, fit
-from tcssa.train.metrics import METRIC_NAMES, summarize_folds
-from tcssa.train.rundir import (
+from tcssa.io.checkpoints import read_json, write_json, write_text
+from tcssa.io.rundir import (
     RunLock,
     check_inputs,
     clear_untrained_folds,
@@ -44,6 +40,10 @@ from tcssa.train.rundir import (
     lock_run_dir,
     nothing_trained,
 )
+from tcssa.train.config import TrainConfig
+from tcssa.train.distributed import SINGLE_PROCESS, Distributed
+from tcssa.train.engine import Predictions, derived_seed, evaluate, fit
+from tcssa.train.metrics import METRIC_NAMES, summarize_folds
 
 SUMMARY_COLUMNS = [
     "fold",
@@ -599,8 +599,8 @@ def evaluate_checkpoint(
 
 def load_checkpoint(checkpoint: str | Path):
     """(model in eval mode, its model_config.json) from a checkpoint folder or .safetensors file."""
+    from tcssa.io.checkpoints import load_weights, read_model_config, resolve_checkpoint
     from tcssa.mil import build_model
-    from tcssa.train.checkpoint import load_weights, read_model_config, resolve_checkpoint
 
     weights, config_path = resolve_checkpoint(checkpoint)
     model_config = read_model_config(config_path)

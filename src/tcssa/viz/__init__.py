@@ -1,7 +1,9 @@
-"""Plots and the HTML report: they draw results computed elsewhere (matplotlib, Agg, no pyplot)."""
+"""Plots and the HTML report: they draw results computed elsewhere (matplotlib, Agg, no pyplot).
+
+Run directories are read by ``tcssa.io.runs``; this package only draws what it is given.
+"""
 
 from tcssa.viz.plots import (
-    FoldPredictions,
     ModelScore,
     Plot,
     SweepPoint,
@@ -15,20 +17,14 @@ from tcssa.viz.plots import (
     token_budget_sweep,
 )
 from tcssa.viz.report import build_report
-from tcssa.viz.runs import CompareRun, ModelRun, load_compare_run, load_model_run
 
 __all__ = [
-    "CompareRun",
-    "FoldPredictions",
-    "ModelRun",
     "ModelScore",
     "Plot",
     "SweepPoint",
     "build_report",
     "comparison_bars",
     "lesion_fraction_sweep",
-    "load_compare_run",
-    "load_model_run",
     "roc_curves",
     "slot_embedding",
     "slot_map",

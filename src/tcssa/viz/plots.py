@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from tcssa.io.runs import FoldPredictions
 from tcssa.train.metrics import mean_std
 
 COLLAPSE_SHARE = 0.5  # a slot receiving more than this share of the patches has collapsed the routing
@@ -197,15 +198,6 @@ def comparison_bars(scores: Sequence[ModelScore], metric: str = "ROC AUC", capti
     ax.grid(axis="x", alpha=0.3)
     how = "Longer bars are better; error bars are the fold-to-fold std."
     return _finish(figure, f"Slide classification: test {metric} per model", f"{caption} {how}".strip())
-
-
-@dataclass
-class FoldPredictions:
-    """Test-set predictions of one fold: true class index and class probabilities per slide."""
-
-    fold: int
-    labels: np.ndarray  # n (int)
-    probs: np.ndarray  # n x C
 
 
 def _roc_points(fold: FoldPredictions) -> tuple[np.ndarray, np.ndarray, float] | None:

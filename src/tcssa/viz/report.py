@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tcssa import __version__
-from tcssa.train.bootstrap import compare_aucs
+from tcssa.io.runs import CompareRun, load_compare_run, read_csv_rows, to_float
+from tcssa.train.bootstrap import compare_aucs, fold_scores
 from tcssa.viz import plots
-from tcssa.viz.runs import CompareRun, fold_scores, load_compare_run, read_csv_rows, to_float
 
 SWEEP_DIR = "sweeps"
 TOKEN_BUDGET_CSV = "token_budget.csv"
@@ -74,7 +74,7 @@ class SlideFigures:
     notes: list[str] = field(default_factory=list)
 
 
-# A callable that computes the slide-level figures for a compare run (tcssa.slot_analysis provides the
+# A callable that computes the slide-level figures for a compare run (tcssa.apps.slot_analysis provides the
 # default); kept injectable so that the report itself never loads a model.
 SlideAnalysis = Callable[[CompareRun], SlideFigures]
 

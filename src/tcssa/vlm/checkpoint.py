@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tcssa.compressor import TCSSA
+from tcssa.io.checkpoints import upgrade_expert_layout
+from tcssa.io.published import from_published
+from tcssa.method.compressor import TCSSA
 from tcssa.vlm.model import SlideLM, SlideLMConfig
 
 SLIDELM_FILE = "slidelm.json"
@@ -43,13 +45,13 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
         raise FileNotFoundError(f"MIL checkpoint not found: {path}")
     if path.suffix in (".pt", ".pth", ".bin"):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return TCSSA.from_reference_state_dict(state, **overrides)
+        return from_published(state, **overrides)
     try:
         state = load_file(str(path))
     except Exception as err:  # safetensors raises its own error type for a damaged header
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     prefix = "compressor."
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = upgrade_expert_layout({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     if "gate.weight" not in weights or "experts.b1" not in weights:
         raise ValueError(
             f"{path}: no TC-SSA compressor in this checkpoint (expected keys compressor.gate.weight and "

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcssa.compressor import TCSSA, TCSSAConfig
-from tcssa.routing_loss import AUX_LOSS_WEIGHT
+from tcssa.method.compressor import TCSSA, TCSSAConfig
+from tcssa.method.routing_loss import AUX_LOSS_WEIGHT
 from tcssa.vlm.prompts import IGNORE_INDEX, EncodedSample
 
 SLIDE_TOKEN_VARIANTS = ("slots", "random-k", "mean")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tcssa import TCSSA
-from tcssa.streaming import feature_shape, iter_h5_chunks
+from tcssa.io.chunks import compress_h5, feature_shape, iter_h5_chunks
 
 D = 24
 
@@ -33,7 +33,7 @@ def test_compress_h5_matches_the_in_memory_forward(slide, chunk_size):
     path, x = slide
     model = make()
     whole = model(x.float())
-    streamed = model.compress_h5(path, chunk_size=chunk_size, keep_probs=True)
+    streamed = compress_h5(model, path, chunk_size=chunk_size, keep_probs=True)
     torch.testing.assert_close(streamed.tokens, whole.tokens, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(streamed.slots, whole.slots, atol=1e-4, rtol=1e-4)
     assert torch.equal(streamed.topk_index, whole.topk_index)
@@ -47,7 +47,7 @@ def test_compress_h5_matches_the_in_memory_forward(slide, chunk_size):
 
 
 def test_compress_h5_does_not_keep_probs_by_default(slide):
-    out = make().compress_h5(slide[0], chunk_size=256)
+    out = compress_h5(make(), slide[0], chunk_size=256)
     assert out.probs is None
     assert out.topk_index.shape == (1, 1037, 2)
 
@@ -58,7 +58,7 @@ def test_bfloat16_model_streams_bfloat16_chunks(slide):
     chunks = list(iter_h5_chunks(path, 500, dtype=torch.bfloat16))
     assert [c.dtype for c in chunks] == [torch.bfloat16] * 3
     assert torch.equal(torch.cat(chunks), x.to(torch.bfloat16))
-    out = model.compress_h5(path, chunk_size=500)
+    out = compress_h5(model, path, chunk_size=500)
     assert out.tokens.dtype == torch.bfloat16
     torch.testing.assert_close(out.tokens, model(x.to(torch.bfloat16)).tokens, atol=0.05, rtol=0.02)
 
@@ -73,31 +73,31 @@ def test_feature_shape_and_clam_layout(slide, tmp_path):
 
 def test_training_mode_is_refused(slide):
     with pytest.raises(ValueError, match="eval"):
-        make().train().compress_h5(slide[0])
+        compress_h5(make().train(), slide[0])
 
 
 def test_bad_files_raise_clear_errors(tmp_path):
     model = make()
     with pytest.raises(FileNotFoundError, match="missing.h5"):
-        model.compress_h5(tmp_path / "missing.h5")
+        compress_h5(model, tmp_path / "missing.h5")
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not an hdf5 file")
     with pytest.raises(ValueError, match="junk.h5 is not a readable HDF5"):
-        model.compress_h5(junk)
+        compress_h5(model, junk)
     no_features = write(tmp_path / "nofeat.h5", np.zeros((3, D), np.float32), dataset="feats")
     with pytest.raises(ValueError, match="nofeat.h5 has no 'features'"):
-        model.compress_h5(no_features)
+        compress_h5(model, no_features)
     wrong_dim = write(tmp_path / "dim.h5", np.zeros((3, D + 1), np.float32))
     with pytest.raises(ValueError, match="D=24"):
-        model.compress_h5(wrong_dim)
+        compress_h5(model, wrong_dim)
     empty = write(tmp_path / "empty.h5", np.zeros((0, D), np.float32))
     with pytest.raises(ValueError, match="empty.h5.*N = 0"):
-        model.compress_h5(empty)
+        compress_h5(model, empty)
     ints = write(tmp_path / "ints.h5", np.zeros((3, D), np.int32))
     with pytest.raises(ValueError, match="ints.h5.*floating-point"):
-        model.compress_h5(ints)
+        compress_h5(model, ints)
     with pytest.raises(ValueError, match="chunk_size"):
-        model.compress_h5(write(tmp_path / "ok.h5", np.zeros((3, D), np.float32)), chunk_size=0)
+        compress_h5(model, write(tmp_path / "ok.h5", np.zeros((3, D), np.float32)), chunk_size=0)
 
 
 def test_nan_is_reported_with_file_and_global_patch_index(tmp_path):
@@ -105,7 +105,7 @@ def test_nan_is_reported_with_file_and_global_patch_index(tmp_path):
     x[257, 3] = np.nan
     path = write(tmp_path / "nan-slide.h5", x)
     with pytest.raises(ValueError, match="nan-slide.h5.*NaN or Inf.*patch 257"):
-        make().compress_h5(path, chunk_size=100)
+        compress_h5(make(), path, chunk_size=100)
 
 
 @pytest.mark.slow

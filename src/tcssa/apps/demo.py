@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tcssa.compressor import TCSSA
+from tcssa.method.compressor import TCSSA
 
 COHORT_DIR = "cohort"
 BUDGET_RUNS_DIR = "token_budget"
@@ -77,7 +77,7 @@ class DemoConfig:
     # the report
     embedding: str = "pca"
     seed: int = 0
-    # the cohort seeds the training settings were chosen on (benchmarks/demo_settings.py); a demo run
+    # the cohort seeds the training settings were chosen on (scripts/demo_settings.py); a demo run
     # on one of them is not a held-out result, and its report says so
     tuning_seeds: tuple[int, ...] = ()
     tuning_note: str = ""  # the settings that were not chosen on those seeds, if any
@@ -94,7 +94,7 @@ class DemoConfig:
                 f"not held out from that choice (optimistic){note}"
             )
         return (
-            f"cohorts of seeds {seeds} (benchmarks/demo_settings.py), not this run's seed {self.seed}{note}"
+            f"cohorts of seeds {seeds} (scripts/demo_settings.py), not this run's seed {self.seed}{note}"
         )
 
     def __post_init__(self) -> None:
@@ -122,7 +122,7 @@ FULL = DemoConfig(
     # these narrower versions keep their architecture (attention pooling; Nystrom attention + PPEG).
     # TC-SSA's slot experts at METHOD.md's hidden size 512 (16.8M parameters at D = 512) memorise
     # the demo's ~144 training slides. Hidden size, slides per step and lr were chosen with
-    # benchmarks/demo_settings.py on full-size cohorts of seeds 101 and 102, never the reported seed 0:
+    # scripts/demo_settings.py on full-size cohorts of seeds 101 and 102, never the reported seed 0:
     # H = 16 / 64 / 512 gave TC-SSA AUC 0.973 / 0.936 / 0.658 (seed 101) and 0.906 / 0.904 / 0.639
     # (seed 102); then 4 or 16 slides per step at lr 1e-3 or 3e-3 (H = 16), mean over the two seeds
     # 0.975 (4, 1e-3), 0.982 (4, 3e-3), 0.940 (16, 1e-3), 0.950 (16, 3e-3). Epochs (5) and the
@@ -155,7 +155,7 @@ TINY = replace(
 # Under 3 minutes on 2 CPU cores, and still the full demo's point: lesions of 1% to 4% of a slide,
 # which 32 random patches miss most of the time (0.99^32 = 72% at 1%) and aggregation keeps.
 # Its cohort and training settings (lesion range, D = 256, 4 slides per step, lr 3e-3, 12 epochs,
-# expert hidden size 16) were chosen with benchmarks/demo_settings.py on cohorts of seeds 101 and
+# expert hidden size 16) were chosen with scripts/demo_settings.py on cohorts of seeds 101 and
 # 102, never on the seed the demo reports (0): docs/RESULTS.md "Demo".
 QUICK = replace(
     FULL,
@@ -248,9 +248,9 @@ def token_budget_demo(
 
 def _precomputed_stores(store, config: DemoConfig, progress: bool) -> dict[str, Any]:
     """The exact tokens of the fixed token-budget baselines, computed once per slide."""
-    from tcssa import budget
     from tcssa.data import Bag
     from tcssa.data.memory import MemoryCohort
+    from tcssa.method import budget
 
     stores: dict[str, Any] = {}
     if "mean" in config.models:
@@ -374,14 +374,14 @@ def lesion_fraction_auc(
 
 
 def _read_truth(truth_csv: Path) -> dict[str, float]:
-    from tcssa.viz.runs import read_csv_rows, to_float
+    from tcssa.io.runs import read_csv_rows, to_float
 
     rows = read_csv_rows(truth_csv, required=("slide_id", "lesion_fraction"))
     return {r["slide_id"]: to_float(r["lesion_fraction"]) for r in rows}
 
 
 def _fold_predictions(run_dir: Path, lesion: dict[str, float]):
-    from tcssa.viz.runs import load_model_run
+    from tcssa.io.runs import load_model_run
 
     run = load_model_run(run_dir)
     folds = []
@@ -462,12 +462,13 @@ def _prepare(out_dir: Path) -> None:
 
 def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool = True) -> DemoResult:
     """Run the whole demo into ``out_dir`` and return where the report is and the headline numbers."""
+    from tcssa.apps.slot_analysis import choose_slide, slide_figures
     from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, save_splits
     from tcssa.data.memory import MemoryCohort
-    from tcssa.slot_analysis import choose_slide, slide_figures
+    from tcssa.io.runs import load_compare_run, load_model_run
     from tcssa.train.metrics import mean_std
     from tcssa.train.runs import comparison_row, load_checkpoint, train_run, write_comparison
-    from tcssa.viz import build_report, load_compare_run, load_model_run
+    from tcssa.viz import build_report
     from tcssa.viz.report import (
         LESION_FRACTION_CSV,
         SWEEP_DIR,

@@ -17,9 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tcssa.train.bootstrap import FoldScores
-from tcssa.viz.plots import FoldPredictions
-
 SLOT_COLUMNS = ("fold", "slot", "count", "share")
 _PREDICTIONS_NAME = re.compile(r"^fold_(\d+)_predictions\.csv$")
 
@@ -52,6 +49,15 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}") from err
+
+
+@dataclass
+class FoldPredictions:
+    """Test-set predictions of one fold: true class index and class probabilities per slide."""
+
+    fold: int
+    labels: np.ndarray  # n (int)
+    probs: np.ndarray  # n x C
 
 
 @dataclass
@@ -184,21 +190,3 @@ def load_compare_run(path: str | Path) -> CompareRun:
         else:
             compare.notes.append(f"{row['model']}: no run directory {model_dir.name}/ (table row only)")
     return compare
-
-
-def fold_scores(run: ModelRun, positive: int = 1) -> list[FoldScores]:
-    """Each test fold's labels, positive-class scores and slide ids, for ``tcssa.train.bootstrap``.
-
-    Binary runs only (one-vs-rest would need a choice of class): ``positive`` names the class whose
-    probability is the score.
-    """
-    folds = []
-    for fold in sorted(run.predictions, key=lambda f: f.fold):
-        if fold.probs.shape[1] != 2:
-            raise ValueError(
-                f"{run.path}: a bootstrap AUC interval needs a binary run, fold {fold.fold} has "
-                f"{fold.probs.shape[1]} classes"
-            )
-        labels = (fold.labels == positive).astype(np.int64)
-        folds.append(FoldScores(labels, fold.probs[:, positive], tuple(run.prediction_slide_ids[fold.fold])))
-    return folds

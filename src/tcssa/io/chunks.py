@@ -1,7 +1,7 @@
 """Read a slide's patch features from a TRIDENT/CLAM h5 file a chunk at a time.
 
 A 10^6 x 1024 slide is 2 GiB as float16 on disk and 4 GiB as float32 in memory;
-``TCSSA.compress_h5`` walks it chunk by chunk instead (see ``compress_chunks``),
+``compress_h5`` walks it chunk by chunk instead (through ``TCSSA.compress_chunks``),
 so memory holds one chunk whatever N is. Each chunk is converted from the
 on-disk dtype straight to the requested one (float16 -> bfloat16 never passes
 through float32 for the whole slide). Reading a whole slide at once is ``tcssa.data.read_bag``.
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from tcssa.method.compressor import TCSSA, CompressorOutput
 
 FEATURES = "features"
 
@@ -73,3 +75,22 @@ def iter_h5_chunks(
             stop = min(start + chunk_size, num_patches)
             block = features[0, start:stop] if squeeze else features[start:stop]
             yield torch.from_numpy(block).to(dtype)
+
+
+def compress_h5(
+    model: TCSSA,
+    path: str | Path,
+    chunk_size: int = 16_384,
+    *,
+    keep_probs: bool = False,
+    progress: bool = False,
+) -> CompressorOutput:
+    """Compress the ``features`` of one TRIDENT/CLAM h5 file, read ``chunk_size`` patches at a time.
+
+    Eval mode only. Peak memory is the model plus about one chunk (in the model's dtype),
+    whatever N is; float16 features on disk go straight to the model's dtype, chunk by chunk.
+    """
+    if model.training:
+        raise ValueError("compress_chunks/compress_h5 stream in eval mode only: call model.eval() first")
+    chunks = iter_h5_chunks(path, chunk_size, dtype=model.gate.weight.dtype, progress=progress)
+    return model.compress_chunks(chunks, keep_probs=keep_probs, source=str(path))

@@ -9,8 +9,8 @@ decay to 0 over the remaining steps). ``B = 1`` is the published loop (the bench
 model, one slide per step, per-parameter AdamW). The numbers in docs/RESULTS.md ("Speed and
 memory", target 3) came from two processes side by side on the 2-core machine:
 
-    python benchmarks/auc_recipes.py --seeds 0 1 2 3 4 --recipes 1:1e-3:0:const
-    python benchmarks/auc_recipes.py --seeds 0 1 2 3 4 --recipes 16:1.6e-2:0:const \
+    python scripts/auc_recipes.py --seeds 0 1 2 3 4 --recipes 1:1e-3:0:const
+    python scripts/auc_recipes.py --seeds 0 1 2 3 4 --recipes 16:1.6e-2:0:const \
         16:1.6e-2:2:const 8:8e-3:1:const 8:8e-3:2:const
 
 (an earlier, unseeded version of this script also tried cosine decay and other rates; RESULTS
@@ -32,8 +32,8 @@ from sklearn.metrics import roc_auc_score
 
 from tcssa.bench.config import BenchConfig
 from tcssa.bench.reference import build_classifiers, train_epoch_batched, train_epoch_reference
-from tcssa.bucketing import LengthBucketSampler
 from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
+from tcssa.data.batching import LengthBucketSampler
 from tcssa.mil import build_model
 
 

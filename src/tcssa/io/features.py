@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tcssa.data.bag import Bag, all_finite, check_coords, check_features, to_bag, value_problem
+from tcssa.io.bag import Bag, all_finite, check_coords, check_features, to_bag, value_problem
 
 H5_EXTENSIONS = (".h5", ".hdf5")
 TORCH_EXTENSIONS = (".pt", ".pth")

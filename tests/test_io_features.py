@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tcssa.data import read_bag, write_h5
-from tcssa.data.formats import peek_shape
+from tcssa.io.features import peek_shape
 
 
 def _features(n=10, d=8, seed=0, dtype=np.float32):

@@ -4,26 +4,24 @@ The published code keeps a ``gate`` linear layer and one ``experts.{k}.net`` MLP
 (``0``: fc D->H, ``3``: fc H->D, ``4``: LayerNorm), with fc weights stored (out, in).
 ``tcssa.TCSSA`` stacks the K experts into single tensors stored (in, out) so that one batched
 matmul applies them all; this module converts between the two, so published checkpoints load
-and ours export back (``TCSSA.load_reference_state_dict`` / ``reference_state_dict``).
+(``from_published``, ``load_published``) and ours export back (``to_published``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from tcssa.compressor import TCSSA
+from tcssa.method.compressor import TCSSA
 
 _EXPERT_KEY = re.compile(r"^experts\.(\d+)\.net\.(0|3|4)\.(weight|bias)$")
 _STACKED = ("w1", "b1", "w2", "b2", "ln_weight", "ln_bias")
 _TRANSPOSED = ("w1", "w2")  # (out, in) in the published layout, (in, out) in ours
 
 
-def export_weights(model: TCSSA, prefix: str = "") -> dict[str, Tensor]:
+def to_published(model: TCSSA, prefix: str = "") -> dict[str, Tensor]:
     """``model``'s weights under the published code's names, each a fresh tensor."""
     e = model.experts
     out = {
@@ -41,9 +39,13 @@ def export_weights(model: TCSSA, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
-def load_weights(model: TCSSA, state_dict: dict) -> None:
-    """Copy a published-code checkpoint into ``model`` (its D, K and H must match)."""
-    weights = read_weights(state_dict)
+def load_published(model: TCSSA, state_dict: dict) -> TCSSA:
+    """Copy a published-code checkpoint into ``model`` (its D, K and H must match); returns ``model``.
+
+    Accepts the bare compressor keys, keys under a prefix such as ``compressor.``, and a
+    training checkpoint that wraps them in ``model_state_dict`` or ``state_dict``.
+    """
+    weights = read_published(state_dict)
     num_slots, hidden, dim = weights["w1"].shape
     if (dim, num_slots, hidden) != (model.dim, model.num_slots, model.experts.hidden):
         raise ValueError(
@@ -56,9 +58,16 @@ def load_weights(model: TCSSA, state_dict: dict) -> None:
         for name in _STACKED:
             value = weights[name]
             getattr(model.experts, name).copy_(value.transpose(1, 2) if name in _TRANSPOSED else value)
+    return model
 
 
-def read_weights(state_dict: dict) -> dict[str, Tensor]:
+def from_published(state_dict: dict, **config) -> TCSSA:
+    """A TCSSA with D, K and H read off a published-code checkpoint, its weights loaded."""
+    num_slots, hidden, dim = read_published(state_dict)["w1"].shape
+    return load_published(TCSSA(dim, num_slots=num_slots, expert_hidden=hidden, **config), state_dict)
+
+
+def read_published(state_dict: dict) -> dict[str, Tensor]:
     """The gate and the K experts of a published-code checkpoint, experts stacked (K, out, in).
 
     Finds the compressor under any prefix and inside a ``model_state_dict``/``state_dict``/``model``

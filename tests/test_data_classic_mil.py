@@ -72,7 +72,7 @@ def test_benchmark_errors(tmp_path, monkeypatch):
         raise ModuleNotFoundError(package)
 
     monkeypatch.setattr(importlib.resources, "files", no_mil)
-    with pytest.raises(FileNotFoundError, match=r"pip install 'tcssa\[benchmarks\]'"):
+    with pytest.raises(FileNotFoundError, match=r"pip install 'tcssa\[classic-mil\]'"):
         load_benchmark("musk1")
 
 

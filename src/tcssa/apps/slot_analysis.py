@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tcssa.io.runs import CompareRun, ModelRun
 from tcssa.viz.plots import slot_embedding, slot_map
 from tcssa.viz.report import SlideFigures
-from tcssa.viz.runs import CompareRun, ModelRun
 
 PHENOTYPE = "phenotype"  # per-patch ground truth written by the synthetic cohort
 EMBEDDING_METHODS = ("pca", "tsne")

@@ -6,7 +6,7 @@ of the same shape drawn with other seeds (default 101 and 102), so the demo's he
 used to pick them. For each candidate the script trains TC-SSA and random-k on the same folds and
 prints the mean-over-folds AUC of each and the paired bootstrap interval of the difference.
 
-    python benchmarks/demo_settings.py --preset quick --seeds 101 102 \
+    python scripts/demo_settings.py --preset quick --seeds 101 102 \
         --grid '{"batch_size": [4, 8], "epochs": [8, 12]}' --out /tmp/demo-settings
 
 A candidate is a set of ``DemoConfig`` fields; ``expert_hidden`` sets TC-SSA's expert hidden size.
@@ -26,9 +26,9 @@ from pathlib import Path
 from tcssa import demo
 from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort
 from tcssa.data.memory import MemoryCohort
+from tcssa.io.runs import fold_scores, load_model_run
 from tcssa.train.bootstrap import paired_auc_difference
 from tcssa.train.runs import train_run
-from tcssa.viz.runs import fold_scores, load_model_run
 
 PRESETS = {"quick": demo.QUICK, "full": demo.FULL}
 COHORT_FIELDS = {"num_slides", "dim", "min_patches", "max_patches", "lesion_fraction", "seed"}

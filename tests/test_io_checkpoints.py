@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tcssa.train.checkpoint import (
+from tcssa.io.checkpoints import (
     atomic_write,
     load_training_state,
     load_weights,
@@ -178,7 +178,7 @@ def test_a_full_disk_while_writing_names_the_file_not_the_temporary_one(tmp_path
 
     from safetensors import SafetensorError
 
-    import tcssa.train.checkpoint as checkpoint
+    import tcssa.io.checkpoints as checkpoint
 
     def full(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")

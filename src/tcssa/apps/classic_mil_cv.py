@@ -25,7 +25,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
-from tcssa.train.checkpoint import write_text
+from tcssa.io.checkpoints import write_text
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import derived_seed, evaluate, fit
 

