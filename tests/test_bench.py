@@ -13,7 +13,7 @@ from tcssa.bench import (
     ReferenceTCSSA,
     evaluate_targets,
     fit_exponent,
-    format_table,
+    format_bench_table,
     probe_memory,
 )
 from tcssa.cli import main
@@ -117,7 +117,7 @@ def test_targets_are_judged_from_the_rows():
     assert targets["1"]["met"] is True
     assert targets["2"]["met"] is False and "1.25x" in targets["2"]["measured"]
     assert targets["8"]["met"] is None
-    text = format_table(BenchResult(rows=rows, targets=list(targets.values())))
+    text = format_bench_table(BenchResult(rows=rows, targets=list(targets.values())))
     assert "[MET]" in text and "[NOT MET]" in text
 
 

@@ -194,12 +194,12 @@ def pretrain_compressor(
     present or not, training slides of the rare cohort only); returns its checkpoint folder."""
     from tcssa.data import BagDataset, Cohort
     from tcssa.mil import build_model
-    from tcssa.train.config import TrainConfig as MILTrainConfig
+    from tcssa.train.config import TrainConfig
     from tcssa.train.engine import fit
 
     mil_cohort = Cohort.from_folder(cohort.features_dir, cohort.labels_csv)
     model = build_model("tcssa", mil_cohort.dim, mil_cohort.num_classes, num_slots=32, seed=seed)
-    config = MILTrainConfig(model="tcssa", lr=5e-4, epochs=epochs, seed=seed, device="cpu")
+    config = TrainConfig(model="tcssa", lr=5e-4, epochs=epochs, seed=seed, device="cpu")
     fit(
         model,
         BagDataset(mil_cohort, slide_ids, seed=seed),
@@ -291,7 +291,7 @@ def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[di
     from tcssa.vlm.evaluate import accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
     from tcssa.vlm.pipeline import sample_text
     from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
-    from tcssa.vlm.train import TrainConfig, prepare_stage, train_stage
+    from tcssa.vlm.train import SlideLMTrainConfig, prepare_stage, train_stage
 
     size = size or (QUICK if quick else FULL)
     out_dir = Path(out_dir)
@@ -339,7 +339,7 @@ def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[di
     for variant in variants:
         variant_start = time.perf_counter()
         run_dir = out_dir / "runs" / variant
-        stage1 = TrainConfig(stage=1, epochs=size.stage1_epochs, batch_size=size.batch_size,
+        stage1 = SlideLMTrainConfig(stage=1, epochs=size.stage1_epochs, batch_size=size.batch_size,
                              lr=size.stage1_lr, seed=seed, progress=progress, log_every=5)  # fmt: skip
         model, tok, info = prepare_stage(
             1,
@@ -357,7 +357,7 @@ def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[di
             run_dir / "stage1",
             info,
         )
-        stage2 = TrainConfig(stage=2, epochs=size.stage2_epochs, batch_size=size.batch_size,
+        stage2 = SlideLMTrainConfig(stage=2, epochs=size.stage2_epochs, batch_size=size.batch_size,
                              lr=size.stage2_lr, seed=seed, progress=progress, log_every=5)  # fmt: skip
         model, tok, info = prepare_stage(2, init=run_dir / "stage1", train_config=stage2)
         train_stage(

@@ -36,7 +36,7 @@ from tcssa.bench.report import (
     BenchResult,
     evaluate_targets,
     fit_exponent,
-    format_table,
+    format_bench_table,
     write_outputs,
 )
 from tcssa.bench.runner import measure_h5_streaming, run_bench
@@ -53,7 +53,7 @@ __all__ = [
     "build_classifiers",
     "evaluate_targets",
     "fit_exponent",
-    "format_table",
+    "format_bench_table",
     "interleaved_medians",
     "measure_h5_streaming",
     "probe_many",

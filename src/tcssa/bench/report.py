@@ -251,7 +251,7 @@ def _target_lines(result: BenchResult) -> list[str]:
     return [f"{t['item']}. [{marks[t['met']]}] {t['target']}: {t['measured']}" for t in result.targets]
 
 
-def format_table(result: BenchResult, markdown: bool = False) -> str:
+def format_bench_table(result: BenchResult, markdown: bool = False) -> str:
     """The rows as tables, one per section, with only the columns that section fills; plain
     text aligned for a terminal, or markdown (``bench.md``)."""
     lines = []
@@ -286,7 +286,7 @@ def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
-    paths["markdown"].write_text(format_table(result, markdown=True) + "\n")
+    paths["markdown"].write_text(format_bench_table(result, markdown=True) + "\n")
     plot_scaling(result, paths["plot"])
     return paths
 

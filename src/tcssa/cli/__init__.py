@@ -82,7 +82,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tcssa.bench import QUICK, BenchConfig, format_table, run_bench
+    from tcssa.bench import QUICK, BenchConfig, format_bench_table, run_bench
 
     config = QUICK if args.quick else BenchConfig()
     overrides = {
@@ -96,7 +96,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     result, paths = run_bench(config, args.out, sections=args.sections, progress=not args.no_progress)
-    print(format_table(result))
+    print(format_bench_table(result))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -300,9 +300,9 @@ def _cmd_vqa_init_lm(args: argparse.Namespace) -> int:
 def _cmd_vqa_train(args: argparse.Namespace) -> int:
     require_extra("vqa train", "transformers", "peft")
     from tcssa.vlm.pipeline import train_from_files
-    from tcssa.vlm.train import TrainConfig
+    from tcssa.vlm.train import SlideLMTrainConfig
 
-    config = TrainConfig(
+    config = SlideLMTrainConfig(
         stage=args.stage,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -283,7 +283,7 @@ def write_predictions(results: list[QuestionResult], path: str | Path) -> Path:
     return path
 
 
-def format_table(rows: list[dict], levels=("overall", "broad")) -> str:
+def format_accuracy_table(rows: list[dict], levels=("overall", "broad")) -> str:
     """A small markdown table of the chosen levels, for the terminal and for docs."""
     lines = [
         "| method | level | category | accuracy | n | missing | unparsed |",

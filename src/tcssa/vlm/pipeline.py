@@ -144,7 +144,7 @@ def eval_from_files(
     from tcssa.vlm.evaluate import (
         accuracy_rows,
         evaluate_multiple_choice,
-        format_table,
+        format_accuracy_table,
         multiple_choice_only,
         prior_baseline_rows,
         write_predictions,
@@ -201,5 +201,5 @@ def eval_from_files(
             f"{len(missing)} slide(s) have no features: their {n_missing_q} question(s) count as wrong "
             f"(listed in {out_dir / 'missing_slides.txt'})"
         )
-    report(format_table(rows))
+    report(format_accuracy_table(rows))
     return rows

@@ -32,7 +32,7 @@ STAGE_LEARNING_RATES = {1: 1e-3, 2: 2e-4}
 
 
 @dataclass
-class TrainConfig:
+class SlideLMTrainConfig:
     """Hyperparameters of one stage; saved to RUN/train_config.json."""
 
     stage: int
@@ -121,7 +121,7 @@ def _compressor_options(compressor) -> dict:
     return {k: cfg[k] for k in ("top_k", "expert_hidden", "expert_dropout", "noise_std")}
 
 
-def add_lora(model: SlideLM, config: TrainConfig) -> SlideLM:
+def add_lora(model: SlideLM, config: SlideLMTrainConfig) -> SlideLM:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -135,7 +135,7 @@ def add_lora(model: SlideLM, config: TrainConfig) -> SlideLM:
     return model
 
 
-def set_trainable(model: SlideLM, config: TrainConfig, compressor_from_mil: bool) -> dict[str, int]:
+def set_trainable(model: SlideLM, config: SlideLMTrainConfig, compressor_from_mil: bool) -> dict[str, int]:
     """Freeze / unfreeze per stage; returns trainable parameter counts per part."""
     train_compressor = config.train_compressor
     if train_compressor is None:
@@ -159,7 +159,7 @@ def train_stage(
     model: SlideLM,
     tokenizer,
     dataset,
-    config: TrainConfig,
+    config: SlideLMTrainConfig,
     out_dir: str | Path,
     info: dict,
 ) -> dict:
@@ -298,11 +298,11 @@ def prepare_stage(
     feature_dim: int | None = None,
     projector_hidden: int = 2048,
     mil_checkpoint: str | Path | None = None,
-    train_config: TrainConfig | None = None,
+    train_config: SlideLMTrainConfig | None = None,
 ):
     """The model a stage starts from: stage 1 from an LM folder (+ MIL compressor), stage 2 from a stage-1
     run folder with LoRA added. Returns (model, tokenizer, info)."""
-    config = train_config or TrainConfig(stage=stage)
+    config = train_config or SlideLMTrainConfig(stage=stage)
     if stage == 1:
         if init is not None:
             model, tokenizer, info = load_run(init, lm_dtype(config.precision))
