@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
+import multiprocessing
 import os
 import re
 import resource
@@ -11,6 +14,8 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, replace
 
 import torch
@@ -154,9 +159,6 @@ def run_probe(spec: dict) -> list[dict]:
 def _return_freed_memory_at_once() -> None:
     # glibc keeps freed buffers below its (adaptive) mmap threshold for reuse, and RSS with them;
     # a fixed 128 KiB threshold makes every larger buffer go back to the system when freed.
-    import ctypes
-    import ctypes.util
-
     try:
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError, TypeError):
@@ -177,8 +179,6 @@ def _load_shared_code(config: BenchConfig) -> None:
 
 def probe_many(jobs: list[dict], workers: int) -> list[list[dict]]:
     """``probe_memory(**job)`` for each job, ``workers`` child processes at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(pool.map(lambda job: probe_memory(**job), jobs))
 
@@ -186,8 +186,6 @@ def probe_many(jobs: list[dict], workers: int) -> list[list[dict]]:
 def _probe_context():
     # Children fork from a server that has imported torch and tcssa once (a fresh exec would
     # pay that import, seconds, per probe); the server runs no torch op, so forking it is safe.
-    import multiprocessing
-
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
@@ -203,9 +201,6 @@ def probe_memory(
     cap_gib: float | None = None,
 ) -> list[dict]:
     """Run ``run_probe`` in a fresh child process and return its rows."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     spec = {"method": method, "sizes": list(sizes), "config": asdict(config), "files": files or {}}
     spec["cap_gib"] = cap_gib
     try:

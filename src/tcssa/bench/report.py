@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from tcssa.bench.config import BenchConfig
 from tcssa.runtime import cpu_has_bfloat16
@@ -294,15 +296,11 @@ def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
 def plot_scaling(result: BenchResult, path: Path) -> None:
     """Time and peak memory against N, log-log, one line per method (same colour in both panels);
     an x marks the size at which a method ran out of memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result.rows if r["section"] in ("single slide", "streaming")]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colours = {m: colormaps["tab20"](i % 20) for i, m in enumerate(methods)}
+    fig = Figure(figsize=(13, 5))  # no pyplot: nothing global, no GUI backend (as tcssa.viz)
+    axes = fig.subplots(1, 2)
     panels = (("time_ms", "time per slide (ms, median)"), ("peak_rss_mib", "peak RSS of the process (MiB)"))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for m in methods:
@@ -338,4 +336,3 @@ def plot_scaling(result: BenchResult, path: Path) -> None:
     )
     fig.tight_layout(rect=(0, 0, 0.83, 1))
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -26,6 +26,8 @@ and not a local folder (``tcssa vqa prefill --lm Qwen2.5-7B``).
 
 from __future__ import annotations
 
+# transformers comes with the optional `vlm` extra: imported where it is used.
+
 import csv
 import inspect
 import math
@@ -38,6 +40,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
+
+from tcssa.vlm.tiny_lm import TinyLMConfig
 
 TEXT_TOKENS = 64  # the question and options around the slide span
 
@@ -223,7 +227,6 @@ def default_small_lm():
     """The offline default model's architecture (hidden 128, 2 layers), randomly initialised."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from tcssa.vlm.tiny_lm import TinyLMConfig
 
     size = TinyLMConfig()
     config = Qwen2Config(

@@ -11,6 +11,10 @@ that it stands in for a pretrained LLM that already knows the language of the qu
 
 from __future__ import annotations
 
+# transformers and tokenizers come with the optional `vlm` extra: imported where they are used, so
+# that the rest of tcssa (and `tcssa --help`) runs without them.
+
+import json
 import math
 import random
 from collections.abc import Iterable
@@ -104,8 +108,6 @@ def tiny_lm_from_config(config: TinyLMConfig, tokenizer, seed: int = 0):
 
 def build_tiny_lm(out_dir: str | Path, texts: list[str], config: TinyLMConfig | None = None, seed: int = 0):
     """Train a tokenizer on ``texts``, build the LM, save both to ``out_dir``; returns (lm, tokenizer)."""
-    import json
-
     config = config or TinyLMConfig()
     if not texts:
         raise ValueError("the tiny LM's tokenizer needs training text; got none")
