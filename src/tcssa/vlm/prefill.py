@@ -27,7 +27,6 @@ and not a local folder (``tcssa vqa prefill --lm Qwen2.5-7B``).
 from __future__ import annotations
 
 # transformers comes with the optional `vlm` extra: imported where it is used.
-
 import csv
 import inspect
 import math

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 # transformers and tokenizers come with the optional `vlm` extra: imported where they are used, so
 # that the rest of tcssa (and `tcssa --help`) runs without them.
-
 import json
 import math
 import random
