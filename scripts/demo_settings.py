@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tcssa import demo
+from tcssa.apps import demo
 from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort
 from tcssa.data.memory import MemoryCohort
 from tcssa.io.runs import fold_scores, load_model_run
@@ -84,7 +84,7 @@ def run_seed(base: demo.DemoConfig, seed: int, grid: list[dict], models: list[st
                 synthetic.features_dir,
                 synthetic.labels_csv,
                 run_dir,
-                demo._train_config(model, setting.num_slots, setting),
+                demo.model_train_config(model, setting.num_slots, setting),
                 splits=splits,
                 datasets=demo._datasets(model, setting.num_slots, store, stores, setting),
                 verbose=False,

@@ -3,7 +3,6 @@ import math
 import numpy as np
 import pytest
 
-import tcssa.data
 from tcssa.apps import classic_mil_cv as benchmarks
 from tcssa.apps.classic_mil_cv import BENCHMARK_CONFIG, ILSE_2018, benchmark_table, run_benchmark
 
@@ -24,7 +23,7 @@ def _toy_benchmark(name, data_dir=None):
 
 
 def test_benchmark_protocol_runs_and_tabulates(monkeypatch):
-    monkeypatch.setattr(tcssa.data, "load_benchmark", _toy_benchmark)
+    monkeypatch.setattr(benchmarks, "load_benchmark", _toy_benchmark)
     config = BENCHMARK_CONFIG.override(folds=3, epochs=8, lr=1e-2, batch_size=4)
     rows = run_benchmark("musk1", ["abmil", "tcssa"], repeats=2, config=config)
     assert [r["model"] for r in rows] == ["abmil", "tcssa"]
@@ -39,7 +38,7 @@ def test_benchmark_protocol_runs_and_tabulates(monkeypatch):
 
 
 def test_early_stopping_variant_holds_out_part_of_each_training_fold(monkeypatch):
-    monkeypatch.setattr(tcssa.data, "load_benchmark", _toy_benchmark)
+    monkeypatch.setattr(benchmarks, "load_benchmark", _toy_benchmark)
     seen = []
 
     def recording_fit(model, train_set, val_set, config, **kwargs):

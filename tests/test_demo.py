@@ -15,8 +15,8 @@ from tcssa.apps.demo import (
     _datasets,
     _precomputed_stores,
     _prepare,
-    _train_config,
     lesion_fraction_auc,
+    model_train_config,
     run_demo,
     token_budget_demo,
 )
@@ -77,7 +77,9 @@ def test_precomputed_tokens_give_the_models_own_output(small_cohort, model_name,
 
 def test_train_run_with_slides_in_memory_matches_files(small_cohort, tmp_path):
     synthetic, cohort, store = small_cohort
-    config = replace(_train_config("tcssa", 4, replace(TINY, dim=16)), epochs=1, batch_size=4, max_patches=16)
+    config = replace(
+        model_train_config("tcssa", 4, replace(TINY, dim=16)), epochs=1, batch_size=4, max_patches=16
+    )
     splits = make_kfold_splits(cohort, folds=2, seed=0, val_fraction=0.34)
     common = (synthetic.features_dir, synthetic.labels_csv)
 

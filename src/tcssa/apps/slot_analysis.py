@@ -1,10 +1,15 @@
 """Look inside one slide with a trained TC-SSA model: which slot does each patch go to?
 
-This is the computing half of the report's slide-level figures (``tcssa.viz`` only draws): it loads a
-fold's checkpoint from a run directory, routes one of that fold's *test* slides (so the model never
-trained on it), and embeds the slide's patch features in 2-D. ``slide_figures`` packages the result for
-``tcssa.viz.report.build_report``, turning anything missing (no checkpoint, features not on this
-machine) into a note rather than an error.
+This is the computing half of the report's slide-level figures (``tcssa.viz`` only draws), used by
+``tcssa report`` and ``tcssa demo``. From a run directory (``tcssa.io.runs``) it picks one of a fold's
+*test* slides (so the model never trained on it), loads that fold's checkpoint
+(``tcssa.train.runs.load_checkpoint``), reads the slide's features (``tcssa.data.read_bag``), routes
+its patches through the model's compressor (``tcssa.method``: top-2 slot routing), and embeds
+the patch features in 2-D (scikit-learn's PCA or t-SNE). ``slide_figures`` draws the slot map and
+the slot embedding with ``tcssa.viz.plots`` and packages them for ``tcssa.viz.report.build_report``,
+turning anything missing (no checkpoint, features not on this machine) into a note rather than an
+error. ``mean_patches`` reads the test slides' sizes from their feature file headers for the
+report's compression ratio.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
+from tcssa.data import Bag, peek_shape, read_bag, resolve_feature_files
 from tcssa.io.runs import CompareRun, ModelRun
-from tcssa.viz.plots import slot_embedding, slot_map
+from tcssa.train.runs import load_checkpoint
+from tcssa.viz.plots import Plot, slot_embedding, slot_map
 from tcssa.viz.report import SlideFigures
 
 PHENOTYPE = "phenotype"  # per-patch ground truth written by the synthetic cohort
@@ -135,15 +144,11 @@ def embed_patches(
         index = np.sort(np.concatenate([kept, drawn]))
     sample = np.asarray(features[index], dtype=np.float32)
     if method == "pca":
-        from sklearn.decomposition import PCA
-
         pca = PCA(n_components=2, random_state=seed)
         points = pca.fit_transform(sample)
         explained = pca.explained_variance_ratio_
         notes = tuple(f", {100 * v:.0f}% of variance" for v in explained)
         return Embedding(points, index, "PCA", notes)
-    from sklearn.manifold import TSNE
-
     perplexity = float(min(30.0, max(5.0, (len(sample) - 1) / 3)))
     points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(sample)
     return Embedding(points, index, "t-SNE", ("", ""))
@@ -172,8 +177,6 @@ def mean_patches(compare: CompareRun, features_dir: str | Path | None = None) ->
 
     None when the features are not on this machine (the report then shows no compression ratio).
     """
-    from tcssa.data import peek_shape, resolve_feature_files
-
     run = next((r for r in compare.models.values() if r.prediction_slide_ids), None)
     if run is None:
         return None
@@ -188,8 +191,6 @@ def mean_patches(compare: CompareRun, features_dir: str | Path | None = None) ->
 
 
 def _find_feature_file(features_dir: Path, slide_id: str) -> Path:
-    from tcssa.data import resolve_feature_files
-
     found, _ = resolve_feature_files(features_dir, [slide_id])
     return found[slide_id]
 
@@ -205,19 +206,10 @@ def slide_figures(
     seed: int = 0,
 ) -> SlideFigures:
     """The slot map and slot embedding of one test slide, or notes saying why they are missing."""
-    from tcssa.data import read_bag
-    from tcssa.train.runs import load_checkpoint
-
     run = compare.models.get(model_name)
     if run is None:
         return SlideFigures(notes=[f"No {model_name} run in {compare.path}, so no slot map or embedding."])
-    if slide_id is None:
-        fold, slide_id = choose_slide(run)
-    else:
-        folds = [f for f, ids in run.prediction_slide_ids.items() if slide_id in ids]
-        if not folds:
-            raise ValueError(f"slide {slide_id!r} is in no test fold of {run.path}")
-        fold = folds[0]
+    fold, slide_id = _test_fold_and_slide(run, slide_id)
     checkpoint = run.path / f"fold_{fold}"
     if run.fold_checkpoint(fold) is None:
         return SlideFigures(
@@ -235,44 +227,78 @@ def slide_figures(
             ]
         )
     path = _find_feature_file(features_dir, slide_id)
-    try:
-        bag = read_bag(path, extras=(PHENOTYPE,))
-    except ValueError as err:
-        if f"no '{PHENOTYPE}' dataset" not in str(err):
-            raise
-        bag = read_bag(path)
+    bag = _read_with_phenotype(path)
     model, _ = load_checkpoint(checkpoint)
+    label = f"{slide_id}, a fold {fold} test slide"
+    return _slot_figures(model, bag, path, label, embedding, max_points, seed)
+
+
+def _test_fold_and_slide(run: ModelRun, slide_id: str | None) -> tuple[int, str]:
+    """The fold whose test set holds ``slide_id``, or ``choose_slide``'s pick when it is None."""
+    if slide_id is None:
+        return choose_slide(run)
+    folds = [f for f, ids in run.prediction_slide_ids.items() if slide_id in ids]
+    if not folds:
+        raise ValueError(f"slide {slide_id!r} is in no test fold of {run.path}")
+    return folds[0], slide_id
+
+
+def _slot_figures(
+    model, bag: Bag, path: Path, label: str, embedding: str, max_points: int, seed: int
+) -> SlideFigures:
+    """The slot map (when the bag has patch coordinates) and slot embedding of the slide in ``path``."""
     routed = route(model, bag.features)  # once: the slot map, the embedding and the caption's facts
     slots = routed.probs[0].argmax(dim=-1).numpy()
     num_slots = model.num_tokens
     phenotype = bag.extras.get(PHENOTYPE)
     names = bag.attrs.get("phenotype_names")
     names = [str(n) for n in names] if isinstance(names, list) else None
-    label = f"{slide_id}, a fold {fold} test slide"
     figures, notes = [], []
     facts = routing_facts(routed, slots, phenotype, names)
     if bag.coords is not None:
         figures.append(slot_map(bag.coords.numpy(), slots, num_slots, phenotype, names, label, facts=facts))
     else:
         notes.append(f"{path} has no patch coordinates, so no slot map.")
+    figures.append(_embedding_plot(bag, slots, num_slots, phenotype, names, embedding, max_points, seed))
+    return SlideFigures(plots=figures, notes=notes)
+
+
+def _read_with_phenotype(path: Path) -> Bag:
+    """The slide's bag, with its per-patch phenotypes (ground truth) when the file has them."""
+    try:
+        return read_bag(path, extras=(PHENOTYPE,))
+    except ValueError as err:
+        if f"no '{PHENOTYPE}' dataset" not in str(err):
+            raise
+        return read_bag(path)
+
+
+def _embedding_plot(
+    bag: Bag,
+    slots: np.ndarray,
+    num_slots: int,
+    phenotype: np.ndarray | None,
+    names: list[str] | None,
+    method: str,
+    max_points: int,
+    seed: int,
+) -> Plot:
+    """The slide's patches in 2-D coloured by top-1 slot: a sample keeping every rare-phenotype patch."""
     keep = rare_patches(phenotype, max_points) if phenotype is not None else None
-    embedded = embed_patches(bag.features.numpy(), embedding, max_points, seed, keep)
+    embedded = embed_patches(bag.features.numpy(), method, max_points, seed, keep)
     sample_note = ""
     if len(embedded.index) < bag.num_patches:
         sample_note = f"A random sample of the slide's {bag.num_patches:,} patches"
         if keep is not None and len(keep):
             sample_note += ", with every patch of its rarest phenotypes"
         sample_note += "."
-    figures.append(
-        slot_embedding(
-            embedded.points,
-            slots[embedded.index],
-            num_slots,
-            embedded.method,
-            None if phenotype is None else phenotype[embedded.index],
-            names,
-            embedded.axis_notes,
-            sample_note=sample_note,
-        )
+    return slot_embedding(
+        embedded.points,
+        slots[embedded.index],
+        num_slots,
+        embedded.method,
+        None if phenotype is None else phenotype[embedded.index],
+        names,
+        embedded.axis_notes,
+        sample_note=sample_note,
     )
-    return SlideFigures(plots=figures, notes=notes)
