@@ -26,8 +26,8 @@ from pathlib import Path
 from tcssa.apps import demo
 from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort
 from tcssa.data.memory import MemoryCohort
-from tcssa.io.runs import fold_scores, load_model_run
-from tcssa.train.bootstrap import paired_auc_difference
+from tcssa.io.runs import load_model_run
+from tcssa.train.bootstrap import fold_scores, paired_auc_difference
 from tcssa.train.runs import train_run
 
 PRESETS = {"quick": demo.QUICK, "full": demo.FULL}
