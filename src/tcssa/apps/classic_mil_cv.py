@@ -25,7 +25,8 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
-from tcssa.io.checkpoints import write_text
+from tcssa.io.files import write_text
+from tcssa.io.runs import csv_text
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import derived_seed, evaluate, fit
 
@@ -208,8 +209,6 @@ def benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``tcssa benchmark-mil``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
-    from tcssa.train.runs import csv_text
-
     config = BENCHMARK_CONFIG.override(epochs=args.epochs, num_slots=args.num_slots, seed=args.seed)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: list[dict[str, Any]] = []

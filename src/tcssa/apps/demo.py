@@ -374,7 +374,8 @@ def lesion_fraction_auc(
 
 
 def _read_truth(truth_csv: Path) -> dict[str, float]:
-    from tcssa.io.runs import read_csv_rows, to_float
+    from tcssa.io.files import read_csv_rows
+    from tcssa.io.runs import to_float
 
     rows = read_csv_rows(truth_csv, required=("slide_id", "lesion_fraction"))
     return {r["slide_id"]: to_float(r["lesion_fraction"]) for r in rows}
@@ -465,9 +466,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = FULL, *, progress: bool =
     from tcssa.apps.slot_analysis import choose_slide, slide_figures
     from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, save_splits
     from tcssa.data.memory import MemoryCohort
-    from tcssa.io.runs import load_compare_run, load_model_run
+    from tcssa.io.runs import load_compare_run, load_model_run, write_comparison
     from tcssa.train.metrics import mean_std
-    from tcssa.train.runs import comparison_row, load_checkpoint, train_run, write_comparison
+    from tcssa.train.runs import comparison_row, load_checkpoint, train_run
     from tcssa.viz import build_report
     from tcssa.viz.report import (
         LESION_FRACTION_CSV,

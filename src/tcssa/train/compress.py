@@ -19,7 +19,7 @@ import h5py
 import torch
 from tqdm.auto import tqdm
 
-from tcssa.io.checkpoints import atomic_write
+from tcssa.io.files import atomic_output
 from tcssa.train.distributed import SINGLE_PROCESS
 from tcssa.train.runs import load_checkpoint
 
@@ -77,7 +77,8 @@ def compress_folder(
             "num_slots": int(arrays["tokens"].shape[0]),
             "num_patches": bag.num_patches,
         }
-        atomic_write(target, lambda tmp, arrays=arrays, attrs=attrs: _write(tmp, arrays, attrs))
+        with atomic_output(target) as partial:
+            _write(partial, arrays, attrs)
         written.append(target)
     if skipped:
         print(f"note: {skipped} slide(s) already compressed in {out_dir} were left as they are (--overwrite)")
