@@ -31,7 +31,8 @@ _TENSOR_REF = "__tensor__"
 
 
 # --------------------------------------------------------------------- models
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state on the CPU, ready for safetensors."""
     # clone(): safetensors refuses tensors that share storage (tied weights, views).
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -39,7 +40,7 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_model(folder: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/model_config.json``; returns the weights path."""
     folder = Path(folder)
-    tensors = _state_tensors(model)
+    tensors = state_tensors(model)
     with atomic_output(folder / MODEL_WEIGHTS) as partial:
         save_file(tensors, str(partial), metadata={"format": "pt"})
     write_json(folder / MODEL_CONFIG, config)
@@ -128,12 +129,17 @@ def upgrade_expert_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return upgraded
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a damaged or unreadable file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
     """Load a ``model.safetensors`` into ``model`` (strict: every key must match; all values finite)."""
-    try:
-        state = upgrade_expert_layout(load_file(str(weights)))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    state = upgrade_expert_layout(read_tensors(weights))
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ValueError(

@@ -568,3 +568,41 @@ def write_h5(
             f.create_dataset(name, data=_as_numpy(values))
     return path
 
+
+def write_h5_in_blocks(
+    path: str | Path,
+    num_patches: int,
+    dim: int,
+    blocks: Iterable[np.ndarray],
+    *,
+    dtype: str = "float16",
+    chunk_rows: int = 1024,
+) -> Path:
+    """Write a ``features``-only h5 of ``num_patches`` x ``dim`` from consecutive row ``blocks``, so a
+    slide larger than memory can be written (HDF5 chunks of ``chunk_rows`` rows, as TRIDENT's)."""
+    path = Path(path)
+    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
+        features = f.create_dataset("features", (num_patches, dim), dtype=dtype, chunks=(chunk_rows, dim))
+        start = 0
+        for block in blocks:
+            features[start : start + len(block)] = block
+            start += len(block)
+        if start != num_patches:  # inside the block: a short file is never renamed into place
+            raise ValueError(f"{path}: {start} rows written for {num_patches} patches")
+    return path
+
+
+#: ``tcssa compress``'s h5 of one slide's slot tokens: K x D ``tokens`` (float32), N x top-k
+#: ``topk_index`` (int64) and ``topk_weight`` (float32), K ``slot_counts`` (int64).
+SLOT_TOKEN_DATASETS = ("tokens", "topk_index", "topk_weight", "slot_counts")
+
+
+def write_slot_tokens(path: str | Path, arrays: Mapping[str, np.ndarray], attrs: Mapping) -> Path:
+    """Write a slot-token h5: the ``SLOT_TOKEN_DATASETS`` of ``arrays`` and the file attributes ``attrs``
+    (source file, checkpoint, K, ...)."""
+    path = Path(path)
+    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
+        for name in SLOT_TOKEN_DATASETS:
+            f.create_dataset(name, data=arrays[name])
+        f.attrs.update(attrs)
+    return path
