@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from tcssa.io.checkpoints import (
-    atomic_write,
     load_training_state,
     load_weights,
     resolve_checkpoint,
     save_model,
     save_training_state,
 )
+from tcssa.io.files import atomic_output
 from tcssa.train.config import TrainConfig
 
 
@@ -56,16 +56,13 @@ def test_training_state_round_trip_keeps_optimizer_and_scheduler(tmp_path):
     assert loaded["scheduler"] == scheduler.state_dict()
 
 
-def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+def test_atomic_output_leaves_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "a.json"
     target.write_text("old")
 
-    def broken(tmp):
-        tmp.write_text("half")
+    with pytest.raises(OSError), atomic_output(target) as partial:
+        partial.write_text("half")
         raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        atomic_write(target, broken)
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
 
@@ -180,11 +177,8 @@ def test_a_full_disk_while_writing_names_the_file_not_the_temporary_one(tmp_path
 
     import tcssa.io.checkpoints as checkpoint
 
-    def full(tmp):
+    with pytest.raises(OSError) as info, atomic_output(tmp_path / "a.json"):
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(OSError) as info:
-        atomic_write(tmp_path / "a.json", full)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "a.json")
 
     def full_safetensors(tensors, filename, metadata=None):  # how safetensors reports it

@@ -399,5 +399,7 @@ def test_readme_layout_table_lists_exactly_the_packages_and_top_level_modules():
 @pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.py")), ids=lambda p: p.name)
 def test_every_script_imports_and_shows_its_help(script):
     # The tuning scripts are run by hand, rarely: a module that moved must not break them unseen.
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -13,7 +13,8 @@ import torch
 
 from tcssa.cli import main
 from tcssa.io.checkpoints import save_model
-from tcssa.train.runs import COMPARISON_COLUMNS, SUMMARY_COLUMNS, load_checkpoint
+from tcssa.io.runs import COMPARISON_COLUMNS, SUMMARY_COLUMNS
+from tcssa.train.runs import load_checkpoint
 from train_fixtures import write_cohort
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

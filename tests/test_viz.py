@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fake_runs import write_compare_run, write_model_run, write_sweeps
-from tcssa.io.runs import FoldPredictions, load_compare_run
+from tcssa.io.runs import FoldPredictions, collapse_threshold, load_compare_run
 from tcssa.viz import (
     SweepPoint,
     build_report,
@@ -149,7 +149,7 @@ def test_report_errors_name_the_file(tmp_path):
         build_report(tmp_path)
     root = write_compare_run(tmp_path / "cmp", models=("tcssa",))
     (root / "comparison.csv").write_text("model,auc\ntcssa,0.9\n")
-    with pytest.raises(ValueError, match=r"comparison\.csv lacks the column\(s\) auc_mean"):
+    with pytest.raises(ValueError, match=r"comparison\.csv: missing column\(s\) auc_mean"):
         load_compare_run(root)
     root = write_compare_run(tmp_path / "cmp2", models=("tcssa",))
     (root / "tcssa" / "fold_0_predictions.csv").write_text("slide_id,label,pred,p_0,p_1\ns1,one,0,0.5,0.5\n")
@@ -227,9 +227,9 @@ def test_best_is_highlighted_only_when_the_paired_interval_supports_it(tmp_path)
 
 def test_collapse_threshold_reads_the_same_on_either_share_column():
     # a slot that takes 60% of the patches holds 30% of the top-2 assignments: both are collapse
-    assert plots.collapse_threshold(of_patches=True) == 0.5
-    assert plots.collapse_threshold(of_patches=False) == 0.25
-    assert 0.30 > plots.collapse_threshold(of_patches=False)
+    assert collapse_threshold(of_patches=True) == 0.5
+    assert collapse_threshold(of_patches=False) == 0.25
+    assert 0.30 > collapse_threshold(of_patches=False)
 
 
 def test_sweep_axes_hold_every_error_bar_and_the_legend_is_outside():

@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from tcssa.cli import main
 from tcssa.data import write_h5
+from tcssa.io.slidelm import load_compressor
 from tcssa.method.compressor import TCSSA
-from tcssa.vlm.checkpoint import load_compressor, load_run
+from tcssa.vlm.checkpoint import load_run
 
 D = 8
 

@@ -294,7 +294,9 @@ def test_a_file_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path, suffi
     path.write_bytes(text.encode("latin-1"))
     for read in readers:
         with pytest.raises(
-            ValueError, match=rf"latin1\{suffix}, line {bad_line}: not UTF-8 \(byte 0x(e4|e9) at column"
+            ValueError,
+            match=rf"latin1\{suffix}: .*line {bad_line} \(byte \d+ of the line\) has bytes b'\\x(e4|e9)' "
+            "that are not UTF-8",
         ):
             read(path)
     path.write_bytes(text.encode("utf-8-sig"))  # the same text as UTF-8 (with a BOM) reads
@@ -306,5 +308,6 @@ def test_a_slide_map_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path):
 
     path = tmp_path / "map.csv"
     path.write_bytes("key,slide_id\nTCGA-A,s1\nTCGA-\u00df,s2\n".encode("cp1252"))
-    with pytest.raises(ValueError, match=r"map\.csv, line 3: not UTF-8"):
+    not_utf8 = r"map\.csv: line 3 \(byte 6 of the line\) has bytes b'\\xdf' that are not UTF-8"
+    with pytest.raises(ValueError, match=not_utf8):
         read_slide_map(path)

@@ -34,11 +34,11 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
 from tcssa.data import Bag, collate_bags, load_benchmark
-from tcssa.io.checkpoints import write_text
+from tcssa.io.files import write_text
+from tcssa.io.runs import csv_text
 from tcssa.mil import build_model
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import derived_seed, evaluate, fit
-from tcssa.train.runs import csv_text
 
 DATASETS = ("musk1", "musk2", "fox", "tiger", "elephant", "ucsb_breast_cancer")
 

@@ -52,12 +52,13 @@ from tcssa.data import (
     save_splits,
 )
 from tcssa.data.memory import MemoryCohort
-from tcssa.io.runs import load_compare_run, load_model_run, read_csv_rows, to_float
+from tcssa.io.files import read_csv_rows
+from tcssa.io.runs import load_compare_run, load_model_run, to_float, write_comparison
 from tcssa.method import budget
 from tcssa.method.compressor import TCSSA
 from tcssa.train import TrainConfig
 from tcssa.train.metrics import mean_std
-from tcssa.train.runs import RunResult, comparison_row, load_checkpoint, train_run, write_comparison
+from tcssa.train.runs import RunResult, comparison_row, load_checkpoint, train_run
 from tcssa.viz import build_report
 from tcssa.viz.report import (
     DEMO_INFO,

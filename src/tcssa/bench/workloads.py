@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tcssa.bench.config import METHODS, BenchConfig
 from tcssa.bench.reference import DenseSelfAttention, ReferenceTCSSA
 from tcssa.io.chunks import compress_h5
+from tcssa.io.features import write_h5_in_blocks
 from tcssa.method.compressor import TCSSA
 from tcssa.mil import build_model
 
@@ -27,14 +28,11 @@ def synthetic_slide(num_patches: int, dim: int, seed: int = 0) -> Tensor:
 
 def write_h5_slide(path: Path, num_patches: int, dim: int, seed: int = 0, chunk: int = 65_536) -> Path:
     """A float16 TRIDENT-style h5 slide of clustered features, written chunk by chunk."""
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        features = f.create_dataset("features", (num_patches, dim), dtype="float16", chunks=(1024, dim))
-        for start in range(0, num_patches, chunk):
-            stop = min(start + chunk, num_patches)
-            features[start:stop] = synthetic_slide(stop - start, dim, seed + start).half().numpy()
-    return path
+    blocks = (
+        synthetic_slide(min(start + chunk, num_patches) - start, dim, seed + start).half().numpy()
+        for start in range(0, num_patches, chunk)
+    )
+    return write_h5_in_blocks(path, num_patches, dim, blocks, dtype="float16", chunk_rows=1024)
 
 
 def build_method(name: str, config: BenchConfig) -> Callable:

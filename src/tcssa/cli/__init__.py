@@ -195,8 +195,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from tcssa.io.runs import comparison_markdown
     from tcssa.train.distributed import Distributed
-    from tcssa.train.runs import compare, comparison_markdown
+    from tcssa.train.runs import compare
 
     config = _train_config(args)
     dist = Distributed.from_env(config.device)

@@ -18,13 +18,13 @@ from tcssa.io.bag import MAX_FEATURE_MAGNITUDE, Bag
 from tcssa.io.features import (
     FEATURE_EXTENSIONS,
     FeatureHeader,
-    NoSpaceError,
     peek_header,
     peek_shape,
     read_bag,
     scan_values,
     write_h5,
 )
+from tcssa.io.files import NoSpaceError
 
 __all__ = [
     "BENCHMARK_NAMES",

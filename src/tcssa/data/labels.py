@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from tcssa.io.files import read_json, read_text, write_json
 
 REQUIRED_COLUMNS = ("slide_id", "label")
 # A TCGA slide barcode starts with the patient's: TCGA-<site>-<participant> (e.g. TCGA-50-5055).
@@ -39,33 +40,6 @@ def _is_integer(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def read_text(path: str | Path) -> str:
-    """A small text file (labels, splits) decoded as UTF-8, a byte-order mark tolerated.
-
-    Bytes that are not UTF-8 are a ValueError naming the file, the line and the bytes (a file saved
-    as Latin-1 / Windows-1252 by a spreadsheet, say), not a bare UnicodeDecodeError.
-    """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise ValueError(
-            f"{path}: is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8 "
-            "(e.g. 'CSV UTF-8' in a spreadsheet, or iconv -f utf-16 -t utf-8)"
-        )
-    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = body.count(b"\n", 0, err.start) + 1
-        column = err.start - (body.rfind(b"\n", 0, err.start) + 1) + 1
-        bad = body[err.start : err.start + max(1, min(err.end - err.start, 4))]
-        raise ValueError(
-            f"{path}: line {line} (byte {column} of the line) has bytes {bad!r} that are not UTF-8; "
-            "save the file as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or "
-            "iconv -f windows-1252 -t utf-8 for a Windows/Latin-1 file)"
-        ) from None
 
 
 def _class_key(label: str):
@@ -202,15 +176,14 @@ def _case_ids_from_pattern(path: Path, slide_ids: list[str], pattern: str) -> li
 def save_class_map(class_names: list[str], path: str | Path) -> Path:
     """Write ``{"class_names": [...]}`` (index i is class i), the file every run keeps."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"class_names": list(class_names)}, indent=2) + "\n", encoding="utf-8")
+    write_json(path, {"class_names": list(class_names)})
     return path
 
 
 def load_class_map(path: str | Path) -> list[str]:
     path = Path(path)
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))["class_names"]
+        names = read_json(path)["class_names"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a class map ({err})") from err
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

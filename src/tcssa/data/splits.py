@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from tcssa.data.cohort import Cohort
-from tcssa.data.labels import TCGA_CASE_PATTERN, read_text
+from tcssa.data.labels import TCGA_CASE_PATTERN
+from tcssa.io.files import read_text
 
 log = logging.getLogger(__name__)
 

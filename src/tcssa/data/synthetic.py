@@ -51,7 +51,8 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from tcssa.io.features import atomic_output, write_h5
+from tcssa.io.features import write_h5
+from tcssa.io.files import atomic_output
 
 TASKS = ("rare", "subtype", "composition")
 TISSUE_PHENOTYPES = ("stroma", "tumour", "immune", "necrosis", "fat")

@@ -1,8 +1,5 @@
-"""Checkpoints: model weights as safetensors with a JSON config beside them, written atomically.
-
-Every file goes to a temporary name in the same folder and is moved into place
-with ``os.replace``, so a run killed at any moment leaves either the old file
-or the new one, never half of one.
+"""Checkpoints: model weights as safetensors with a JSON config beside them, written atomically
+(``tcssa.io.files.atomic_output``).
 
 Two kinds of files:
 - a model checkpoint (``model.safetensors`` + ``model_config.json``): what
@@ -17,11 +14,7 @@ Two kinds of files:
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,69 +23,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tcssa.io.files import atomic_output, read_json, write_json
+
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
 _TENSOR_REF = "__tensor__"
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then move it onto ``path``.
-
-    An operating-system error while writing (a full disk, say) is raised as an ``OSError`` that
-    names ``path``, not the temporary file, also where safetensors reports it as its own error.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        folder = path.parent
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
-        raise ValueError(f"cannot write {path}: {blocker} is a file, not a folder") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        named = _os_error_naming(err, path, tmp)
-        if named is not None:
-            raise named from err
-        raise
-
-
-def _os_error_naming(err: BaseException, path: Path, tmp: str) -> OSError | None:
-    """``err`` as an OSError naming ``path`` when it is an OS error about the write, else None."""
-    if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
-        return OSError(err.errno, err.strerror or str(err), str(path))
-    text = str(err)
-    if isinstance(err, SafetensorError) and ("os error 28" in text or "No space left" in text):
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    return None
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a JSON text file ({err})") from err
-
-
 # --------------------------------------------------------------------- models
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state on the CPU, ready for safetensors."""
     # clone(): safetensors refuses tensors that share storage (tied weights, views).
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -100,8 +40,9 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_model(folder: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/model_config.json``; returns the weights path."""
     folder = Path(folder)
-    tensors = _state_tensors(model)
-    atomic_write(folder / MODEL_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    tensors = state_tensors(model)
+    with atomic_output(folder / MODEL_WEIGHTS) as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
     write_json(folder / MODEL_CONFIG, config)
     return folder / MODEL_WEIGHTS
 
@@ -188,12 +129,17 @@ def upgrade_expert_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return upgraded
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a damaged or unreadable file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
     """Load a ``model.safetensors`` into ``model`` (strict: every key must match; all values finite)."""
-    try:
-        state = upgrade_expert_layout(load_file(str(weights)))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    state = upgrade_expert_layout(read_tensors(weights))
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ValueError(
@@ -260,7 +206,8 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
     skeleton, tensors = flatten_state(state)
     metadata = {"tcssa_training_state": json.dumps(skeleton)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    with atomic_output(path) as partial:
+        save_file(tensors, str(partial), metadata=metadata)
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

@@ -17,16 +17,12 @@ Formats, chosen by extension:
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
-import os
 import pickle
-import shutil
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +32,7 @@ import torch
 from torch import Tensor
 
 from tcssa.io.bag import Bag, all_finite, check_coords, check_features, to_bag, value_problem
+from tcssa.io.files import atomic_output
 
 H5_EXTENSIONS = (".h5", ".hdf5")
 TORCH_EXTENSIONS = (".pt", ".pth")
@@ -560,7 +557,6 @@ def write_h5(
     for name in extra or {}:
         if name in ("features", "coords"):
             raise ValueError(f"{path}: extra dataset may not be called {name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as partial, h5py.File(partial, "w") as f:
         f.create_dataset("features", data=features)
         attrs_home = f.create_dataset("coords", data=coords) if coords is not None else f
@@ -573,60 +569,40 @@ def write_h5(
     return path
 
 
-# ----------------------------------------------------------------------------------- safe writes
-
-
-class NoSpaceError(OSError, ValueError):
-    """The disk filled up while writing ``filename``; nothing half-written was left behind.
-
-    An OSError (errno ENOSPC) and a ValueError, so the command line reports it as one clear line.
-    """
-
-    def __init__(self, path: str | Path, detail: str = "") -> None:
-        message = f"no space left writing {path}" + (f" ({detail})" if detail else "")
-        super().__init__(errno.ENOSPC, message, str(path))
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def _is_no_space(err: BaseException) -> bool:
-    """Whether ``err``, or an error it wraps, is a full disk (h5py reports ENOSPC in its message)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(err)
-        if "No space left on device" in text or "errno = 28," in text or "Disk quota exceeded" in text:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _free_space(folder: Path) -> str:
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return ""
-    return f"{free / 2**20:.1f} MiB free on {folder}"
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Write ``path`` through a temporary ``<name>.partial`` beside it, renamed onto ``path`` only
-    when the block succeeds; on any failure the partial file is removed, so a reader never finds a
-    half-written file under the real name. A full disk becomes a ``NoSpaceError`` naming ``path``.
-    """
+def write_h5_in_blocks(
+    path: str | Path,
+    num_patches: int,
+    dim: int,
+    blocks: Iterable[np.ndarray],
+    *,
+    dtype: str = "float16",
+    chunk_rows: int = 1024,
+) -> Path:
+    """Write a ``features``-only h5 of ``num_patches`` x ``dim`` from consecutive row ``blocks``, so a
+    slide larger than memory can be written (HDF5 chunks of ``chunk_rows`` rows, as TRIDENT's)."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        try:
-            yield partial
-            os.replace(partial, path)
-        except Exception as err:
-            if _is_no_space(err):
-                raise NoSpaceError(path, _free_space(path.parent)) from err
-            raise
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
+        features = f.create_dataset("features", (num_patches, dim), dtype=dtype, chunks=(chunk_rows, dim))
+        start = 0
+        for block in blocks:
+            features[start : start + len(block)] = block
+            start += len(block)
+        if start != num_patches:  # inside the block: a short file is never renamed into place
+            raise ValueError(f"{path}: {start} rows written for {num_patches} patches")
+    return path
+
+
+#: ``tcssa compress``'s h5 of one slide's slot tokens: K x D ``tokens`` (float32), N x top-k
+#: ``topk_index`` (int64) and ``topk_weight`` (float32), K ``slot_counts`` (int64).
+SLOT_TOKEN_DATASETS = ("tokens", "topk_index", "topk_weight", "slot_counts")
+
+
+def write_slot_tokens(path: str | Path, arrays: Mapping[str, np.ndarray], attrs: Mapping) -> Path:
+    """Write a slot-token h5: the ``SLOT_TOKEN_DATASETS`` of ``arrays`` and the file attributes ``attrs``
+    (source file, checkpoint, K, ...)."""
+    path = Path(path)
+    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
+        for name in SLOT_TOKEN_DATASETS:
+            f.create_dataset(name, data=arrays[name])
+        f.attrs.update(attrs)
+    return path

@@ -1,6 +1,7 @@
 """``tcssa compress``: each slide's K slot tokens from a trained TC-SSA checkpoint, for any downstream model.
 
-One h5 per slide in the output folder, named like the feature file:
+One h5 per slide in the output folder, named like the feature file
+(``tcssa.io.features.write_slot_tokens``):
 
 - ``tokens``       K x D float32  the slot tokens y_k (what the classifier head and the VLM projector see)
 - ``topk_index``   N x 2 int64    the two slots each patch is routed to
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import torch
 from tqdm.auto import tqdm
 
-from tcssa.io.checkpoints import atomic_write
+from tcssa.io.features import write_slot_tokens
 from tcssa.train.distributed import SINGLE_PROCESS
 from tcssa.train.runs import load_checkpoint
 
@@ -77,15 +77,9 @@ def compress_folder(
             "num_slots": int(arrays["tokens"].shape[0]),
             "num_patches": bag.num_patches,
         }
-        atomic_write(target, lambda tmp, arrays=arrays, attrs=attrs: _write(tmp, arrays, attrs))
+        write_slot_tokens(target, arrays, attrs)
         written.append(target)
     if skipped:
         print(f"note: {skipped} slide(s) already compressed in {out_dir} were left as they are (--overwrite)")
     return written
 
-
-def _write(path: Path, arrays: dict, attrs: dict) -> None:
-    with h5py.File(path, "w") as f:
-        for name, values in arrays.items():
-            f.create_dataset(name, data=values)
-        f.attrs.update(attrs)

@@ -53,12 +53,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tcssa.io.checkpoints import (
-    load_training_state,
-    save_model,
-    save_training_state,
-    write_text,
-)
+from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
+from tcssa.io.files import write_text
 from tcssa.train.config import TrainConfig
 from tcssa.train.distributed import SINGLE_PROCESS, Distributed
 from tcssa.train.metrics import classification_metrics

@@ -24,9 +24,6 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-#: Metric names, in the order the summary files list them.
-METRIC_NAMES = ("auc", "acc", "bacc", "f1", "kappa")
-
 
 class MissingClassWarning(UserWarning):
     """A class has no slide in the set being evaluated, so some metrics cover fewer classes."""

@@ -1,15 +1,10 @@
 """Run directories: train a model on every fold of a cohort, evaluate a checkpoint, compare models.
 
-A run directory (``tcssa train``) holds, as the shared contract fixes::
-
-    config.json  class_map.json  splits.csv  summary.csv  fold_{k}_predictions.csv
-    fold_{k}/model.safetensors  fold_{k}/model_config.json  fold_{k}/metrics.jsonl
-    slot_utilisation.csv (models with slots)
-
-plus, while a fold is in progress, ``fold_{k}/resume.safetensors`` and, once it
-is done, ``fold_{k}/result.json`` (its metrics; a finished fold is skipped on
-``--resume``), and ``.tcssa.lock``, locked while a run is in progress there
-(``tcssa.io.rundir``). config.json records, under ``inputs``, sha256
+What a run directory (``tcssa train``) and a comparison directory (``tcssa compare``) hold, and
+how their files are written and read, is ``tcssa.io.runs``. Besides those files, while a fold is
+in progress, ``fold_{k}/resume.safetensors``; once it is done, ``fold_{k}/result.json`` (its
+metrics; a finished fold is skipped on ``--resume``); and ``.tcssa.lock``, locked while a run is in
+progress there (``tcssa.io.rundir``). config.json records, under ``inputs``, sha256
 fingerprints of the labels and split files, the cohort and the folds;
 ``--resume`` refuses to continue when one changed. A comparison directory
 (``tcssa compare``) holds ``comparison.csv``, ``comparison.md`` and one run
@@ -19,8 +14,6 @@ and evaluates; rank 0 alone writes.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 import warnings
@@ -29,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from tcssa.io.checkpoints import read_json, write_json, write_text
+from tcssa.io.files import read_json, write_json, write_text
 from tcssa.io.rundir import (
     RunLock,
     check_inputs,
@@ -40,37 +31,25 @@ from tcssa.io.rundir import (
     lock_run_dir,
     nothing_trained,
 )
+from tcssa.io.runs import (
+    CONFIG_FILE,
+    EVAL_METRICS_FILE,
+    METRIC_NAMES,
+    PREDICTIONS_FILE,
+    RESULT_FILE,
+    SPLITS_FILE,
+    SlotUse,
+    fold_predictions_file,
+    predictions_csv,
+    write_comparison,
+    write_eval_slot_use,
+    write_summary,
+)
 from tcssa.train.config import TrainConfig
 from tcssa.train.distributed import SINGLE_PROCESS, Distributed
-from tcssa.train.engine import Predictions, derived_seed, evaluate, fit
-from tcssa.train.metrics import METRIC_NAMES, summarize_folds
+from tcssa.train.engine import derived_seed, evaluate, fit
+from tcssa.train.metrics import summarize_folds
 
-SUMMARY_COLUMNS = [
-    "fold",
-    *(f"test_{m}" for m in METRIC_NAMES),
-    "val_auc",
-    "val_loss",
-    "epochs",
-    "train_seconds",
-]
-COMPARISON_COLUMNS = [
-    "model",
-    "auc_mean",
-    "auc_std",
-    "bacc_mean",
-    "bacc_std",
-    "f1_mean",
-    "f1_std",
-    "tokens",
-    "train_seconds",
-]
-#: slot_utilisation.csv: assignments per slot on each fold's test set; ``share`` of all assignments
-#: (sums to 1, the contract's column), ``patch_share`` of the patches (sums to top-k = 2).
-SLOT_COLUMNS = ["fold", "slot", "count", "share", "patch_share"]
-#: A slot that receives more than this share of a fold's test-set patches counts as collapse. With
-#: top-2 routing every patch is assigned to two slots, so one slot can hold at most half of the
-#: assignments; the share of patches (the paper: "one slot taking > 60% of patches") can reach 1.
-COLLAPSE_SHARE = 0.5
 # Options that change how a run executes, not what it computes: they may differ on --resume.
 _RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
 
@@ -80,53 +59,10 @@ _RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
 DatasetFactory = Callable[[str, list[str], int], Any]
 
 
-class SlotCollapseWarning(UserWarning):
-    """One slot receives more than half of a fold's test-set patches."""
-
-
-@dataclass
-class SlotUse:
-    """How a set of slides was routed: patches assigned to each slot (top-k) and patches in all."""
-
-    counts: list[int]
-    num_patches: int
-
-    @property
-    def shares(self) -> list[float]:
-        """Each slot's share of all assignments (sums to 1)."""
-        total = float(sum(self.counts))
-        return [c / total if total else 0.0 for c in self.counts]
-
-    @property
-    def patch_shares(self) -> list[float]:
-        """Share of the patches routed to each slot (sums to top-k)."""
-        return [c / self.num_patches if self.num_patches else 0.0 for c in self.counts]
-
-    def rows(self, **key: Any) -> list[dict[str, Any]]:
-        return [
-            {**key, "slot": k, "count": int(c), "share": s, "patch_share": p}
-            for k, (c, s, p) in enumerate(zip(self.counts, self.shares, self.patch_shares, strict=True))
-        ]
-
-    def warn_if_collapsed(self, where: str) -> None:
-        patch_shares = self.patch_shares
-        top = int(np.argmax(patch_shares))
-        if patch_shares[top] > COLLAPSE_SHARE:
-            used = sum(c > 0 for c in self.counts)
-            warnings.warn(
-                f"slot collapse on {where}: slot {top} receives {patch_shares[top]:.0%} of the test-set "
-                f"patches ({self.shares[top]:.0%} of all routing assignments; {used} of {len(self.counts)} "
-                "slots used). The paper sees this when the auxiliary loss weight lambda is too low; try a "
-                "larger model option aux_weight.",
-                SlotCollapseWarning,
-                stacklevel=2,
-            )
-
-
 @dataclass
 class RunResult:
     out_dir: Path | None
-    rows: list[dict[str, Any]]  # one per fold, SUMMARY_COLUMNS
+    rows: list[dict[str, Any]]  # one per fold, tcssa.io.runs.SUMMARY_COLUMNS
     model: str
     tokens: int | None  # tokens per slide the classifier head sees (None: the whole bag)
     slot_use: dict[int, SlotUse] = field(default_factory=dict)  # fold -> test-set routing
@@ -357,7 +293,7 @@ _ADDED_LATER = {"inputs", "num_slides_left_out", "slides_left_out"}
 
 
 def _check_out_dir(out_dir: Path, run_config: dict[str, Any], resume: bool) -> None:
-    saved_path = out_dir / "config.json"
+    saved_path = out_dir / CONFIG_FILE
     if not saved_path.is_file():
         return
     if nothing_trained(out_dir):
@@ -417,8 +353,8 @@ def _run_folds(
             **config.model_options,
         )
         tokens = model.num_tokens
-        if resume and fold_dir is not None and (fold_dir / "result.json").is_file():
-            result = read_json(fold_dir / "result.json")
+        if resume and fold_dir is not None and (fold_dir / RESULT_FILE).is_file():
+            result = read_json(fold_dir / RESULT_FILE)
             rows.append({k: math.nan if v is None else v for k, v in result["row"].items()})
             if result.get("slot_use") is not None:
                 slot_use[fold] = SlotUse(**result["slot_use"])
@@ -479,7 +415,7 @@ def _run_folds(
             if dist.is_main:
                 slot_use[fold].warn_if_collapsed(f"fold {fold}")
         if dist.is_main and fold_dir is not None:
-            write_text(out_dir / f"fold_{fold}_predictions.csv", predictions_csv(preds))
+            write_text(out_dir / fold_predictions_file(fold), predictions_csv(preds))
             write_json(
                 fold_dir / "result.json",
                 {
@@ -490,57 +426,15 @@ def _run_folds(
                 },
             )
             (fold_dir / "resume.safetensors").unlink(missing_ok=True)
-            _write_summary(out_dir, rows, slot_use)
+            write_summary(out_dir, rows, slot_use)
         dist.barrier()
     if dist.is_main and out_dir is not None:
-        _write_summary(out_dir, rows, slot_use)
+        write_summary(out_dir, rows, slot_use)
     return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_use=slot_use)
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-
-
-def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(row.get(k)) for k in columns})
-    return buffer.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "nan"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
-
-
-def predictions_csv(preds: Predictions) -> str:
-    """``slide_id,label,pred,p_0..p_{C-1}``, one row per slide."""
-    num_classes = preds.probs.shape[1]
-    columns = ["slide_id", "label", "pred", *(f"p_{c}" for c in range(num_classes))]
-    rows = [
-        {
-            "slide_id": sid,
-            "label": int(label),
-            "pred": int(pred),
-            **{f"p_{c}": float(p) for c, p in enumerate(probs)},
-        }
-        for sid, label, pred, probs in zip(
-            preds.slide_ids, preds.labels, preds.preds, preds.probs, strict=True
-        )
-    ]
-    return csv_text(rows, columns)
-
-
-def _write_summary(out_dir: Path, rows: list[dict[str, Any]], slot_use: dict[int, SlotUse]) -> None:
-    write_text(out_dir / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
-    if slot_use:
-        util = [row for fold, use in sorted(slot_use.items()) for row in use.rows(fold=fold)]
-        write_text(out_dir / "slot_utilisation.csv", csv_text(util, SLOT_COLUMNS))
 
 
 # ------------------------------------------------------------------- eval
@@ -580,7 +474,7 @@ def evaluate_checkpoint(
     )
     metrics = preds.metrics(class_names, where=str(labels_csv))
     out_dir = Path(out_dir)
-    write_text(out_dir / "predictions.csv", predictions_csv(preds))
+    write_text(out_dir / PREDICTIONS_FILE, predictions_csv(preds))
     report = {
         **_json_safe(metrics),
         "loss": preds.loss,
@@ -589,11 +483,11 @@ def evaluate_checkpoint(
         "checkpoint": str(Path(checkpoint).resolve()),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(out_dir / "metrics.json", report)
+    write_json(out_dir / EVAL_METRICS_FILE, report)
     if preds.slot_counts is not None:
         use = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
         use.warn_if_collapsed(str(labels_csv))
-        write_text(out_dir / "slot_utilisation.csv", csv_text(use.rows(), SLOT_COLUMNS[1:]))
+        write_eval_slot_use(out_dir, use)
     return metrics
 
 
@@ -689,7 +583,7 @@ def _check_compare_dir(out_dir: Path, splits: Sequence[Any]) -> None:
     would no longer describe them); the model runs check their own inputs."""
     from tcssa.data import load_splits
 
-    saved = out_dir / "splits.csv"
+    saved = out_dir / SPLITS_FILE
     if not saved.is_file() or _fold_lists(load_splits(saved)) == _fold_lists(splits):
         return
     if all(nothing_trained(d) for d in out_dir.iterdir() if d.is_dir()):
@@ -709,24 +603,3 @@ def comparison_row(result: RunResult) -> dict[str, Any]:
     row["tokens"] = result.tokens if result.tokens is not None else "all"
     row["train_seconds"] = round(result.train_seconds, 1)
     return row
-
-
-def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    write_text(out_dir / "comparison.csv", csv_text(rows, COMPARISON_COLUMNS))
-    write_text(out_dir / "comparison.md", comparison_markdown(rows))
-
-
-def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    fmt = lambda m, s: "n/a" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
-    lines = [
-        "| model | AUC | balanced acc. | macro F1 | tokens | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {fmt(r['auc_mean'], r['auc_std'])} | {fmt(r['bacc_mean'], r['bacc_std'])} "
-            f"| {fmt(r['f1_mean'], r['f1_std'])} | {r['tokens']} | {r['train_seconds']:.0f} |"
-        )
-    lines.append("")
-    lines.append("Test-set metrics, mean ± standard deviation over folds; train s summed over folds.")
-    return "\n".join(lines) + "\n"

@@ -22,10 +22,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from tcssa.io.runs import FoldPredictions
+from tcssa.io.runs import FoldPredictions, collapse_threshold
 from tcssa.train.metrics import mean_std
 
-COLLAPSE_SHARE = 0.5  # a slot receiving more than this share of the patches has collapsed the routing
 TITLE_SIZE = 13
 CHANCE_STYLE = {"color": "0.55", "linestyle": ":", "linewidth": 1.2}
 
@@ -372,17 +371,6 @@ def lesion_fraction_sweep(points: Sequence[SweepPoint], num_tokens: int = 32, ca
 
 
 # --- slots -------------------------------------------------------------------------------------------
-
-
-def collapse_threshold(of_patches: bool, top_k: int = 2) -> float:
-    """The collapse line on the scale of the shares given.
-
-    Collapse means one slot receives more than ``COLLAPSE_SHARE`` of the patches. Shares of the
-    patches (they sum to top-k) are compared with it directly; shares of all routing assignments
-    (they sum to 1, the older ``share`` column) can never exceed 1/top-k, so the same rule reads
-    ``COLLAPSE_SHARE / top_k`` there.
-    """
-    return COLLAPSE_SHARE if of_patches else COLLAPSE_SHARE / top_k
 
 
 def slot_utilisation(

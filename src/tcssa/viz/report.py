@@ -17,14 +17,14 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tcssa import __version__
-from tcssa.io.runs import CompareRun, load_compare_run, read_csv_rows, to_float
+from tcssa.io.files import read_csv_rows, read_json, write_text
+from tcssa.io.runs import CompareRun, collapse_threshold, load_compare_run, to_float
 from tcssa.train.bootstrap import compare_aucs, fold_scores
 from tcssa.viz import plots
 
@@ -326,7 +326,7 @@ def build_report(
     compare = load_compare_run(compare_dir)
     out = Path(out) if out is not None else compare.path / REPORT_NAME
     demo_path = compare.path / DEMO_INFO
-    demo = json.loads(demo_path.read_text(encoding="utf-8")) if demo_path.is_file() else None
+    demo = read_json(demo_path) if demo_path.is_file() else None
     if mean_patches is None and demo and demo.get("mean_patches"):
         mean_patches = float(demo["mean_patches"])
 
@@ -417,7 +417,7 @@ def build_report(
         folds, shares, counts = use.folds, use.shares, use.counts
         unit = "of the test patches" if use.of_patches else "of the routing assignments"
         top_k = int(run.config.get("model_options", {}).get("top_k", 2))  # tcssa's default: top-2
-        threshold = plots.collapse_threshold(use.of_patches, top_k)
+        threshold = collapse_threshold(use.of_patches, top_k)
         collapsed = [
             (fold, float(shares[i].max()), int(shares[i].argmax()))
             for i, fold in enumerate(folds)
@@ -478,8 +478,5 @@ def build_report(
         f"<title>{esc(title)}</title><style>{_CSS}</style></head>"
         f"<body><main>{''.join(page.parts)}</main></body></html>\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(document, encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, document)
     return out

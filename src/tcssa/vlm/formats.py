@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import string
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+
+from tcssa.io.files import read_csv_rows, read_json, read_text
 
 IMAGE_PLACEHOLDER = "<image>"
 OPTION_LETTERS = tuple(string.ascii_uppercase)
@@ -103,35 +104,14 @@ class VQASet:
 SLIDEBENCH_VQA_COLUMNS = ("ID", "Slide", "Question", "Answer")
 
 
-def _read_text(path: Path) -> str:
-    """The file decoded as UTF-8 (a BOM stripped); a file that is not UTF-8 is refused naming its line."""
+def _question_file(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise ValueError(
-            f"{path}, line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
-            "save the file as UTF-8 (e.g. from a spreadsheet: CSV UTF-8)"
-        ) from None
+    return path
 
 
-def _read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    path = Path(path)
-    # newline="": the csv module sees the line endings as they are, as with open(..., newline="")
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    header = reader.fieldnames or []
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; header is {header}")
-    rows = list(reader)
-    for line, row in enumerate(rows, start=2):
-        if None in row:
-            raise ValueError(f"{path}, line {line}: more fields than the header has")
-    return rows
+def _read_question_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    return read_csv_rows(_question_file(Path(path)), required)
 
 
 def _refuse_duplicate_ids(path: Path, rows: list[dict[str, str]], column: str = "ID") -> None:
@@ -153,7 +133,7 @@ def _refuse_duplicate_ids(path: Path, rows: list[dict[str, str]], column: str = 
 def read_slidebench_vqa(path: str | Path) -> VQASet:
     """SlideBench-VQA CSV. Options are the single-letter columns (A, B, C, D, ...) that are non-empty."""
     path = Path(path)
-    rows = _read_csv_rows(path, SLIDEBENCH_VQA_COLUMNS)
+    rows = _read_question_rows(path, SLIDEBENCH_VQA_COLUMNS)
     _refuse_duplicate_ids(path, rows)
     header = list(rows[0]) if rows else []
     option_columns = [c for c in header if len(c) == 1 and c in OPTION_LETTERS]
@@ -186,7 +166,7 @@ def read_slidebench_vqa(path: str | Path) -> VQASet:
 def read_slidebench_captions(path: str | Path) -> VQASet:
     """SlideBench caption CSV -> Conversations (instruction + report caption)."""
     path = Path(path)
-    rows = _read_csv_rows(path, ("ID", "Slide", "Caption"))
+    rows = _read_question_rows(path, ("ID", "Slide", "Caption"))
     _refuse_duplicate_ids(path, rows)
     result = VQASet(source=str(path))
     for line, row in enumerate(rows, start=2):
@@ -326,11 +306,7 @@ def _shorten(value, limit: int = 60) -> str:
 
 
 def _read_json_list(path: Path) -> list:
-    text = _read_text(path)
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    records = read_json(_question_file(path))
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
@@ -351,7 +327,7 @@ def detect_format(path: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
     if path.suffix.lower() == ".csv":
-        header = next(csv.reader(io.StringIO(_read_text(path), newline="")), [])
+        header = next(csv.reader(io.StringIO(read_text(_question_file(path)), newline="")), [])
         if "Caption" in header:
             return "slidebench-caption"
         if set(SLIDEBENCH_VQA_COLUMNS) <= set(header):
@@ -379,7 +355,7 @@ def load_questions(path: str | Path, fmt: str | None = None) -> VQASet:
 def read_slide_map(path: str | Path) -> dict[str, str]:
     """A CSV ``key,slide_id`` naming the feature file of each slide key used in a question file (WSI-VQA
     names TCGA cases, e.g. ``TCGA-PL-A8LZ``, while features are usually stored per slide)."""
-    rows = _read_csv_rows(Path(path), ("key", "slide_id"))
+    rows = _read_question_rows(Path(path), ("key", "slide_id"))
     mapping: dict[str, str] = {}
     for line, row in enumerate(rows, start=2):
         key, slide = row["key"].strip(), row["slide_id"].strip()

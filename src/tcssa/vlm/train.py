@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tcssa.vlm.checkpoint import load_base_lm, load_compressor, load_run, save_run
+from tcssa.io.slidelm import load_compressor
+from tcssa.vlm.checkpoint import load_base_lm, load_run, save_run
 from tcssa.vlm.model import SlideLM, SlideLMConfig
 
 log = logging.getLogger(__name__)
