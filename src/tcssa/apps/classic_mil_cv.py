@@ -8,7 +8,7 @@ score is bag-level test accuracy, mean over all folds and repeats, with the
 standard error of the 5 repeat means (how Ilse et al. report it) beside the
 published numbers.
 
-``tcssa benchmark-mil --out DIR`` writes ``benchmark_mil.csv`` and ``benchmark_mil.md``.
+``tcssa classic-mil cv --out DIR`` writes ``benchmark_mil.csv`` and ``benchmark_mil.md``.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """``tcssa benchmark-mil``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
+    """``tcssa classic-mil cv``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
     from tcssa.train.runs import csv_text
 
     config = BENCHMARK_CONFIG.override(epochs=args.epochs, num_slots=args.num_slots, seed=args.seed)
