@@ -233,12 +233,12 @@ def test_a_missing_optional_module_deeper_down_names_its_extra(monkeypatch, caps
         return run
 
     monkeypatch.setattr(benchmarks, "run_from_args", needs("mil"))
-    assert main(["benchmark-mil", "--out", "x"]) == 1
+    assert main(["classic-mil", "cv", "--out", "x"]) == 1
     line = _one_line(capsys.readouterr().err)
-    assert line.startswith("tcssa benchmark-mil: error: ") and 'pip install "tcssa[classic-mil]"' in line
+    assert line.startswith("tcssa classic-mil cv: error: ") and 'pip install "tcssa[classic-mil]"' in line
     monkeypatch.setattr(benchmarks, "run_from_args", needs("not_ours"))
     with pytest.raises(ModuleNotFoundError):  # not an optional dependency: a bug, shown as one
-        main(["benchmark-mil", "--out", "x"])
+        main(["classic-mil", "cv", "--out", "x"])
 
 
 # ------------------------------------------------------------------------- naming
@@ -250,25 +250,32 @@ def _help(*path):
 
 
 def test_the_help_names_ucsb_breast_cancer_by_its_name():
-    for text in (build_parser().format_help(), _help("benchmark-mil"), _help("benchmark")):
+    for text in (build_parser().format_help(), _help("classic-mil", "cv"), _help("classic-mil", "show")):
         assert "ucsb" not in text.replace("ucsb_breast_cancer", "")
     assert "ucsb_breast_cancer" in build_parser().format_help()
 
 
-def test_benchmark_mil_data_dir_help_says_where_the_mat_files_come_from():
-    text = " ".join(_help("benchmark-mil").split())
+def test_classic_mil_data_dir_help_says_where_the_mat_files_come_from():
+    text = " ".join(_help("classic-mil", "cv").split())
     assert "MILSurvey" in text and "Andrews et al. 2003" in text
     assert "musk1, musk2, elephant, protein and ucsb_breast_cancer run without it" in text
     assert 'pip install "tcssa[classic-mil]"' in text
 
 
 def test_vqa_train_takes_grad_accum_steps_and_the_old_name_quietly(capsys):
+    from tcssa.cli.flags import config_from_args
+    from tcssa.vlm.config import SlideLMTrainConfig
+
     parser = build_parser()
     base = ["vqa", "train", "--stage", "1", "--data", "d.json", "--features", "f", "--out", "o"]
-    assert parser.parse_args(base).grad_accum == 1
-    assert parser.parse_args([*base, "--grad-accum-steps", "4"]).grad_accum == 4
+
+    def grad_accum(*flags):
+        return config_from_args(parser.parse_args([*base, *flags]), SlideLMTrainConfig).grad_accum
+
+    assert grad_accum() == 1
+    assert grad_accum("--grad-accum-steps", "4") == 4
     capsys.readouterr()
-    assert parser.parse_args([*base, "--grad-accum", "3"]).grad_accum == 3
+    assert grad_accum("--grad-accum", "3") == 3
     assert "--grad-accum is deprecated; use --grad-accum-steps" in capsys.readouterr().err
     text = _help("vqa", "train")
     assert "--grad-accum-steps" in text and "--grad-accum " not in text.replace("--grad-accum-steps", "")

@@ -84,12 +84,13 @@ def test_benchmark_as_a_cohort(tmp_path):
     assert sum(cohort.labels.values()) == 47
 
 
-def test_benchmark_command(tmp_path, capsys):
-    assert main(["benchmark", "musk1", "--out", str(tmp_path)]) == 0
+def test_classic_mil_show_command(tmp_path, capsys):
+    assert main(["classic-mil", "show", "musk1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "musk1: 92 bags (47 positive), 476 instances, d = 166" in out
     assert (tmp_path / "labels.csv").is_file()
-    help_text = build_parser()._subparsers._group_actions[0].choices["benchmark"].format_help()
+    group = build_parser()._subparsers._group_actions[0].choices["classic-mil"]
+    help_text = group._subparsers._group_actions[0].choices["show"].format_help()
     assert all(name in help_text for name in BENCHMARK_NAMES)
 
 

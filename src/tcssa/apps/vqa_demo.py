@@ -287,11 +287,12 @@ def run_vqa_demo(
 
 
 def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[dict]:
+    from tcssa.vlm.config import SlideLMTrainConfig
     from tcssa.vlm.data import ConversationDataset, MemoryFeatures
     from tcssa.vlm.evaluate import accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
     from tcssa.vlm.pipeline import sample_text
     from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
-    from tcssa.vlm.train import SlideLMTrainConfig, prepare_stage, train_stage
+    from tcssa.vlm.train import prepare_stage, train_stage
 
     size = size or (QUICK if quick else FULL)
     out_dir = Path(out_dir)

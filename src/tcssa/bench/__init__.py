@@ -28,19 +28,47 @@ training loops), ``workloads`` (inputs and methods), ``measure`` (timing and mem
 ``runner`` (the sections), ``report`` (targets, table, files, plot).
 """
 
-from tcssa.bench.config import METHODS, QUICK, SECTIONS, BenchConfig
-from tcssa.bench.measure import interleaved_medians, probe_many, probe_memory
-from tcssa.bench.reference import ReferenceClassifier, ReferenceTCSSA, build_classifiers
-from tcssa.bench.report import (
-    COLUMNS,
-    BenchResult,
-    evaluate_targets,
-    fit_exponent,
-    format_bench_table,
-    write_outputs,
-)
-from tcssa.bench.runner import measure_h5_streaming, run_bench
+from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tcssa.bench.config import METHODS, QUICK, SECTIONS, BenchConfig
+    from tcssa.bench.measure import interleaved_medians, probe_many, probe_memory
+    from tcssa.bench.reference import ReferenceClassifier, ReferenceTCSSA, build_classifiers
+    from tcssa.bench.report import (
+        COLUMNS,
+        BenchResult,
+        evaluate_targets,
+        fit_exponent,
+        format_bench_table,
+        write_outputs,
+    )
+    from tcssa.bench.runner import measure_h5_streaming, run_bench
+
+#: Exported name -> its module, imported on first use (PEP 562): the command line builds
+#: `tcssa bench`'s flags from tcssa.bench.config, and that must not load torch.
+_EXPORTS = {
+    "METHODS": "tcssa.bench.config",
+    "QUICK": "tcssa.bench.config",
+    "SECTIONS": "tcssa.bench.config",
+    "BenchConfig": "tcssa.bench.config",
+    "interleaved_medians": "tcssa.bench.measure",
+    "probe_many": "tcssa.bench.measure",
+    "probe_memory": "tcssa.bench.measure",
+    "ReferenceClassifier": "tcssa.bench.reference",
+    "ReferenceTCSSA": "tcssa.bench.reference",
+    "build_classifiers": "tcssa.bench.reference",
+    "COLUMNS": "tcssa.bench.report",
+    "BenchResult": "tcssa.bench.report",
+    "evaluate_targets": "tcssa.bench.report",
+    "fit_exponent": "tcssa.bench.report",
+    "format_bench_table": "tcssa.bench.report",
+    "write_outputs": "tcssa.bench.report",
+    "measure_h5_streaming": "tcssa.bench.runner",
+    "run_bench": "tcssa.bench.runner",
+}
 __all__ = [
     "COLUMNS",
     "METHODS",
@@ -61,3 +89,9 @@ __all__ = [
     "run_bench",
     "write_outputs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,44 +2,94 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    dim: int = 1024
-    num_slots: int = 32
-    sizes: tuple[int, ...] = (1_000, 10_000, 100_000)  # single-slide comparison
-    stream_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)  # compress_h5, for the exponent
-    cohort_slides: int = 48
-    cohort_patches: tuple[int, int] = (1_000, 10_000)  # N drawn uniformly in this range
-    batch_size: int = 16  # cohort compression
+    # Each field's metadata["help"] is its `tcssa bench` flag's help (tcssa.cli.flags builds the flags
+    # from the fields, with the default and the --quick value appended).
+    dim: int = field(default=1024, metadata={"help": "feature dimension D"})
+    num_slots: int = field(default=32, metadata={"help": "slot tokens K of the compressors measured"})
+    sizes: tuple[int, ...] = field(
+        default=(1_000, 10_000, 100_000), metadata={"help": "patch counts N of the single-slide comparison"}
+    )
+    stream_sizes: tuple[int, ...] = field(
+        default=(10_000, 100_000, 1_000_000),
+        metadata={"help": "patch counts N streamed from h5 files by compress_h5, for the scaling exponent"},
+    )
+    cohort_slides: int = field(
+        default=48, metadata={"help": "slides of the cohort compressed and trained on"}
+    )
+    cohort_patches: tuple[int, int] = field(
+        default=(1_000, 10_000),
+        metadata={"help": "fewest and most patches of a cohort slide, N drawn uniformly in between"},
+    )
+    batch_size: int = field(default=16, metadata={"help": "slides per batch of the cohort compression"})
     # Cohort training, slides per optimizer step. 8, not 16: as fast per slide on this CPU with one
     # thread (2.55x vs 2.56x the reference), twice the updates per epoch (docs/RESULTS.md).
-    train_batch_size: int = 8
-    chunk_size: int = 16_384  # compress_h5
-    repeats: int = 5
-    train_repeats: int = 3
-    memory_cap_gib: float = 8.0  # address space a probe may add (dense attention stops here)
-    agreement_size: int = 100_000  # bfloat16 vs float32 routing agreement
-    auc_slides: int = 120  # synthetic rare-lesion slides the two training loops learn from (about)
-    auc_test_slides: int = 120  # and held out to measure their AUC on (same cohort, split by case)
-    auc_dim: int = 512
-    auc_patches: tuple[int, int] = (1_000, 10_000)
-    auc_epochs: int = 10
-    auc_seeds: int = 3  # cohorts (seed, seed+1, ...) the AUC comparison is repeated on; their mean is judged
-    train_warmup_epochs: float = 1.0  # batched loop: lr warm-up (tcssa.bench.reference.batched_warmup)
-    auc_equal_time: bool = True  # also train the batched loop on to the reference's training time
+    train_batch_size: int = field(
+        default=8, metadata={"help": "slides per optimizer step of the batched training loop"}
+    )
+    chunk_size: int = field(default=16_384, metadata={"help": "patches per chunk compress_h5 reads"})
+    repeats: int = field(default=5, metadata={"help": "timed repeats per measurement"})
+    train_repeats: int = field(default=3, metadata={"help": "timed repeats of the cohort training epoch"})
+    memory_cap_gib: float = field(
+        default=8.0,
+        metadata={"help": "address space (GiB) a memory probe may add; dense attention stops here"},
+    )
+    agreement_size: int = field(
+        default=100_000, metadata={"help": "patches of the bfloat16 vs float32 routing agreement"}
+    )
+    auc_slides: int = field(
+        default=120,
+        metadata={"help": "about this many synthetic rare-lesion slides the two training loops learn from"},
+    )
+    auc_test_slides: int = field(
+        default=120,
+        metadata={"help": "slides held out to measure their AUC on, of the same cohort, split by case"},
+    )
+    auc_dim: int = field(default=512, metadata={"help": "feature dimension of the AUC comparison's slides"})
+    auc_patches: tuple[int, int] = field(
+        default=(1_000, 10_000), metadata={"help": "fewest and most patches of an AUC comparison slide"}
+    )
+    auc_epochs: int = field(default=10, metadata={"help": "training epochs of the AUC comparison"})
+    auc_seeds: int = field(
+        default=3,
+        metadata={
+            "help": "cohorts (seeds seed, seed+1, ...) the AUC comparison is repeated on, their mean judged"
+        },
+    )
+    train_warmup_epochs: float = field(
+        default=1.0,
+        metadata={"help": "lr warm-up epochs of the batched loop, see tcssa.bench.reference.batched_warmup"},
+    )
+    auc_equal_time: bool = field(
+        default=True, metadata={"help": "also train the batched loop on to the reference's training time"}
+    )
     # One slide per step (batched: x B). Not METHOD.md's 1e-4: with it neither loop learns the rare
     # lesion from 120 slides in 10 epochs (test AUC 0.57 and 0.53, docs/RESULTS.md), so a comparison
     # at 1e-4 would compare two models at chance.
-    learning_rate: float = 1e-3
-    alternatives: tuple[str, ...] = ("abmil", "transmil", "dense-attention")  # item 7
-    probe_workers: int = 1  # memory probes at once (they do not time anything)
-    probe_time_budget_s: float = 300.0  # a method whose call took longer skips the larger sizes
-    threads: int | None = None  # torch threads (None: torch's default)
-    seed: int = 0
-    quick: bool = False
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "flag": "--lr",
+            "help": "learning rate of the AUC comparison, one slide per step (batched: x B)",
+        },
+    )
+    alternatives: tuple[str, ...] = field(
+        default=("abmil", "transmil", "dense-attention"),
+        metadata={"help": "other methods of the single-slide comparison, from tcssa.bench.METHODS"},
+    )
+    probe_workers: int = field(default=1, metadata={"help": "memory probes run at once; they time nothing"})
+    probe_time_budget_s: float = field(
+        default=300.0, metadata={"help": "seconds: a method whose call took longer skips the larger sizes"}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch threads, torch's default when unset"})
+    seed: int = field(default=0, metadata={"help": "seed for the synthetic slides and the models"})
+    quick: bool = field(
+        default=False, metadata={"cli": False, "help": "marks the QUICK preset, which --quick selects"}
+    )
 
     def __post_init__(self) -> None:
         if self.train_batch_size < 1 or self.batch_size < 1:

@@ -31,33 +31,66 @@ class TrainConfig:
     optimizer sees the same updates whatever the number of processes.
     """
 
-    model: str = "tcssa"
-    num_slots: int = 32  # K: tokens per slide for tcssa and the *-k baselines
-    model_options: dict[str, Any] = field(default_factory=dict)  # passed to tcssa.mil.build_model
+    # Each field's metadata["help"] is its `tcssa train` / `tcssa compare` flag's help (tcssa.cli.flags
+    # builds the flags from the fields, with the default appended).
+    model: str = field(
+        default="tcssa",
+        metadata={"help": "slide classifier: tcssa, abmil, abmil-gated, transmil, mean, max, random-k, ..."},
+    )
+    num_slots: int = field(default=32, metadata={"help": "tokens per slide K for tcssa and the *-k models"})
+    model_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"cli": False, "help": "a mapping passed to tcssa.mil.build_model (--config file only)"},
+    )
 
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    epochs: int = 20
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-5, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=20, metadata={"help": "maximum epochs per fold"})
     # ReduceLROnPlateau on the validation loss. METHOD.md names the scheduler but not its
     # settings; halving after 2 flat epochs lets it act before early stopping (patience 5) ends a run.
-    lr_factor: float = 0.5
-    lr_patience: int = 2
-    early_stopping_patience: int = 5  # epochs without a lower validation loss before stopping
-    # Linear learning-rate warm-up over this many epochs (0: none). Worth it with several slides
-    # per update and the lr scaled up to match (`tcssa bench`'s batched loop, docs/RESULTS.md).
-    warmup_epochs: float = 0.0
+    lr_factor: float = field(
+        default=0.5, metadata={"help": "factor the lr is multiplied by when the validation loss stalls"}
+    )
+    lr_patience: int = field(
+        default=2, metadata={"help": "epochs without a lower validation loss before the lr is reduced"}
+    )
+    early_stopping_patience: int = field(
+        default=5, metadata={"help": "epochs without a lower validation loss before stopping"}
+    )
+    # Worth it with several slides per update and the lr scaled up to match (`tcssa bench`'s
+    # batched loop, docs/RESULTS.md).
+    warmup_epochs: float = field(
+        default=0.0,
+        metadata={"help": "linear lr warm-up over this many epochs; helps with several slides per update"},
+    )
 
-    batch_size: int = 1
-    grad_accum_steps: int = 1
-    eval_batch_size: int = 1
-    max_patches: int | None = None  # cap on patches per training slide (random subset); eval uses all
+    batch_size: int = field(default=1, metadata={"help": "slides per forward pass, padded with a mask"})
+    grad_accum_steps: int = field(
+        default=1,
+        metadata={
+            "help": "forward passes per optimizer update; an update averages over "
+            "batch-size x grad-accum-steps slides, however many processes run"
+        },
+    )
+    eval_batch_size: int = field(
+        default=1, metadata={"help": "slides per forward pass when evaluating: validation, test, tcssa eval"}
+    )
+    max_patches: int | None = field(
+        default=None,
+        metadata={"help": "cap on patches per training slide, a random subset (default: all; eval uses all)"},
+    )
 
-    folds: int = 5
-    val_fraction: float = 0.15  # share of each fold's training slides held out for validation
-    seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-    num_workers: int = 0  # DataLoader worker processes reading feature files
-    cache_gb: float = 0.0  # keep up to this much of the train/val features in memory (float16) across epochs
+    folds: int = field(default=5, metadata={"help": "stratified, patient-grouped folds"})
+    val_fraction: float = field(
+        default=0.15, metadata={"help": "share of each fold's training slides held out for validation"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for splits, initialisation and sampling"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda or cuda:N"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader processes reading feature files"})
+    cache_gb: float = field(
+        default=0.0,
+        metadata={"help": "keep up to this many GB of training features in memory (float16) across epochs"},
+    )
 
     def __post_init__(self) -> None:
         for name, kind in _field_kinds().items():

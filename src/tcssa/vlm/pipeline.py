@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from tcssa.data import peek_shape
+from tcssa.vlm.config import SlideLMTrainConfig
 from tcssa.vlm.formats import Conversation, VQAItem, apply_slide_map, load_questions, read_slide_map
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def train_from_files(
     data: list[str | Path],
     features_dir: str | Path,
     out_dir: str | Path,
-    train_config,
+    train_config: SlideLMTrainConfig,
     lm: str | Path | None = None,
     init: str | Path | None = None,
     mil_checkpoint: str | Path | None = None,

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,52 +25,10 @@ from tqdm.auto import tqdm
 
 from tcssa.io.slidelm import load_compressor
 from tcssa.vlm.checkpoint import load_base_lm, load_run, save_run
+from tcssa.vlm.config import SlideLMTrainConfig
 from tcssa.vlm.model import SlideLM, SlideLMConfig
 
 log = logging.getLogger(__name__)
-
-STAGE_LEARNING_RATES = {1: 1e-3, 2: 2e-4}
-
-
-@dataclass
-class SlideLMTrainConfig:
-    """Hyperparameters of one stage; saved to RUN/train_config.json."""
-
-    stage: int
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float | None = None  # None: 1e-3 in stage 1, 2e-4 in stage 2
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    max_length: int | None = 2048
-    max_patches: int | None = None
-    mc_reply: str = "letter"  # multiple-choice replies: the letter, or the option's text
-    train_compressor: bool | None = None  # None: stage 1 trains it unless loaded from MIL; stage 2 no
-    gradient_checkpointing: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | str = "all-linear"  # every attention and MLP projection, not the LM head
-    seed: int = 0
-    num_workers: int = 0
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16
-    log_every: int = 10
-    progress: bool = True
-    extra: dict = field(default_factory=dict)  # provenance (data files, features folder, ...)
-
-    def __post_init__(self) -> None:
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("epochs must be > 0, batch_size and grad_accum >= 1")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else STAGE_LEARNING_RATES[self.stage]
 
 
 def lm_dtype(precision: str) -> torch.dtype:
