@@ -1,9 +1,10 @@
 """The training engine: ``fit`` one model on one fold, ``evaluate`` it on a set of slides.
 
-The engine knows the MIL model contract only (``model(x, mask=, coords=) ->
-(logits, {name: already weighted loss})``; ``model.routing(x, mask)`` when the
-model has slots) and datasets whose items are ``(bag, label)`` turned into
-padded, masked batches by a collate function (``tcssa.data.collate_bags``).
+The engine knows the MIL model contract only (``tcssa.mil.base.MILModel``:
+``model.compute_loss(labels, x, mask=, coords=, reduction=) -> (logits,
+{"task": cross-entropy, name: already weighted extra loss})``; ``model.routing(x,
+mask)`` when the model has slots) and datasets whose items are ``(bag, label)``
+turned into padded, masked batches by a collate function (``tcssa.data.collate_bags``).
 
 Reproducibility. Nothing depends on leftover random state: the slide order of
 epoch e is a permutation seeded by (seed, fold, e), and the global torch RNG
@@ -47,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -59,6 +59,7 @@ from tcssa.io.checkpoints import (
     save_training_state,
     write_text,
 )
+from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
 from tcssa.train.config import TrainConfig
 from tcssa.train.distributed import SINGLE_PROCESS, Distributed
 from tcssa.train.metrics import classification_metrics
@@ -215,7 +216,7 @@ def default_collate() -> Callable:
 # ----------------------------------------------------------------- evaluate
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: MILModel,
     dataset: Any,
     *,
     collate: Callable | None = None,
@@ -246,7 +247,7 @@ def evaluate(
         x, mask, coords, labels = _to_device(batch, device)
         num_patches += int(mask.sum())
         try:
-            logits, _ = model(x, mask=mask, coords=coords)
+            logits, losses = model.compute_loss(labels, x, mask=mask, coords=coords, reduction="none")
             if route:
                 counts = model.routing(x, mask).slot_counts.sum(dim=0).cpu()
                 slot_counts = counts if slot_counts is None else slot_counts + counts
@@ -254,12 +255,11 @@ def evaluate(
             if _is_out_of_memory(err):
                 raise _too_large(err, _batch_slides(batch), "evaluation") from err
             raise
-        logits = logits.float()
-        losses = F.cross_entropy(logits, labels, reduction="none").cpu().tolist()
-        probs = logits.softmax(dim=-1).cpu().tolist()
+        slide_losses = losses[TASK_LOSS].cpu().tolist()
+        probs = class_probabilities(logits).cpu().tolist()
         finite = torch.isfinite(logits).all(dim=1).cpu().tolist()
         for j, index in enumerate(indices):
-            records.append((index, batch.slide_ids[j], int(labels[j]), probs[j], losses[j], finite[j]))
+            records.append((index, batch.slide_ids[j], int(labels[j]), probs[j], slide_losses[j], finite[j]))
         bar.update(1)
     bar.close()
 
@@ -295,7 +295,7 @@ def model_num_slots(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------- fit
 def fit(
-    model: nn.Module,
+    model: MILModel,
     train_set: Any,
     val_set: Any,
     config: TrainConfig,
@@ -357,10 +357,10 @@ def fit(
         # The log lists exactly the epochs the state covers: lines from an epoch cut short go.
         write_text(out_dir / METRICS_LOG, "".join(_json_line(h) for h in state["history"]))
 
-    train_model: nn.Module = model
+    train_loss: nn.Module = _PassLoss(model)
     if dist.enabled:
         ddp_device = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ddp_device)
+        train_loss = DistributedDataParallel(train_loss, device_ids=ddp_device)
 
     stopped_early = state["bad_epochs"] >= config.early_stopping_patience
     while state["epoch"] < config.epochs and not stopped_early:
@@ -369,7 +369,7 @@ def fit(
         desc = f"fold {fold} epoch {epoch}/{config.epochs}"
         bar = tqdm(desc=desc, disable=None if dist.is_main and verbose else True)
         train_log = _train_epoch(
-            train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
+            train_loss, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
         )
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
@@ -439,6 +439,18 @@ def fit(
     )
 
 
+class _PassLoss(nn.Module):
+    """``model.compute_loss`` summed over the slides of a pass, as the forward of a module: DDP
+    synchronises the gradients of what runs through the forward of the module it wraps only."""
+
+    def __init__(self, model: MILModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels, x, mask, coords) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model.compute_loss(labels, x, mask=mask, coords=coords, reduction="sum")
+
+
 def _seed_generators(seed: int, device: torch.device) -> None:
     # torch.manual_seed would also (lazily) seed every CUDA/XPU/MTIA device, at about 4 ms a call:
     # more than a whole training step on a small bag. Only the CPU generator and that of the
@@ -461,8 +473,8 @@ def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _train_epoch(
-    train_model: nn.Module,
-    model: nn.Module,
+    train_loss: nn.Module,
+    model: MILModel,
     optimizer: torch.optim.Optimizer,
     train_set: Any,
     config: TrainConfig,
@@ -483,7 +495,7 @@ def _train_epoch(
     bar.reset(total=num_updates)
     # Running sums over this process's slides: task loss, then each named extra loss.
     zero = lambda: torch.zeros((), dtype=torch.float64, device=device)
-    sums: dict[str, torch.Tensor] = {"task": zero()}
+    sums: dict[str, torch.Tensor] = {TASK_LOSS: zero()}
     count = 0
     i = 0
     for update in range(num_updates):
@@ -499,30 +511,29 @@ def _train_epoch(
             _, batch = next(loader)
             _seed_generators(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index), device)
             last = position == len(group) - 1
-            sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
+            sync = contextlib.nullcontext() if last or not dist.enabled else train_loss.no_sync()
             x, mask, coords, labels = _to_device(batch, device)
             n = labels.shape[0]
             try:
                 with sync:
-                    logits, extra = train_model(x, mask=mask, coords=coords)
-                    task = F.cross_entropy(logits.float(), labels, reduction="sum")
-                    total = task + n * sum(extra.values(), torch.zeros((), device=device))
+                    logits, losses = train_loss(labels, x, mask, coords)
+                    total = training_objective(losses, extra_weight=n)
                     weight = dist.world_size / update_size if update_size else 0.0
                     (total * weight).backward()
             except (RuntimeError, MemoryError) as err:
                 if _is_out_of_memory(err):
                     raise _too_large(err, _batch_slides(batch), "training") from err
                 raise
-            for name in extra:  # every process must all-reduce the same names, even after weight-0 passes
+            for name in losses:  # every process must all-reduce the same names, even after weight-0 passes
                 sums.setdefault(name, zero())
             if update_size:  # a weight-0 pass only keeps DDP in step
                 finite = torch.isfinite(logits.detach()).all(dim=1)
                 seen.append((list(batch.slide_ids), finite))
                 nonfinite_logits += (~finite).sum().double()
                 update_sum += total.detach().double()
-                sums["task"] += task.detach().double()
-                for name, value in extra.items():
-                    sums[name] += n * value.detach().double()
+                for name, value in losses.items():
+                    slides = 1 if name == TASK_LOSS else n  # the task loss is a sum, the others are means
+                    sums[name] += slides * value.detach().double()
                 count += n
         # Every process checks the same all-reduced numbers, so all stop together.
         update_total, nonfinite = dist.all_sum(torch.stack([update_sum, nonfinite_logits])).tolist()
