@@ -15,14 +15,21 @@ uninterrupted run does: no RNG state needs saving.
 
 Batches and processes. An optimizer update averages the loss over
 ``batch_size * grad_accum_steps`` slides, a global number. Under torchrun the
-slides of each update are dealt to the processes (slide i of the update goes
-to rank i mod P) and each process runs its share in passes of at most
-``batch_size`` slides. Each pass's summed loss is scaled by P / (slides in the
-update) before backward; DDP averages gradients over the P processes, so every
-update applies the gradient of the mean loss over its slides, exactly as one
-process does. A process whose share of an update is empty (the last update of
-an epoch, or fewer slides per update than processes) runs a pass with weight 0
-so that DDP's gradient all-reduce still sees every process.
+processes find each other through Accelerate (``process_state``: its
+``PartialState``; collectives from ``accelerate.utils``; the model wrapped in
+DDP by ``Accelerator.prepare_model``). The slides of each update are dealt to
+the processes (slide i of the update goes to rank i mod P) and each process
+runs its share in passes of at most ``batch_size`` slides, gradients
+synchronised on the last pass of the update only (``Accelerator.no_sync``
+before it: the number of passes varies by update and process, which
+``Accelerator.accumulate``'s fixed step count cannot express). Each pass's
+summed loss is scaled by P / (slides in the update) before backward; DDP
+averages gradients over the P processes, so every update applies the gradient
+of the mean loss over its slides, exactly as one process does. A process whose
+share of an update is empty (the last update of an epoch, or fewer slides per
+update than processes) runs a pass with weight 0 so that DDP's gradient
+all-reduce still sees every process. A single process joins no process group
+and makes no ``Accelerator``: nothing wraps the model.
 
 The model's extra losses (e.g. TC-SSA's routing loss) are means over the
 slides of a pass; they are multiplied by the pass's slide count so that they
@@ -40,6 +47,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +56,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object, reduce
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -61,11 +70,9 @@ from tcssa.io.checkpoints import (
 )
 from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
 from tcssa.train.config import TrainConfig
-from tcssa.train.distributed import SINGLE_PROCESS, Distributed
 from tcssa.train.metrics import classification_metrics
 
 METRICS_LOG = "metrics.jsonl"
-_QUIET = Distributed(rank=1, world_size=1)  # prints nothing: "not the main process"
 RESUME_STATE = "resume.safetensors"
 
 
@@ -108,6 +115,36 @@ class Predictions:
 
     def metrics(self, class_names: Sequence[str] | None = None, where: str = "") -> dict[str, float]:
         return classification_metrics(self.labels, self.probs, class_names, where)
+
+
+# -------------------------------------------------------------- processes
+def process_state(device: str = "auto") -> PartialState:
+    """Accelerate's state of this process (``process_index``, ``num_processes``, ...): one object
+    for the whole process, set up by the first call.
+
+    Launched by ``torchrun`` with several processes, that call joins their process group: gloo for
+    a CPU ``device`` (or without CUDA), NCCL otherwise. A single process joins none, and asks for the
+    CPU exactly when there is no CUDA, the VLM trainer's rule: a MIL model trained first in the same
+    process (``tcssa vqa demo`` trains its compressor on the CPU) leaves the VQA stages their GPU.
+    """
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = not torch.cuda.is_available() or (several and device.startswith("cpu"))
+    # gloo by name: Accelerate would pick MPI on CPUs where torch has it
+    return PartialState(cpu=cpu, **({"backend": "gloo"} if several and cpu else {}))
+
+
+def process_device(requested: str = "auto") -> torch.device:
+    """The device of this process: ``auto`` means CUDA when present, else CPU; under several
+    processes ``cuda`` is this process's GPU (``cuda:LOCAL_RANK``)."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    process = process_state(requested)
+    if requested == "cuda" and process.use_distributed:
+        return torch.device("cuda", process.local_process_index)
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available")
+    return device
 
 
 # ------------------------------------------------------------------ helpers
@@ -222,7 +259,6 @@ def evaluate(
     collate: Callable | None = None,
     batch_size: int = 1,
     device: torch.device | str = "cpu",
-    dist: Distributed = SINGLE_PROCESS,
     with_routing: bool = False,
     num_workers: int = 0,
     desc: str | None = None,
@@ -235,14 +271,15 @@ def evaluate(
     """
     collate = collate or default_collate()
     device = torch.device(device)
+    process = process_state(device.type)
     model.eval()
-    mine = list(range(len(dataset)))[dist.rank :: dist.world_size]
+    mine = list(range(len(dataset)))[process.process_index :: process.num_processes]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     records: list[tuple[int, str, int, list[float], float, bool]] = []
     slot_counts = None
     num_patches = 0
     route = with_routing and hasattr(model, "routing")
-    bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if dist.is_main else True)
+    bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if process.is_main_process else True)
     for indices, batch in _load_batches(dataset, batches, collate, num_workers, "evaluation"):
         x, mask, coords, labels = _to_device(batch, device)
         num_patches += int(mask.sum())
@@ -263,7 +300,7 @@ def evaluate(
         bar.update(1)
     bar.close()
 
-    gathered = [r for part in dist.all_gather_objects(records) for r in part]
+    gathered = gather_object(records)  # every process's records, in rank order
     gathered.sort(key=lambda r: r[0])
     bad = [r[1] for r in gathered if not r[5]]
     if bad:  # every process holds the gathered records, so all raise alike
@@ -274,7 +311,7 @@ def evaluate(
         counts = (
             slot_counts if slot_counts is not None else torch.zeros(model_num_slots(model), dtype=torch.long)
         )
-        slot_counts = dist.all_sum(counts.to(device)).cpu()
+        slot_counts = reduce(counts.to(device), reduction="sum").cpu()
     num_classes = len(gathered[0][3]) if gathered else 0
     return Predictions(
         slide_ids=[r[1] for r in gathered],
@@ -282,7 +319,7 @@ def evaluate(
         probs=np.array([r[3] for r in gathered], dtype=np.float64).reshape(len(gathered), num_classes),
         losses=np.array([r[4] for r in gathered], dtype=np.float64),
         slot_counts=slot_counts.numpy() if route else None,
-        num_patches=sum(dist.all_gather_objects(num_patches)),
+        num_patches=sum(gather_object([num_patches])),
     )
 
 
@@ -305,7 +342,6 @@ def fit(
     out_dir: str | Path | None = None,
     model_config: dict[str, Any] | None = None,
     resume: bool = False,
-    dist: Distributed = SINGLE_PROCESS,
     class_names: Sequence[str] | None = None,
     verbose: bool = True,
     resumable: bool = True,
@@ -324,9 +360,10 @@ def fit(
     last epoch's weights are kept. ``verbose=False`` shows no progress.
     """
     collate = collate or default_collate()
-    device = dist.device(config.device)
+    process = process_state(config.device)
+    device = process_device(config.device)
     out_dir = Path(out_dir) if out_dir is not None else None
-    write = out_dir is not None and dist.is_main
+    write = out_dir is not None and process.is_main_process
     model.to(device)
     optimizer = _adamw(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -358,18 +395,23 @@ def fit(
         write_text(out_dir / METRICS_LOG, "".join(_json_line(h) for h in state["history"]))
 
     train_loss: nn.Module = _PassLoss(model)
-    if dist.enabled:
-        ddp_device = [device.index] if device.type == "cuda" else None
-        train_loss = DistributedDataParallel(train_loss, device_ids=ddp_device)
+    accelerator = None
+    if process.use_distributed:
+        # An Accelerator only here: it fixes process-wide settings (mixed precision) that the VLM
+        # trainer, run after a MIL fit in one process by `tcssa vqa demo`, sets its own way. No
+        # mixed precision, no compilation, whatever ACCELERATE_* variables say: the engine's
+        # arithmetic is its own (float32 logits for the loss).
+        accelerator = Accelerator(mixed_precision="no", dynamo_backend="no", device_placement=False)
+        train_loss = accelerator.prepare_model(train_loss)
 
     stopped_early = state["bad_epochs"] >= config.early_stopping_patience
     while state["epoch"] < config.epochs and not stopped_early:
         epoch = state["epoch"] + 1
         started = time.perf_counter()
         desc = f"fold {fold} epoch {epoch}/{config.epochs}"
-        bar = tqdm(desc=desc, disable=None if dist.is_main and verbose else True)
+        bar = tqdm(desc=desc, disable=None if process.is_main_process and verbose else True)
         train_log = _train_epoch(
-            train_loss, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
+            train_loss, accelerator, model, optimizer, train_set, config, collate, fold, epoch, bar
         )
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
@@ -381,7 +423,6 @@ def fit(
                     collate=collate,
                     batch_size=config.eval_batch_size,
                     device=device,
-                    dist=dist,
                     num_workers=config.num_workers,
                 )
             except NonFiniteLossError as err:
@@ -422,13 +463,13 @@ def fit(
         if write:
             with open(out_dir / METRICS_LOG, "a") as log:
                 log.write(_json_line(record))
-        _finish_epoch_bar(bar, desc, record, dist if verbose else _QUIET)
+        _finish_epoch_bar(bar, desc, record, show=verbose and process.is_main_process)
 
     if best_weights is not None:
         model.load_state_dict(best_weights)
     if write:
         save_model(out_dir, model, model_config or {})
-    dist.barrier()
+    process.wait_for_everyone()
     return FitResult(
         best_epoch=state["best_epoch"],
         best_val_loss=state["best_val_loss"] if has_val else math.nan,
@@ -474,6 +515,7 @@ def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 def _train_epoch(
     train_loss: nn.Module,
+    accelerator: Accelerator | None,
     model: MILModel,
     optimizer: torch.optim.Optimizer,
     train_set: Any,
@@ -481,14 +523,15 @@ def _train_epoch(
     collate: Callable,
     fold: int,
     epoch: int,
-    dist: Distributed,
     bar: tqdm,
 ) -> dict[str, float]:
+    process = PartialState()  # set up by fit
+    rank, world_size = process.process_index, process.num_processes
     device = next(model.parameters()).device
     model.train()
     if hasattr(train_set, "set_epoch"):  # BagDataset draws its --max-patches subsets per (seed, epoch)
         train_set.set_epoch(epoch)
-    passes = plan_epoch(len(train_set), config, fold, epoch, dist.rank, dist.world_size)
+    passes = plan_epoch(len(train_set), config, fold, epoch, rank, world_size)
     batches = [indices for _, _, indices, _ in passes]
     loader = _load_batches(train_set, batches, collate, config.num_workers, "training")
     num_updates = passes[-1][0] + 1 if passes else 0
@@ -509,16 +552,17 @@ def _train_epoch(
             i += 1
         for position, (_, pass_index, _, update_size) in enumerate(group):
             _, batch = next(loader)
-            _seed_generators(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index), device)
+            _seed_generators(derived_seed(config.seed, fold, epoch, update, rank, pass_index), device)
             last = position == len(group) - 1
-            sync = contextlib.nullcontext() if last or not dist.enabled else train_loss.no_sync()
+            no_sync = accelerator is not None and not last  # gradients synchronised on the last pass only
+            sync = accelerator.no_sync(train_loss) if no_sync else contextlib.nullcontext()
             x, mask, coords, labels = _to_device(batch, device)
             n = labels.shape[0]
             try:
                 with sync:
                     logits, losses = train_loss(labels, x, mask, coords)
                     total = training_objective(losses, extra_weight=n)
-                    weight = dist.world_size / update_size if update_size else 0.0
+                    weight = world_size / update_size if update_size else 0.0
                     (total * weight).backward()
             except (RuntimeError, MemoryError) as err:
                 if _is_out_of_memory(err):
@@ -536,11 +580,12 @@ def _train_epoch(
                     sums[name] += slides * value.detach().double()
                 count += n
         # Every process checks the same all-reduced numbers, so all stop together.
-        update_total, nonfinite = dist.all_sum(torch.stack([update_sum, nonfinite_logits])).tolist()
+        checked = reduce(torch.stack([update_sum, nonfinite_logits]), reduction="sum")
+        update_total, nonfinite = checked.tolist()
         if not math.isfinite(update_total) or nonfinite > 0:
             raise NonFiniteLossError(
                 f"fold {fold}, epoch {epoch}, update {update + 1}: the training loss is {update_total}"
-                f"{_nonfinite_slides(model, seen, dist)}; stopping. The checkpoint of the last "
+                f"{_nonfinite_slides(model, seen)}; stopping. The checkpoint of the last "
                 "complete epoch is kept (resume state and best model)."
             )
         with _warmed_up(optimizer, warmup_factor(config.warmup_epochs, epoch, update, num_updates)):
@@ -549,19 +594,20 @@ def _train_epoch(
         bar.update(1)
 
     names = sorted(sums)
-    totals = dist.all_sum(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)]))
+    totals = reduce(
+        torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)]), reduction="sum"
+    )
     slides = max(1.0, float(totals[-1]))
     log = {f"train_{k}_loss": float(totals[j]) / slides for j, k in enumerate(names)}
     log["train_loss"] = sum(float(totals[j]) for j in range(len(names))) / slides
     return log
 
 
-def _nonfinite_slides(model: nn.Module, seen: list[tuple[list[str], torch.Tensor]], dist: Distributed) -> str:
+def _nonfinite_slides(model: nn.Module, seen: list[tuple[list[str], torch.Tensor]]) -> str:
     """What made an update's loss non-finite, naming its slides (gathered from every process)."""
     local_bad = [sid for ids, finite in seen for sid, ok in zip(ids, finite.tolist(), strict=True) if not ok]
     local_all = [sid for ids, _ in seen for sid in ids]
-    bad = [sid for part in dist.all_gather_objects(local_bad) for sid in part]
-    every = [sid for part in dist.all_gather_objects(local_all) for sid in part]
+    bad, every = gather_object(local_bad), gather_object(local_all)
     if bad or any(not torch.isfinite(p).all() for p in model.parameters()):
         return f" ({_nonfinite_outputs(model, bad, len(every))})"
     shown = ", ".join(every[:10]) + (" ..." if len(every) > 10 else "")
@@ -611,13 +657,13 @@ def _quiet_metric_warnings():
         yield
 
 
-def _finish_epoch_bar(bar: tqdm, desc: str, record: dict[str, Any], dist: Distributed) -> None:
+def _finish_epoch_bar(bar: tqdm, desc: str, record: dict[str, Any], show: bool) -> None:
     """Leave one line per epoch with the training loss and validation AUC (printed when no terminal)."""
     shown = {"loss": f"{record['train_loss']:.4f}"}
     if "val_loss" in record:
         shown.update(val_loss=f"{record['val_loss']:.4f}", val_auc=f"{record['val_auc']:.4f}")
     if bar.disable:
-        if dist.is_main:
+        if show:
             print(f"{desc}: " + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
     else:
         bar.set_postfix(shown)

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -164,9 +166,6 @@ def train_stage(
     info: dict,
 ) -> dict:
     """Train ``model`` on ``dataset`` (a ConversationDataset) for one stage and save the run folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from tcssa.vlm.data import TrainCollator
 
     out_dir = Path(out_dir)
