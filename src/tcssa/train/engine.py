@@ -28,8 +28,9 @@ averages gradients over the P processes, so every update applies the gradient
 of the mean loss over its slides, exactly as one process does. A process whose
 share of an update is empty (the last update of an epoch, or fewer slides per
 update than processes) runs a pass with weight 0 so that DDP's gradient
-all-reduce still sees every process. A single process joins no process group
-and makes no ``Accelerator``: nothing wraps the model.
+all-reduce still sees every process. A single process makes no
+``Accelerator``: nothing wraps the model, and without torchrun no process group
+is made either.
 
 The model's extra losses (e.g. TC-SSA's routing loss) are means over the
 slides of a pass; they are multiplied by the pass's slide count so that they
@@ -123,9 +124,11 @@ def process_state(device: str = "auto") -> PartialState:
     for the whole process, set up by the first call.
 
     Launched by ``torchrun`` with several processes, that call joins their process group: gloo for
-    a CPU ``device`` (or without CUDA), NCCL otherwise. A single process joins none, and asks for the
-    CPU exactly when there is no CUDA, the VLM trainer's rule: a MIL model trained first in the same
-    process (``tcssa vqa demo`` trains its compressor on the CPU) leaves the VQA stages their GPU.
+    a CPU ``device`` (or without CUDA), NCCL otherwise. A process started without torchrun joins
+    none (under ``torchrun --nproc_per_node 1`` Accelerate makes a group of one, which changes no
+    number). A single process asks for the CPU exactly when there is no CUDA, the VLM trainer's rule:
+    a MIL model trained first in the same process (``tcssa vqa demo`` trains its compressor on the
+    CPU) leaves the VQA stages their GPU.
     """
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = not torch.cuda.is_available() or (several and device.startswith("cpu"))
