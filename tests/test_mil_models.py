@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tcssa.mil import MODEL_NAMES, MILModel, build_model
+from tcssa.mil import MODEL_NAMES, MILModel, build_model, training_objective
 
 D, C, K = 6, 3, 4
 
@@ -76,6 +76,31 @@ def test_shapes_and_interface(name):
     # mean and max pooling hand the head one token; attention models see the whole bag (None)
     expected_tokens = K if name == "tcssa" or name.endswith("-k") else 1 if name in ("mean", "max") else None
     assert model.num_tokens == expected_tokens
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_compute_loss_adds_the_cross_entropy_to_the_extra_losses_and_predict_gives_probabilities(name):
+    model = make(name).eval()
+    x, mask, coords = pad_batch([slide(7, 1), slide(12, 2), slide(5, 3)])
+    labels = torch.tensor([0, 2, 1])
+    logits, extra = model(x, mask, coords)
+    for reduction in ("mean", "sum", "none"):
+        same_logits, losses = model.compute_loss(labels, x, mask, coords, reduction=reduction)
+        assert torch.equal(same_logits, logits)
+        assert list(losses) == ["task", *extra]
+        assert torch.equal(losses["task"], F.cross_entropy(logits.float(), labels, reduction=reduction))
+        for key, value in extra.items():
+            assert torch.equal(losses[key], value)  # means over the slides whatever the reduction
+    _, losses = model.compute_loss(labels, x, mask, coords)
+    expected = losses["task"] + sum(extra.values(), torch.zeros(()))
+    assert torch.equal(training_objective(losses), expected)
+    summed = model.compute_loss(labels, x, mask, coords, reduction="sum")[1]
+    torch.testing.assert_close(training_objective(summed, extra_weight=3), 3 * expected)
+    # predict: eval-mode probabilities, whatever mode the model is in, which it keeps
+    model.train()
+    probs = model.predict(x, mask, coords)
+    assert model.training and not probs.requires_grad
+    assert torch.equal(probs, logits.float().softmax(dim=-1))
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -344,8 +369,8 @@ def test_every_model_learns_a_simple_task(name):
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     for _ in range(40):
-        logits, losses = model.train()(x, coords=coords)
-        loss = F.cross_entropy(logits, labels) + sum(losses.values(), torch.zeros(()))
+        _, losses = model.train().compute_loss(labels, x, coords=coords)
+        loss = training_objective(losses)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

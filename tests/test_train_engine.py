@@ -6,16 +6,17 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from accelerate.state import AcceleratorState
 
 from tcssa.io.checkpoints import load_training_state
 from tcssa.train.config import TrainConfig
-from tcssa.train.distributed import Distributed
 from tcssa.train.engine import (
     NonFiniteLossError,
     SlideTooLargeError,
     evaluate,
     fit,
     plan_epoch,
+    process_state,
     warmup_factor,
 )
 from train_fixtures import TinyMIL, TinySlotMIL, make_bags, pad_collate
@@ -47,6 +48,7 @@ def test_same_seed_gives_the_same_model_and_metrics():
         preds = evaluate(model, test, collate=pad_collate)
         runs.append((_weights(model), result.history, preds.probs))
     _assert_same_weights(runs[0][0], runs[1][0])
+    assert not torch.distributed.is_initialized()  # a single process joins no process group
     assert [h["val_loss"] for h in runs[0][1]] == [h["val_loss"] for h in runs[1][1]]
     assert (runs[0][2] == runs[1][2]).all()
 
@@ -234,17 +236,21 @@ def _free_port():
 def _ddp_worker(rank, world_size, port, config, out):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )  # fmt: skip
     torch.set_num_threads(1)
-    dist = Distributed.from_env("cpu")
+    # A forked child inherits the parent's Accelerate state (one process, set up by the tests before):
+    # start afresh, so that the first process_state joins the process group these variables describe.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    state = process_state("cpu")
+    assert state.num_processes == world_size and state.process_index == rank
     train, val, test = _split(make_bags(40))
     model = TinyMIL()
-    result = fit(model, train, val, config, collate=pad_collate, dist=dist, out_dir=os.path.dirname(out))
-    preds = evaluate(model, test, collate=pad_collate, dist=dist)
-    if dist.is_main:
+    result = fit(model, train, val, config, collate=pad_collate, out_dir=os.path.dirname(out))
+    preds = evaluate(model, test, collate=pad_collate)
+    if state.is_main_process:
         torch.save({"weights": _weights(model), "history": result.history, "probs": preds.probs}, out)
-    dist.shutdown()
+    state.destroy_process_group()
 
 
 def test_two_processes_train_the_same_model_as_one(tmp_path):

@@ -48,7 +48,7 @@ def test_padded_batch_equals_each_sample_alone(tokenizer, lm, variant, side):
     batch = make_batch(tokenizer, model, ITEMS, slides, side)
     assert batch.attention_mask.sum(1).unique().numel() > 1  # really padded
     with torch.no_grad():
-        together = model(**batch.model_inputs())
+        together, together_losses = model.compute_loss(batch)
         for row, (item, slide) in enumerate(zip(ITEMS, slides, strict=True)):
             alone_batch = make_batch(tokenizer, model, [item], [slide], side)
             alone = model(**alone_batch.model_inputs())
@@ -59,10 +59,10 @@ def test_padded_batch_equals_each_sample_alone(tokenizer, lm, variant, side):
     for item, slide in zip(ITEMS, slides, strict=True):
         one = make_batch(tokenizer, model, [item], [slide], side)
         with torch.no_grad():
-            per_sample.append(model(**one.model_inputs()).lm_loss)
+            per_sample.append(model.compute_loss(one)[1]["lm"])
         counts.append(int((one.labels[:, 1:] != IGNORE_INDEX).sum()))
     expected = sum(loss * n for loss, n in zip(per_sample, counts, strict=True)) / sum(counts)
-    torch.testing.assert_close(together.lm_loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together_losses["lm"], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_slide_tokens_fill_exactly_the_image_span(tokenizer, lm):
@@ -129,7 +129,7 @@ def test_continuation_logprobs_match_a_full_forward(tokenizer, lm):
     lengths = [2, 3]
     scores = model.continuation_logprobs(batch, lengths)
     with torch.no_grad():
-        logits = model(**{**batch.model_inputs(), "labels": None}).logits.log_softmax(-1)
+        logits = model(**batch.model_inputs()).logits.log_softmax(-1)
     width = batch.input_ids.shape[1]
     for row, n in enumerate(lengths):
         expected = sum(logits[row, t - 1, batch.input_ids[row, t]] for t in range(width - n, width))
@@ -154,9 +154,10 @@ def test_gradients_reach_projector_and_compressor_through_the_lm(tokenizer, lm):
     for p in model.lm.parameters():
         p.requires_grad_(False)
     batch = make_batch(tokenizer, model, ITEMS, slides_of([9, 3, 17]))
-    out = model(**batch.model_inputs())
+    out, losses = model.compute_loss(batch)
     assert out.aux_loss.item() > 0  # the compressor trains: its routing loss is part of the objective
-    out.loss.backward()
+    assert losses["aux"] == model.config.aux_loss_weight * out.aux_loss
+    sum(losses.values()).backward()
     assert model.projector[0].weight.grad.abs().sum() > 0
     assert model.compressor.gate.weight.grad.abs().sum() > 0
     model.zero_grad()

@@ -1,7 +1,8 @@
 """Small stand-ins for the training-engine tests: a tiny MIL model and in-memory bags.
 
-The model keeps the MIL contract (``forward(x, mask, coords) -> (logits, {name: loss})``) and
-is mask-aware, so padded batches give the same result as slides one by one.
+The models are ``tcssa.mil.base.MILModel``s (``forward(x, mask, coords) -> (logits, {name: loss})``,
+and the inherited ``compute_loss`` / ``predict``) and mask-aware, so padded batches give the same
+result as slides one by one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from tcssa import TCSSA
+from tcssa.mil.base import MILModel
 
 
 @dataclass
@@ -55,13 +57,13 @@ def make_bags(num_slides: int, dim: int = 8, seed: int = 0, num_classes: int = 2
     return items
 
 
-class TinyMIL(nn.Module):
+class TinyMIL(MILModel):
     """Masked mean pooling -> dropout -> linear; an "l2" extra loss so that named extras are exercised."""
 
     num_tokens = None
 
     def __init__(self, dim: int = 8, num_classes: int = 2, dropout: float = 0.0, seed: int = 0):
-        super().__init__()
+        super().__init__(dim, num_classes)
         torch.manual_seed(seed)
         self.proj = nn.Linear(dim, 16)
         self.dropout = nn.Dropout(dropout)
@@ -77,11 +79,11 @@ class TinyMIL(nn.Module):
         return logits, {"l2": 1e-3 * pooled.pow(2).mean(dim=1).mean()}
 
 
-class TinySlotMIL(nn.Module):
+class TinySlotMIL(MILModel):
     """A TC-SSA compressor -> mean of slot tokens -> linear, with ``routing`` like tcssa.mil's model."""
 
     def __init__(self, dim: int = 8, num_classes: int = 2, num_slots: int = 4, seed: int = 0):
-        super().__init__()
+        super().__init__(dim, num_classes)
         torch.manual_seed(seed)
         self.compressor = TCSSA(dim, num_slots=num_slots, expert_hidden=16)
         self.head = nn.Linear(dim, num_classes)

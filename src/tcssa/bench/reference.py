@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tcssa.data.batching import LengthBucketSampler, pad_slides
 from tcssa.io.published import to_published
 from tcssa.method import routing_loss
 from tcssa.mil import build_model
-from tcssa.mil.base import ClassifierHead
+from tcssa.mil.base import ClassifierHead, MILModel, training_objective
 
 
 class ReferenceExpert(nn.Module):
@@ -74,17 +73,25 @@ class SlotClassifier(ClassifierHead):
         return super().forward(tokens.mean(dim=-2))
 
 
-class ReferenceClassifier(nn.Module):
-    """Reference compressor + head, one slide per call: returns (logits 1 x C, weighted aux loss)."""
+class ReferenceClassifier(MILModel):
+    """Reference compressor + head, one slide (N x D) per call: (logits 1 x C, {"routing": weighted
+    aux loss}). A ``MILModel`` for its loss and probabilities; like the published code it skips
+    ``check_input`` (no value checks in the timed loop) and takes neither padding masks nor coords."""
+
+    name = "reference"
 
     def __init__(self, dim: int, num_classes: int, num_slots: int = 32) -> None:
-        super().__init__()
+        super().__init__(dim, num_classes)
         self.compressor = ReferenceTCSSA(dim, num_slots)
         self.head = SlotClassifier(dim, num_classes)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if x.dim() != 2 or mask is not None or coords is not None:
+            raise ValueError("the reference classifier takes one slide (N x D) a call, no mask or coords")
         tokens, aux = self.compressor(x)
-        return self.head(tokens).unsqueeze(0), routing_loss.AUX_LOSS_WEIGHT * aux
+        return self.head(tokens).unsqueeze(0), {"routing": routing_loss.AUX_LOSS_WEIGHT * aux}
 
 
 class DenseSelfAttention(nn.Module):
@@ -105,15 +112,15 @@ def train_epoch_reference(model: ReferenceClassifier, optimizer, slides, labels,
     """The published training loop: one slide, one backward, one optimizer step."""
     model.train()
     for i in order:
-        logits, aux = model(slides[i])
-        loss = F.cross_entropy(logits, labels[i : i + 1]) + aux
+        _, losses = model.compute_loss(labels[i : i + 1], slides[i])
+        loss = training_objective(losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
 
 def train_epoch_batched(
-    model: nn.Module, optimizer, slides, labels, sampler: LengthBucketSampler, scheduler=None
+    model: MILModel, optimizer, slides, labels, sampler: LengthBucketSampler, scheduler=None
 ) -> None:
     """Several slides per step: bucketed by N, padded with a mask into one reused buffer; the
     model's extra losses come weighted. ``scheduler`` (if any) steps after every optimizer step."""
@@ -122,8 +129,8 @@ def train_epoch_batched(
     buffer = slides[0].new_empty(len(longest) * longest[-1] * slides[0].shape[-1])
     for batch in sampler:
         x, mask = pad_slides([slides[i] for i in batch], buffer)
-        logits, losses = model(x, mask)
-        loss = F.cross_entropy(logits, labels[batch]) + sum(losses.values())
+        _, losses = model.compute_loss(labels[batch], x, mask)
+        loss = training_objective(losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

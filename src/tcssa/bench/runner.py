@@ -333,11 +333,11 @@ class _Bench:
             )
         test_half = load(test_ids, torch.bfloat16)  # float16 on disk straight to bfloat16
         low_precision = copy.deepcopy(batched).bfloat16()
-        reference.eval(), batched.eval(), low_precision.eval()
+        batched.eval(), low_precision.eval()  # for the routing compared below (predict sets eval itself)
         scores = {
-            "train-reference": _class1_scores(lambda x: reference(x)[0], test_x),
-            "train-batched": _class1_scores(lambda x: batched(x)[0], test_x),
-            "train-batched, eval in bfloat16": _class1_scores(lambda x: low_precision(x)[0], test_half),
+            "train-reference": _class1_scores(reference.predict, test_x),
+            "train-batched": _class1_scores(batched.predict, test_x),
+            "train-batched, eval in bfloat16": _class1_scores(low_precision.predict, test_half),
         }
         # top-2 agreement of the trained gate, bfloat16 vs float32 (before any further training)
         with torch.inference_mode():
@@ -357,8 +357,7 @@ class _Bench:
                 sampler.set_epoch(c.auc_epochs + more)
                 spent += time_call(train_epoch_batched, batched, opt, train_x, train_y, sampler, warmup)
                 more += 1
-            batched.eval()
-            scores[same_time] = _class1_scores(lambda x: batched(x)[0], test_x)
+            scores[same_time] = _class1_scores(batched.predict, test_x)
             seconds[same_time], epochs[same_time] = spent, c.auc_epochs + more
         common = {"section": "auc", "seed": seed, "slides": len(train_ids), "n": sum(len(x) for x in train_x)}
         rows = []
@@ -381,11 +380,8 @@ class _Bench:
 
 @torch.inference_mode()
 def _class1_scores(predict: Callable[[Tensor], Tensor], slides: list[Tensor]) -> list[float]:
-    scores = []
-    for x in slides:
-        logits = predict(x)
-        scores.append(float(logits.float().softmax(-1)[0, -1]))
-    return scores
+    """The last class's probability of each slide, from a ``MILModel.predict``."""
+    return [float(predict(x)[0, -1]) for x in slides]
 
 
 def _auc(labels: list[int], scores: list[float]) -> float | None:

@@ -9,7 +9,6 @@ OPTIONAL_PACKAGES = {
     "transformers": "vlm",
     "peft": "vlm",
     "tokenizers": "vlm",
-    "accelerate": "vlm",
     "mil": "classic-mil",
 }
 

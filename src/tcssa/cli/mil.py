@@ -40,11 +40,11 @@ class _ShortWarnings:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tcssa.train.distributed import Distributed
+    from tcssa.train.engine import process_state
     from tcssa.train.runs import train_run
 
     config = train_config(args)
-    dist = Distributed.from_env(config.device)
+    process = process_state(config.device)
     try:
         with _ShortWarnings("train"):
             result = train_run(
@@ -55,11 +55,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 split_csv=args.split,
                 skip_missing=args.skip_missing,
                 resume=args.resume,
-                dist=dist,
             )
     finally:
-        dist.shutdown()
-    if dist.is_main:
+        process.destroy_process_group()
+    if process.is_main_process:
         summary = result.summary
         print(
             f"{config.model}: test AUC {summary['test_auc_mean']:.4f} ± {summary['test_auc_std']:.4f}, "
@@ -90,12 +89,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from tcssa.train.distributed import Distributed
     from tcssa.io.runs import comparison_markdown
+    from tcssa.train.engine import process_state
     from tcssa.train.runs import compare
 
     config = train_config(args)
-    dist = Distributed.from_env(config.device)
+    process = process_state(config.device)
     try:
         with _ShortWarnings("compare"):
             rows = compare(
@@ -107,11 +106,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 split_csv=args.split,
                 skip_missing=args.skip_missing,
                 resume=args.resume,
-                dist=dist,
             )
     finally:
-        dist.shutdown()
-    if dist.is_main:
+        process.destroy_process_group()
+    if process.is_main_process:
         print(comparison_markdown(rows), end="")
     return 0
 

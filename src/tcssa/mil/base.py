@@ -2,8 +2,15 @@
 
 A model takes patch features ``x`` (B x N x D, or N x D for one slide), an
 optional ``mask`` (B x N, True for real patches) and optional ``coords``
-(B x N x 2), and returns ``(logits B x C, {name: loss})``. The named losses
-are already weighted: the training objective is ``task + sum(losses.values())``.
+(B x N x 2):
+
+- ``forward(x, mask, coords) -> (logits B x C, {name: extra loss})``: the
+  model's own extra losses (e.g. TC-SSA's routing terms), already weighted;
+- ``compute_loss(labels, x, mask, coords, reduction) -> (logits, losses)``:
+  the same plus the task loss, cross-entropy, under ``"task"``; the training
+  objective is ``training_objective(losses)``: ``task + sum(extra losses)``;
+- ``predict(x, mask, coords) -> B x C`` class probabilities, in eval mode.
+
 Padded patches (mask False) never change a result.
 """
 
@@ -12,7 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+TASK_LOSS = "task"
 
 
 class MILModel(nn.Module):
@@ -44,6 +54,37 @@ class MILModel(nn.Module):
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    def compute_loss(
+        self,
+        labels: Tensor,
+        x: Tensor,
+        mask: Tensor | None = None,
+        coords: Tensor | None = None,
+        reduction: str = "mean",
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits and the named losses: ``"task"``, the cross-entropy of the float32 logits with
+        ``labels`` (B class indices) reduced over the slides by ``reduction`` (``"mean"``, ``"sum"``,
+        or ``"none"``: one per slide), then the model's weighted extra losses as ``forward`` returns
+        them: means over the slides of the call whatever ``reduction`` is (see ``training_objective``).
+        """
+        logits, extra = self(x, mask, coords)
+        if TASK_LOSS in extra:
+            raise ValueError(f"{self.name}: an extra loss may not be named {TASK_LOSS!r}")
+        task = F.cross_entropy(logits.float(), labels, reduction=reduction)
+        return logits, {TASK_LOSS: task, **extra}
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None) -> Tensor:
+        """Class probabilities (B x C, float32) in eval mode: no dropout, no routing noise, so the
+        same slides always give the same numbers. The model's training mode is restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits, _ = self(x, mask, coords)
+        finally:
+            self.train(was_training)
+        return class_probabilities(logits)
 
     # ------------------------------------------------------------ input checks
     def check_input(
@@ -124,6 +165,23 @@ class MILModel(nn.Module):
             if param.is_floating_point():
                 return param.dtype
         return torch.get_default_dtype()
+
+
+def class_probabilities(logits: Tensor) -> Tensor:
+    """Softmax of the logits, computed in float32 whatever the model's dtype."""
+    return logits.float().softmax(dim=-1)
+
+
+def training_objective(losses: dict[str, Tensor], extra_weight: float = 1) -> Tensor:
+    """The loss to minimise from ``compute_loss``'s named losses: the task loss plus
+    ``extra_weight`` times the sum of the extra losses.
+
+    The extra losses are means over the slides of a call; with ``reduction="sum"`` (a task loss
+    summed over n slides, e.g. to accumulate over passes) ``extra_weight = n`` keeps their weight.
+    """
+    task = losses[TASK_LOSS]
+    extra = sum((v for k, v in losses.items() if k != TASK_LOSS), torch.zeros((), device=task.device))
+    return task + extra_weight * extra
 
 
 class ClassifierHead(nn.Module):

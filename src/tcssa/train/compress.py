@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tcssa.io.features import write_slot_tokens
-from tcssa.train.distributed import SINGLE_PROCESS
+from tcssa.train.engine import process_device
 from tcssa.train.runs import load_checkpoint
 
 
@@ -49,7 +49,7 @@ def compress_folder(
     )
     if not files:
         raise ValueError(f"{features_dir}: no feature files ({', '.join(FEATURE_EXTENSIONS)})")
-    torch_device = SINGLE_PROCESS.device(device)
+    torch_device = process_device(device)
     model.to(torch_device)
     written, skipped = [], 0
     for path in tqdm(files, desc="compressing", unit="slide"):

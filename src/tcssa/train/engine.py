@@ -1,9 +1,10 @@
 """The training engine: ``fit`` one model on one fold, ``evaluate`` it on a set of slides.
 
-The engine knows the MIL model contract only (``model(x, mask=, coords=) ->
-(logits, {name: already weighted loss})``; ``model.routing(x, mask)`` when the
-model has slots) and datasets whose items are ``(bag, label)`` turned into
-padded, masked batches by a collate function (``tcssa.data.collate_bags``).
+The engine knows the MIL model contract only (``tcssa.mil.base.MILModel``:
+``model.compute_loss(labels, x, mask=, coords=, reduction=) -> (logits,
+{"task": cross-entropy, name: already weighted extra loss})``; ``model.routing(x,
+mask)`` when the model has slots) and datasets whose items are ``(bag, label)``
+turned into padded, masked batches by a collate function (``tcssa.data.collate_bags``).
 
 Reproducibility. Nothing depends on leftover random state: the slide order of
 epoch e is a permutation seeded by (seed, fold, e), and the global torch RNG
@@ -14,14 +15,22 @@ uninterrupted run does: no RNG state needs saving.
 
 Batches and processes. An optimizer update averages the loss over
 ``batch_size * grad_accum_steps`` slides, a global number. Under torchrun the
-slides of each update are dealt to the processes (slide i of the update goes
-to rank i mod P) and each process runs its share in passes of at most
-``batch_size`` slides. Each pass's summed loss is scaled by P / (slides in the
-update) before backward; DDP averages gradients over the P processes, so every
-update applies the gradient of the mean loss over its slides, exactly as one
-process does. A process whose share of an update is empty (the last update of
-an epoch, or fewer slides per update than processes) runs a pass with weight 0
-so that DDP's gradient all-reduce still sees every process.
+processes find each other through Accelerate (``process_state``: its
+``PartialState``; collectives from ``accelerate.utils``; the model wrapped in
+DDP by ``Accelerator.prepare_model``). The slides of each update are dealt to
+the processes (slide i of the update goes to rank i mod P) and each process
+runs its share in passes of at most ``batch_size`` slides, gradients
+synchronised on the last pass of the update only (``Accelerator.no_sync``
+before it: the number of passes varies by update and process, which
+``Accelerator.accumulate``'s fixed step count cannot express). Each pass's
+summed loss is scaled by P / (slides in the update) before backward; DDP
+averages gradients over the P processes, so every update applies the gradient
+of the mean loss over its slides, exactly as one process does. A process whose
+share of an update is empty (the last update of an epoch, or fewer slides per
+update than processes) runs a pass with weight 0 so that DDP's gradient
+all-reduce still sees every process. A single process makes no
+``Accelerator``: nothing wraps the model, and without torchrun no process group
+is made either.
 
 The model's extra losses (e.g. TC-SSA's routing loss) are means over the
 slides of a pass; they are multiplied by the pass's slide count so that they
@@ -39,6 +48,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,20 +57,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object, reduce
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
 from tcssa.io.files import write_text
+from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
 from tcssa.train.config import TrainConfig
-from tcssa.train.distributed import SINGLE_PROCESS, Distributed
 from tcssa.train.metrics import classification_metrics
 
 METRICS_LOG = "metrics.jsonl"
-_QUIET = Distributed(rank=1, world_size=1)  # prints nothing: "not the main process"
 RESUME_STATE = "resume.safetensors"
 
 
@@ -103,6 +112,38 @@ class Predictions:
 
     def metrics(self, class_names: Sequence[str] | None = None, where: str = "") -> dict[str, float]:
         return classification_metrics(self.labels, self.probs, class_names, where)
+
+
+# -------------------------------------------------------------- processes
+def process_state(device: str = "auto") -> PartialState:
+    """Accelerate's state of this process (``process_index``, ``num_processes``, ...): one object
+    for the whole process, set up by the first call.
+
+    Launched by ``torchrun`` with several processes, that call joins their process group: gloo for
+    a CPU ``device`` (or without CUDA), NCCL otherwise. A process started without torchrun joins
+    none (under ``torchrun --nproc_per_node 1`` Accelerate makes a group of one, which changes no
+    number). A single process asks for the CPU exactly when there is no CUDA, the VLM trainer's rule:
+    a MIL model trained first in the same process (``tcssa vqa demo`` trains its compressor on the
+    CPU) leaves the VQA stages their GPU.
+    """
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = not torch.cuda.is_available() or (several and device.startswith("cpu"))
+    # gloo by name: Accelerate would pick MPI on CPUs where torch has it
+    return PartialState(cpu=cpu, **({"backend": "gloo"} if several and cpu else {}))
+
+
+def process_device(requested: str = "auto") -> torch.device:
+    """The device of this process: ``auto`` means CUDA when present, else CPU; under several
+    processes ``cuda`` is this process's GPU (``cuda:LOCAL_RANK``)."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    process = process_state(requested)
+    if requested == "cuda" and process.use_distributed:
+        return torch.device("cuda", process.local_process_index)
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available")
+    return device
 
 
 # ------------------------------------------------------------------ helpers
@@ -211,13 +252,12 @@ def default_collate() -> Callable:
 # ----------------------------------------------------------------- evaluate
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: MILModel,
     dataset: Any,
     *,
     collate: Callable | None = None,
     batch_size: int = 1,
     device: torch.device | str = "cpu",
-    dist: Distributed = SINGLE_PROCESS,
     with_routing: bool = False,
     num_workers: int = 0,
     desc: str | None = None,
@@ -230,19 +270,20 @@ def evaluate(
     """
     collate = collate or default_collate()
     device = torch.device(device)
+    process = process_state(device.type)
     model.eval()
-    mine = list(range(len(dataset)))[dist.rank :: dist.world_size]
+    mine = list(range(len(dataset)))[process.process_index :: process.num_processes]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     records: list[tuple[int, str, int, list[float], float, bool]] = []
     slot_counts = None
     num_patches = 0
     route = with_routing and hasattr(model, "routing")
-    bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if dist.is_main else True)
+    bar = tqdm(total=len(batches), desc=desc, leave=False, disable=None if process.is_main_process else True)
     for indices, batch in _load_batches(dataset, batches, collate, num_workers, "evaluation"):
         x, mask, coords, labels = _to_device(batch, device)
         num_patches += int(mask.sum())
         try:
-            logits, _ = model(x, mask=mask, coords=coords)
+            logits, losses = model.compute_loss(labels, x, mask=mask, coords=coords, reduction="none")
             if route:
                 counts = model.routing(x, mask).slot_counts.sum(dim=0).cpu()
                 slot_counts = counts if slot_counts is None else slot_counts + counts
@@ -250,16 +291,15 @@ def evaluate(
             if _is_out_of_memory(err):
                 raise _too_large(err, _batch_slides(batch), "evaluation") from err
             raise
-        logits = logits.float()
-        losses = F.cross_entropy(logits, labels, reduction="none").cpu().tolist()
-        probs = logits.softmax(dim=-1).cpu().tolist()
+        slide_losses = losses[TASK_LOSS].cpu().tolist()
+        probs = class_probabilities(logits).cpu().tolist()
         finite = torch.isfinite(logits).all(dim=1).cpu().tolist()
         for j, index in enumerate(indices):
-            records.append((index, batch.slide_ids[j], int(labels[j]), probs[j], losses[j], finite[j]))
+            records.append((index, batch.slide_ids[j], int(labels[j]), probs[j], slide_losses[j], finite[j]))
         bar.update(1)
     bar.close()
 
-    gathered = [r for part in dist.all_gather_objects(records) for r in part]
+    gathered = gather_object(records)  # every process's records, in rank order
     gathered.sort(key=lambda r: r[0])
     bad = [r[1] for r in gathered if not r[5]]
     if bad:  # every process holds the gathered records, so all raise alike
@@ -270,7 +310,7 @@ def evaluate(
         counts = (
             slot_counts if slot_counts is not None else torch.zeros(model_num_slots(model), dtype=torch.long)
         )
-        slot_counts = dist.all_sum(counts.to(device)).cpu()
+        slot_counts = reduce(counts.to(device), reduction="sum").cpu()
     num_classes = len(gathered[0][3]) if gathered else 0
     return Predictions(
         slide_ids=[r[1] for r in gathered],
@@ -278,7 +318,7 @@ def evaluate(
         probs=np.array([r[3] for r in gathered], dtype=np.float64).reshape(len(gathered), num_classes),
         losses=np.array([r[4] for r in gathered], dtype=np.float64),
         slot_counts=slot_counts.numpy() if route else None,
-        num_patches=sum(dist.all_gather_objects(num_patches)),
+        num_patches=sum(gather_object([num_patches])),
     )
 
 
@@ -291,7 +331,7 @@ def model_num_slots(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------- fit
 def fit(
-    model: nn.Module,
+    model: MILModel,
     train_set: Any,
     val_set: Any,
     config: TrainConfig,
@@ -301,7 +341,6 @@ def fit(
     out_dir: str | Path | None = None,
     model_config: dict[str, Any] | None = None,
     resume: bool = False,
-    dist: Distributed = SINGLE_PROCESS,
     class_names: Sequence[str] | None = None,
     verbose: bool = True,
     resumable: bool = True,
@@ -320,9 +359,10 @@ def fit(
     last epoch's weights are kept. ``verbose=False`` shows no progress.
     """
     collate = collate or default_collate()
-    device = dist.device(config.device)
+    process = process_state(config.device)
+    device = process_device(config.device)
     out_dir = Path(out_dir) if out_dir is not None else None
-    write = out_dir is not None and dist.is_main
+    write = out_dir is not None and process.is_main_process
     model.to(device)
     optimizer = _adamw(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -353,19 +393,24 @@ def fit(
         # The log lists exactly the epochs the state covers: lines from an epoch cut short go.
         write_text(out_dir / METRICS_LOG, "".join(_json_line(h) for h in state["history"]))
 
-    train_model: nn.Module = model
-    if dist.enabled:
-        ddp_device = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ddp_device)
+    train_loss: nn.Module = _PassLoss(model)
+    accelerator = None
+    if process.use_distributed:
+        # An Accelerator only here: it fixes process-wide settings (mixed precision) that the VLM
+        # trainer, run after a MIL fit in one process by `tcssa vqa demo`, sets its own way. No
+        # mixed precision, no compilation, whatever ACCELERATE_* variables say: the engine's
+        # arithmetic is its own (float32 logits for the loss).
+        accelerator = Accelerator(mixed_precision="no", dynamo_backend="no", device_placement=False)
+        train_loss = accelerator.prepare_model(train_loss)
 
     stopped_early = state["bad_epochs"] >= config.early_stopping_patience
     while state["epoch"] < config.epochs and not stopped_early:
         epoch = state["epoch"] + 1
         started = time.perf_counter()
         desc = f"fold {fold} epoch {epoch}/{config.epochs}"
-        bar = tqdm(desc=desc, disable=None if dist.is_main and verbose else True)
+        bar = tqdm(desc=desc, disable=None if process.is_main_process and verbose else True)
         train_log = _train_epoch(
-            train_model, model, optimizer, train_set, config, collate, fold, epoch, dist, bar
+            train_loss, accelerator, model, optimizer, train_set, config, collate, fold, epoch, bar
         )
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
@@ -377,7 +422,6 @@ def fit(
                     collate=collate,
                     batch_size=config.eval_batch_size,
                     device=device,
-                    dist=dist,
                     num_workers=config.num_workers,
                 )
             except NonFiniteLossError as err:
@@ -418,13 +462,13 @@ def fit(
         if write:
             with open(out_dir / METRICS_LOG, "a") as log:
                 log.write(_json_line(record))
-        _finish_epoch_bar(bar, desc, record, dist if verbose else _QUIET)
+        _finish_epoch_bar(bar, desc, record, show=verbose and process.is_main_process)
 
     if best_weights is not None:
         model.load_state_dict(best_weights)
     if write:
         save_model(out_dir, model, model_config or {})
-    dist.barrier()
+    process.wait_for_everyone()
     return FitResult(
         best_epoch=state["best_epoch"],
         best_val_loss=state["best_val_loss"] if has_val else math.nan,
@@ -433,6 +477,18 @@ def fit(
         train_seconds=state["train_seconds"],
         history=state["history"],
     )
+
+
+class _PassLoss(nn.Module):
+    """``model.compute_loss`` summed over the slides of a pass, as the forward of a module: DDP
+    synchronises the gradients of what runs through the forward of the module it wraps only."""
+
+    def __init__(self, model: MILModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels, x, mask, coords) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model.compute_loss(labels, x, mask=mask, coords=coords, reduction="sum")
 
 
 def _seed_generators(seed: int, device: torch.device) -> None:
@@ -457,29 +513,31 @@ def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _train_epoch(
-    train_model: nn.Module,
-    model: nn.Module,
+    train_loss: nn.Module,
+    accelerator: Accelerator | None,
+    model: MILModel,
     optimizer: torch.optim.Optimizer,
     train_set: Any,
     config: TrainConfig,
     collate: Callable,
     fold: int,
     epoch: int,
-    dist: Distributed,
     bar: tqdm,
 ) -> dict[str, float]:
+    process = PartialState()  # set up by fit
+    rank, world_size = process.process_index, process.num_processes
     device = next(model.parameters()).device
     model.train()
     if hasattr(train_set, "set_epoch"):  # BagDataset draws its --max-patches subsets per (seed, epoch)
         train_set.set_epoch(epoch)
-    passes = plan_epoch(len(train_set), config, fold, epoch, dist.rank, dist.world_size)
+    passes = plan_epoch(len(train_set), config, fold, epoch, rank, world_size)
     batches = [indices for _, _, indices, _ in passes]
     loader = _load_batches(train_set, batches, collate, config.num_workers, "training")
     num_updates = passes[-1][0] + 1 if passes else 0
     bar.reset(total=num_updates)
     # Running sums over this process's slides: task loss, then each named extra loss.
     zero = lambda: torch.zeros((), dtype=torch.float64, device=device)
-    sums: dict[str, torch.Tensor] = {"task": zero()}
+    sums: dict[str, torch.Tensor] = {TASK_LOSS: zero()}
     count = 0
     i = 0
     for update in range(num_updates):
@@ -493,39 +551,40 @@ def _train_epoch(
             i += 1
         for position, (_, pass_index, _, update_size) in enumerate(group):
             _, batch = next(loader)
-            _seed_generators(derived_seed(config.seed, fold, epoch, update, dist.rank, pass_index), device)
+            _seed_generators(derived_seed(config.seed, fold, epoch, update, rank, pass_index), device)
             last = position == len(group) - 1
-            sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
+            no_sync = accelerator is not None and not last  # gradients synchronised on the last pass only
+            sync = accelerator.no_sync(train_loss) if no_sync else contextlib.nullcontext()
             x, mask, coords, labels = _to_device(batch, device)
             n = labels.shape[0]
             try:
                 with sync:
-                    logits, extra = train_model(x, mask=mask, coords=coords)
-                    task = F.cross_entropy(logits.float(), labels, reduction="sum")
-                    total = task + n * sum(extra.values(), torch.zeros((), device=device))
-                    weight = dist.world_size / update_size if update_size else 0.0
+                    logits, losses = train_loss(labels, x, mask, coords)
+                    total = training_objective(losses, extra_weight=n)
+                    weight = world_size / update_size if update_size else 0.0
                     (total * weight).backward()
             except (RuntimeError, MemoryError) as err:
                 if _is_out_of_memory(err):
                     raise _too_large(err, _batch_slides(batch), "training") from err
                 raise
-            for name in extra:  # every process must all-reduce the same names, even after weight-0 passes
+            for name in losses:  # every process must all-reduce the same names, even after weight-0 passes
                 sums.setdefault(name, zero())
             if update_size:  # a weight-0 pass only keeps DDP in step
                 finite = torch.isfinite(logits.detach()).all(dim=1)
                 seen.append((list(batch.slide_ids), finite))
                 nonfinite_logits += (~finite).sum().double()
                 update_sum += total.detach().double()
-                sums["task"] += task.detach().double()
-                for name, value in extra.items():
-                    sums[name] += n * value.detach().double()
+                for name, value in losses.items():
+                    slides = 1 if name == TASK_LOSS else n  # the task loss is a sum, the others are means
+                    sums[name] += slides * value.detach().double()
                 count += n
         # Every process checks the same all-reduced numbers, so all stop together.
-        update_total, nonfinite = dist.all_sum(torch.stack([update_sum, nonfinite_logits])).tolist()
+        checked = reduce(torch.stack([update_sum, nonfinite_logits]), reduction="sum")
+        update_total, nonfinite = checked.tolist()
         if not math.isfinite(update_total) or nonfinite > 0:
             raise NonFiniteLossError(
                 f"fold {fold}, epoch {epoch}, update {update + 1}: the training loss is {update_total}"
-                f"{_nonfinite_slides(model, seen, dist)}; stopping. The checkpoint of the last "
+                f"{_nonfinite_slides(model, seen)}; stopping. The checkpoint of the last "
                 "complete epoch is kept (resume state and best model)."
             )
         with _warmed_up(optimizer, warmup_factor(config.warmup_epochs, epoch, update, num_updates)):
@@ -534,19 +593,20 @@ def _train_epoch(
         bar.update(1)
 
     names = sorted(sums)
-    totals = dist.all_sum(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)]))
+    totals = reduce(
+        torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)]), reduction="sum"
+    )
     slides = max(1.0, float(totals[-1]))
     log = {f"train_{k}_loss": float(totals[j]) / slides for j, k in enumerate(names)}
     log["train_loss"] = sum(float(totals[j]) for j in range(len(names))) / slides
     return log
 
 
-def _nonfinite_slides(model: nn.Module, seen: list[tuple[list[str], torch.Tensor]], dist: Distributed) -> str:
+def _nonfinite_slides(model: nn.Module, seen: list[tuple[list[str], torch.Tensor]]) -> str:
     """What made an update's loss non-finite, naming its slides (gathered from every process)."""
     local_bad = [sid for ids, finite in seen for sid, ok in zip(ids, finite.tolist(), strict=True) if not ok]
     local_all = [sid for ids, _ in seen for sid in ids]
-    bad = [sid for part in dist.all_gather_objects(local_bad) for sid in part]
-    every = [sid for part in dist.all_gather_objects(local_all) for sid in part]
+    bad, every = gather_object(local_bad), gather_object(local_all)
     if bad or any(not torch.isfinite(p).all() for p in model.parameters()):
         return f" ({_nonfinite_outputs(model, bad, len(every))})"
     shown = ", ".join(every[:10]) + (" ..." if len(every) > 10 else "")
@@ -596,13 +656,13 @@ def _quiet_metric_warnings():
         yield
 
 
-def _finish_epoch_bar(bar: tqdm, desc: str, record: dict[str, Any], dist: Distributed) -> None:
+def _finish_epoch_bar(bar: tqdm, desc: str, record: dict[str, Any], show: bool) -> None:
     """Leave one line per epoch with the training loss and validation AUC (printed when no terminal)."""
     shown = {"loss": f"{record['train_loss']:.4f}"}
     if "val_loss" in record:
         shown.update(val_loss=f"{record['val_loss']:.4f}", val_auc=f"{record['val_auc']:.4f}")
     if bar.disable:
-        if dist.is_main:
+        if show:
             print(f"{desc}: " + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
     else:
         bar.set_postfix(shown)

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
 from tcssa.io.files import read_json, write_json, write_text
 from tcssa.io.rundir import (
     RunLock,
@@ -46,8 +49,7 @@ from tcssa.io.runs import (
     write_summary,
 )
 from tcssa.train.config import TrainConfig
-from tcssa.train.distributed import SINGLE_PROCESS, Distributed
-from tcssa.train.engine import derived_seed, evaluate, fit
+from tcssa.train.engine import derived_seed, evaluate, fit, process_device, process_state
 from tcssa.train.metrics import summarize_folds
 
 # Options that change how a run executes, not what it computes: they may differ on --resume.
@@ -142,7 +144,6 @@ def train_run(
     splits: Sequence[Any] | None = None,
     skip_missing: bool = False,
     resume: bool = False,
-    dist: Distributed = SINGLE_PROCESS,
     datasets: DatasetFactory | None = None,
     verbose: bool = True,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
@@ -169,6 +170,7 @@ def train_run(
     """
     from tcssa.data import Cohort
 
+    process = process_state(config.device)
     if check_values is None:
         check_values = datasets is None  # slides supplied by the caller were read by the caller
     # With check_values every file is read once, headers and values together (the header-only check
@@ -182,7 +184,7 @@ def train_run(
         progress=None if verbose else False,
     )
     if check_values:
-        _validate_values(cohort, dist, progress=None if verbose else False)
+        _validate_values(cohort, process, progress=None if verbose else False)
     if splits is None:
         splits = make_splits(cohort, config, split_csv)
     splits = splits_for_cohort(splits, cohort, skip_missing)
@@ -201,12 +203,12 @@ def train_run(
         "missing_slides": list(cohort.missing),
         "class_names": list(cohort.class_names),
         "in_dim": cohort.dim,
-        "world_size": dist.world_size,
+        "world_size": process.num_processes,
         "inputs": input_fingerprints(labels_csv, split_csv, cohort, splits),
     }
-    lock = _prepare_out_dir(out_dir, run_config, resume, dist)
+    lock = _prepare_out_dir(out_dir, run_config, resume, process)
     try:
-        if dist.is_main:
+        if process.is_main_process:
             from tcssa.data import save_class_map, save_splits
 
             save_class_map(cohort.class_names, out_dir / "class_map.json")
@@ -222,7 +224,7 @@ def train_run(
                     f"no part in the run: {_first(left_out)}"
                 )
         return _run_folds(
-            cohort, splits, config, out_dir, resume, dist, datasets, verbose, on_fold, resumable
+            cohort, splits, config, out_dir, resume, process, datasets, verbose, on_fold, resumable
         )
     finally:
         if lock is not None:
@@ -233,30 +235,30 @@ def _first(ids: Sequence[str], limit: int = 10) -> str:
     return ", ".join(ids[:limit]) + (f" ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def _validate_values(cohort: Any, dist: Distributed, progress: bool | None = None) -> None:
+def _validate_values(cohort: Any, process: PartialState, progress: bool | None = None) -> None:
     """Every feature file's header and values checked: readable, one D, finite and in range (rank 0
     reads, all raise alike)."""
     from tcssa.data import validate_cohort
 
     problem = None
-    if dist.is_main:
+    if process.is_main_process:
         try:
             validate_cohort(cohort, values=True, progress=progress)
         except ValueError as err:
             problem = str(err)
-    problem = dist.broadcast_object(problem)
+    [problem] = broadcast_object_list([problem])
     if problem:
         raise ValueError(problem)
 
 
-def _lock_out_dir(out_dir: Path, dist: Distributed, check: Callable[[], None] | None = None):
+def _lock_out_dir(out_dir: Path, process: PartialState, check: Callable[[], None] | None = None):
     """Rank 0 locks ``out_dir`` (creating it) and runs ``check``; every process raises its error.
 
     Rank 0 decides and tells the others: were every process to look for config.json itself, one
     could find the file rank 0 has just written and refuse a fresh run.
     """
     problem, lock, error = None, None, None
-    if dist.is_main:
+    if process.is_main_process:
         try:
             lock = lock_run_dir(out_dir)
             if check is not None:
@@ -266,21 +268,21 @@ def _lock_out_dir(out_dir: Path, dist: Distributed, check: Callable[[], None] | 
             if lock is not None:
                 lock.release()
                 lock = None
-    problem = dist.broadcast_object(problem)
+    [problem] = broadcast_object_list([problem])
     if problem:
         raise error if error is not None else ValueError(problem)
     return lock
 
 
 def _prepare_out_dir(
-    out_dir: Path, run_config: dict[str, Any], resume: bool, dist: Distributed
+    out_dir: Path, run_config: dict[str, Any], resume: bool, process: PartialState
 ) -> RunLock | None:
     """Lock the run directory, check it may take this run, write config.json; the lock (rank 0)."""
-    lock = _lock_out_dir(out_dir, dist, lambda: _check_out_dir(out_dir, run_config, resume))
+    lock = _lock_out_dir(out_dir, process, lambda: _check_out_dir(out_dir, run_config, resume))
     try:
-        if dist.is_main:
+        if process.is_main_process:
             write_json(out_dir / "config.json", run_config)
-        dist.barrier()
+        process.wait_for_everyone()
     except BaseException:
         if lock is not None:
             lock.release()
@@ -329,7 +331,7 @@ def _run_folds(
     config: TrainConfig,
     out_dir: Path | None,
     resume: bool,
-    dist: Distributed,
+    process: PartialState,
     datasets: DatasetFactory | None = None,
     verbose: bool = True,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
@@ -379,7 +381,6 @@ def _run_folds(
             out_dir=fold_dir,
             model_config=model_config,
             resume=resume,
-            dist=dist,
             class_names=cohort.class_names,
             verbose=verbose,
             resumable=resumable,
@@ -388,14 +389,13 @@ def _run_folds(
             model,
             test_set,
             batch_size=config.eval_batch_size,
-            device=dist.device(config.device),
-            dist=dist,
+            device=process_device(config.device),
             with_routing=True,
             num_workers=config.num_workers,
             desc=f"fold {fold} test",
         )
         with warnings.catch_warnings():
-            if not dist.is_main:
+            if not process.is_main_process:
                 warnings.simplefilter("ignore")
             test = preds.metrics(cohort.class_names, where=f"fold {fold} test set")
         best = fitted.history[fitted.best_epoch - 1] if fitted.best_epoch else {}
@@ -412,9 +412,9 @@ def _run_folds(
             on_fold(row)
         if preds.slot_counts is not None:
             slot_use[fold] = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
-            if dist.is_main:
+            if process.is_main_process:
                 slot_use[fold].warn_if_collapsed(f"fold {fold}")
-        if dist.is_main and fold_dir is not None:
+        if process.is_main_process and fold_dir is not None:
             write_text(out_dir / fold_predictions_file(fold), predictions_csv(preds))
             write_json(
                 fold_dir / "result.json",
@@ -427,8 +427,8 @@ def _run_folds(
             )
             (fold_dir / "resume.safetensors").unlink(missing_ok=True)
             write_summary(out_dir, rows, slot_use)
-        dist.barrier()
-    if dist.is_main and out_dir is not None:
+        process.wait_for_everyone()
+    if process.is_main_process and out_dir is not None:
         write_summary(out_dir, rows, slot_use)
     return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_use=slot_use)
 
@@ -468,7 +468,7 @@ def evaluate_checkpoint(
         model,
         BagDataset(cohort, cohort.slide_ids),
         batch_size=batch_size,
-        device=SINGLE_PROCESS.device(device),
+        device=process_device(device),
         with_routing=True,
         desc="evaluating",
     )
@@ -520,7 +520,6 @@ def compare(
     split_csv: str | Path | None = None,
     skip_missing: bool = False,
     resume: bool = False,
-    dist: Distributed = SINGLE_PROCESS,
 ) -> list[dict[str, Any]]:
     """Train every model on the same folds; write comparison.csv/.md; return the table's rows.
 
@@ -532,6 +531,7 @@ def compare(
     from tcssa.mil import MODEL_NAMES
 
     config = config or TrainConfig()
+    process = process_state(config.device)
     models = list(dict.fromkeys(models))
     if not models:
         raise ValueError("no models to compare")
@@ -541,15 +541,15 @@ def compare(
     out_dir = Path(out_dir)
     # headers and values read once, for all models, before anything is written
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing, check_files=False)
-    _validate_values(cohort, dist)
+    _validate_values(cohort, process)
     splits = splits_for_cohort(make_splits(cohort, config, split_csv), cohort, skip_missing)
-    lock = _lock_out_dir(out_dir, dist, lambda: _check_compare_dir(out_dir, splits))
+    lock = _lock_out_dir(out_dir, process, lambda: _check_compare_dir(out_dir, splits))
     try:
-        if dist.is_main:
+        if process.is_main_process:
             save_splits(splits, out_dir / "splits.csv")
         rows = []
         for name in models:
-            if dist.is_main:
+            if process.is_main_process:
                 print(f"== {name} ==", flush=True)
             result = train_run(
                 features_dir,
@@ -560,11 +560,10 @@ def compare(
                 splits=splits,
                 skip_missing=skip_missing,
                 resume=resume,
-                dist=dist,
                 check_values=False,
             )
             rows.append(comparison_row(result))
-            if dist.is_main:
+            if process.is_main_process:
                 write_comparison(out_dir, rows)
         return rows
     finally:

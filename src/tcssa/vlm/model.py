@@ -106,7 +106,7 @@ class SlideLMBatch:
         return SlideLMBatch(**moved, **optional, slide_ids=self.slide_ids)
 
     def model_inputs(self) -> dict[str, Tensor]:
-        """The tensors ``SlideLM.forward`` takes (a DDP-wrapped model must be called through forward)."""
+        """The tensors ``SlideLM.forward`` takes (all but the labels, which ``compute_loss`` adds)."""
         inputs = {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
@@ -115,8 +115,6 @@ class SlideLMBatch:
             "feature_mask": self.feature_mask,
             "sample_seeds": self.sample_seeds,
         }
-        if self.labels is not None:
-            inputs["labels"] = self.labels
         if self.slide_rows is not None:
             inputs["slide_rows"] = self.slide_rows
         return inputs
@@ -189,10 +187,8 @@ def position_ids_from(attention_mask: Tensor) -> Tensor:
 
 @dataclass
 class SlideLMOutput:
-    loss: Tensor | None  # lm_loss + aux_loss_weight * aux_loss (training objective)
-    lm_loss: Tensor | None
-    aux_loss: Tensor  # compressor routing loss, 0 unless the compressor trains
     logits: Tensor
+    aux_loss: Tensor  # compressor routing loss L_aux (unweighted), 0 unless the compressor trains
 
 
 class SlideLM(nn.Module):
@@ -301,10 +297,10 @@ class SlideLM(nn.Module):
         features: Tensor,
         feature_mask: Tensor,
         sample_seeds: Tensor | None = None,
-        labels: Tensor | None = None,
         slide_rows: Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> SlideLMOutput:
+        """The LM's logits (of the last ``logits_to_keep`` positions; 0: all) and the routing loss."""
         embeds, aux = self.inputs_embeds(
             input_ids, image_mask, features, feature_mask, sample_seeds, slide_rows
         )
@@ -315,13 +311,17 @@ class SlideLM(nn.Module):
             use_cache=False,
             logits_to_keep=logits_to_keep,
         )
-        lm_loss = loss = None
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
-            lm_loss = causal_lm_loss(out.logits, labels)
-            loss = lm_loss + self.config.aux_loss_weight * aux
-        return SlideLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux, logits=out.logits)
+        return SlideLMOutput(logits=out.logits, aux_loss=aux)
+
+    def compute_loss(self, batch: SlideLMBatch) -> tuple[SlideLMOutput, dict[str, Tensor]]:
+        """``forward``'s output on a labelled batch and the named training losses: ``lm``, the mean
+        next-token cross-entropy over the supervised positions, and ``aux``, the routing loss times
+        ``aux_loss_weight``. The training objective is their sum."""
+        if batch.labels is None:
+            raise ValueError("compute_loss needs a batch with labels (a training batch)")
+        out = self(**batch.model_inputs())
+        lm_loss = causal_lm_loss(out.logits, batch.labels)
+        return out, {"lm": lm_loss, "aux": self.config.aux_loss_weight * out.aux_loss}
 
     @torch.no_grad()
     def continuation_logprobs(self, batch: SlideLMBatch, lengths: list[int]) -> Tensor:
@@ -329,7 +329,7 @@ class SlideLM(nn.Module):
         if not bool(batch.attention_mask[:, -1].all()):
             raise ValueError("scoring needs left-padded sequences (the continuation at the end of each row)")
         keep = max(lengths) + 1
-        out = self.forward(**{**batch.model_inputs(), "labels": None}, logits_to_keep=keep)
+        out = self.forward(**batch.model_inputs(), logits_to_keep=keep)
         logprobs = out.logits.float().log_softmax(-1)  # B x keep x V: position t predicts token t+1
         targets = batch.input_ids[:, -keep + 1 :]
         picked = logprobs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # B x (keep - 1)

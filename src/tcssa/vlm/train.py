@@ -20,6 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -123,9 +125,6 @@ def train_stage(
     info: dict,
 ) -> dict:
     """Train ``model`` on ``dataset`` (a ConversationDataset) for one stage and save the run folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from tcssa.vlm.data import TrainCollator
 
     out_dir = Path(out_dir)
@@ -161,7 +160,7 @@ def train_stage(
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    losses_of, optimizer, loader = accelerator.prepare(_TrainingLosses(model), optimizer, loader)
     # The schedule counts optimizer steps of this process (the prepared loader is this rank's shard);
     # it is stepped by hand on each real optimizer step, not handed to Accelerate.
     total_steps = max(1, math.ceil(len(loader) / config.grad_accum * config.epochs))
@@ -180,7 +179,7 @@ def train_stage(
         )
     metrics_file = out_dir / "metrics.jsonl"
     step, start, history = 0, time.perf_counter(), []
-    model.train()
+    losses_of.train()
     bar = tqdm(
         total=total_steps,
         desc=f"stage {config.stage}",
@@ -192,18 +191,19 @@ def train_stage(
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         for batch in loader:
-            with accelerator.accumulate(model):
-                out = model(**batch.model_inputs())
-                accelerator.backward(out.loss)
+            with accelerator.accumulate(losses_of):
+                losses, aux_loss = losses_of(batch)
+                loss = sum(losses.values())
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            running["loss"] += float(out.loss.detach())
-            running["lm_loss"] += float(out.lm_loss.detach())
-            running["aux_loss"] += float(out.aux_loss.detach())
+            running["loss"] += float(loss.detach())
+            running["lm_loss"] += float(losses["lm"].detach())
+            running["aux_loss"] += float(aux_loss.detach())  # unweighted, as the compressor reports it
             running["n"] += 1
             if not accelerator.sync_gradients:
                 continue
@@ -225,13 +225,28 @@ def train_stage(
         epoch += 1
     bar.close()
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model).eval()
+    unwrapped = accelerator.unwrap_model(losses_of).model.eval()
     if config.gradient_checkpointing:
         _set_checkpointing(unwrapped.lm, False)
     if accelerator.is_main_process:
         save_run(unwrapped, out_dir, {**info, "stage": config.stage})
     accelerator.wait_for_everyone()
     return {"steps": step, "seconds": time.perf_counter() - start, "history": history, "trainable": counts}
+
+
+class _TrainingLosses(torch.nn.Module):
+    """``SlideLM.compute_loss`` as the forward of a module, for Accelerate to wrap: DDP synchronises the
+    gradients of what runs through the forward of the module it wraps only. It returns the named
+    losses and the unweighted routing loss (for the log), not the logits: Accelerate's bf16 autocast
+    would copy every bf16 tensor the forward returns (B x L x vocabulary logits) to float32."""
+
+    def __init__(self, model: SlideLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        out, losses = self.model.compute_loss(batch)
+        return losses, out.aux_loss
 
 
 def _set_checkpointing(lm, enable: bool) -> None:
