@@ -27,12 +27,23 @@ import csv
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from tcssa.data import BagDataset, Cohort, make_synthetic_cohort, read_bag
+from tcssa.mil import build_model
+from tcssa.train.config import TrainConfig
+from tcssa.train.engine import fit
+from tcssa.vlm.config import SlideLMTrainConfig
+from tcssa.vlm.data import ConversationDataset, MemoryFeatures
+from tcssa.vlm.evaluate import QuestionResult, accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
 from tcssa.vlm.formats import Conversation, VQAItem
+from tcssa.vlm.pipeline import sample_text
+from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
+from tcssa.vlm.train import prepare_stage, train_stage
 
 VARIANTS = ("slots", "random-k", "mean")
 TISSUES = ("stroma", "tumour", "immune", "necrosis", "fat")
@@ -145,8 +156,6 @@ def caption_for_slide(slide_id: str, kind: str, row: dict) -> Conversation:
 # ----------------------------------------------------------------------------- data
 def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool = True):
     """Write both cohorts; return features (in memory), train/test questions and train captions."""
-    from tcssa.data import make_synthetic_cohort, read_bag
-
     features: dict[str, torch.Tensor] = {}
     slides: list[tuple[str, str, str, dict]] = []  # (slide id, kind, case id, truth row)
     cohorts = {}
@@ -192,10 +201,6 @@ def pretrain_compressor(
 ) -> Path:
     """The paper's route to a compressor: a TC-SSA MIL classifier trained on slide labels (here lesion
     present or not, training slides of the rare cohort only); returns its checkpoint folder."""
-    from tcssa.data import BagDataset, Cohort
-    from tcssa.mil import build_model
-    from tcssa.train.config import TrainConfig
-    from tcssa.train.engine import fit
 
     mil_cohort = Cohort.from_folder(cohort.features_dir, cohort.labels_csv)
     model = build_model("tcssa", mil_cohort.dim, mil_cohort.num_classes, num_slots=32, seed=seed)
@@ -216,9 +221,6 @@ def majority_answer_baseline(train_q: list[VQAItem], test_q: list[VQAItem]):
     """Predictions of the text-only prior: for each question, the option whose text is the most
     frequent correct answer among the training questions of its kind (what a model that ignores the
     slide can reach at best)."""
-    from collections import Counter
-
-    from tcssa.vlm.evaluate import QuestionResult
 
     common = {}
     for kind in {q.narrow_category for q in train_q}:
@@ -287,13 +289,6 @@ def run_vqa_demo(
 
 
 def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[dict]:
-    from tcssa.vlm.config import SlideLMTrainConfig
-    from tcssa.vlm.data import ConversationDataset, MemoryFeatures
-    from tcssa.vlm.evaluate import accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
-    from tcssa.vlm.pipeline import sample_text
-    from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
-    from tcssa.vlm.train import prepare_stage, train_stage
-
     size = size or (QUICK if quick else FULL)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -41,6 +42,7 @@ from tcssa.bench.workloads import (
     synthetic_slide,
     write_h5_slide,
 )
+from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
 from tcssa.data.batching import LengthBucketSampler
 from tcssa.io.chunks import compress_h5, iter_h5_chunks
 from tcssa.io.published import to_published
@@ -299,8 +301,6 @@ class _Bench:
         )
 
     def _auc_one_cohort(self, seed: int, matches: list[int]) -> list[dict]:
-        from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
-
         c = self.config
         low, high = c.auc_patches
         total = c.auc_slides + c.auc_test_slides  # one cohort (one seed: the same tissue geometry)
@@ -385,8 +385,6 @@ def _class1_scores(predict: Callable[[Tensor], Tensor], slides: list[Tensor]) ->
 
 
 def _auc(labels: list[int], scores: list[float]) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
     return float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -211,8 +211,6 @@ def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:

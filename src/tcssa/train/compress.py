@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tcssa.data import FEATURE_EXTENSIONS, read_bag
 from tcssa.io.features import write_slot_tokens
 from tcssa.train.engine import process_device
 from tcssa.train.runs import load_checkpoint
@@ -33,8 +34,6 @@ def compress_folder(
     overwrite: bool = False,
 ) -> list[Path]:
     """Compress every feature file of ``features_dir``; returns the written h5 paths."""
-    from tcssa.data import FEATURE_EXTENSIONS, read_bag
-
     model, model_config = load_checkpoint(checkpoint)
     if not hasattr(model, "routing"):
         raise ValueError(

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,11 +64,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tcssa.data import collate_bags
 from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
 from tcssa.io.files import write_text
 from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
 from tcssa.train.config import TrainConfig
-from tcssa.train.metrics import classification_metrics
+from tcssa.train.metrics import MissingClassWarning, classification_metrics
 
 METRICS_LOG = "metrics.jsonl"
 RESUME_STATE = "resume.safetensors"
@@ -244,8 +246,6 @@ def _loader(dataset: Any, batches: list[list[int]], collate: Callable, num_worke
 
 
 def default_collate() -> Callable:
-    from tcssa.data import collate_bags
-
     return collate_bags
 
 
@@ -647,10 +647,6 @@ def _warmed_up(optimizer: torch.optim.Optimizer, factor: float):
 @contextlib.contextmanager
 def _quiet_metric_warnings():
     # A validation set of a few slides often lacks a class; the test-set metrics warn about it.
-    import warnings
-
-    from tcssa.train.metrics import MissingClassWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingClassWarning)
         yield

@@ -25,6 +25,17 @@ from typing import Any
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
+from tcssa.data import (
+    BagDataset,
+    Cohort,
+    Split,
+    load_splits,
+    make_kfold_splits,
+    save_class_map,
+    save_splits,
+    validate_cohort,
+)
+from tcssa.io.checkpoints import load_weights, read_model_config, resolve_checkpoint
 from tcssa.io.files import read_json, write_json, write_text
 from tcssa.io.rundir import (
     RunLock,
@@ -48,6 +59,7 @@ from tcssa.io.runs import (
     write_eval_slot_use,
     write_summary,
 )
+from tcssa.mil import MODEL_NAMES, build_model
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import derived_seed, evaluate, fit, process_device, process_state
 from tcssa.train.metrics import summarize_folds
@@ -87,8 +99,6 @@ def splits_for_cohort(splits: Sequence[Any], cohort: Any, skip_missing: bool = F
     the cohort's ``missing`` list); a slide in the split that the labels do not
     list is always an error.
     """
-    from tcssa.data import Split
-
     known = set(cohort.slide_ids)
     missing = set(cohort.missing)
     checked = []
@@ -125,8 +135,6 @@ def splits_for_cohort(splits: Sequence[Any], cohort: Any, skip_missing: bool = F
 
 
 def make_splits(cohort: Any, config: TrainConfig, split_csv: str | Path | None) -> list[Any]:
-    from tcssa.data import load_splits, make_kfold_splits
-
     if split_csv is not None:
         # with the cohort: its case ids for the leak check, and a warning naming left-out slides
         return load_splits(split_csv, cohort)
@@ -168,8 +176,6 @@ def train_run(
     config.json records sha256 fingerprints of the inputs, which ``resume`` requires unchanged. A
     run that stopped before any fold finished an epoch is started again in place, resume or not.
     """
-    from tcssa.data import Cohort
-
     process = process_state(config.device)
     if check_values is None:
         check_values = datasets is None  # slides supplied by the caller were read by the caller
@@ -209,8 +215,6 @@ def train_run(
     lock = _prepare_out_dir(out_dir, run_config, resume, process)
     try:
         if process.is_main_process:
-            from tcssa.data import save_class_map, save_splits
-
             save_class_map(cohort.class_names, out_dir / "class_map.json")
             save_splits(splits, out_dir / "splits.csv")
             if cohort.missing:
@@ -238,8 +242,6 @@ def _first(ids: Sequence[str], limit: int = 10) -> str:
 def _validate_values(cohort: Any, process: PartialState, progress: bool | None = None) -> None:
     """Every feature file's header and values checked: readable, one D, finite and in range (rank 0
     reads, all raise alike)."""
-    from tcssa.data import validate_cohort
-
     problem = None
     if process.is_main_process:
         try:
@@ -337,9 +339,6 @@ def _run_folds(
     on_fold: Callable[[dict[str, Any]], None] | None = None,
     resumable: bool = True,
 ) -> RunResult:
-    from tcssa.data import BagDataset
-    from tcssa.mil import build_model
-
     rows: list[dict[str, Any]] = []
     slot_use: dict[int, SlotUse] = {}
     tokens = None
@@ -453,8 +452,6 @@ def evaluate_checkpoint(
     Labels are read with the checkpoint's class names, so a test list with the
     classes in another order (or a subset of them) maps onto the same indices.
     """
-    from tcssa.data import BagDataset, Cohort
-
     model, model_config = load_checkpoint(checkpoint)
     class_names = model_config["class_names"]
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing, class_names=class_names)
@@ -493,8 +490,6 @@ def evaluate_checkpoint(
 
 def load_checkpoint(checkpoint: str | Path):
     """(model in eval mode, its model_config.json) from a checkpoint folder or .safetensors file."""
-    from tcssa.io.checkpoints import load_weights, read_model_config, resolve_checkpoint
-    from tcssa.mil import build_model
 
     weights, config_path = resolve_checkpoint(checkpoint)
     model_config = read_model_config(config_path)
@@ -527,8 +522,6 @@ def compare(
     (test-set metrics over folds, std with ddof=1), tokens (what the head sees
     per slide: K, or "all" for full-bag models), train_seconds (summed over folds).
     """
-    from tcssa.data import Cohort, save_splits
-    from tcssa.mil import MODEL_NAMES
 
     config = config or TrainConfig()
     process = process_state(config.device)
@@ -580,8 +573,6 @@ def _fold_lists(splits: Sequence[Any]) -> list[tuple]:
 def _check_compare_dir(out_dir: Path, splits: Sequence[Any]) -> None:
     """A comparison directory that holds trained runs on other folds is refused (its splits.csv
     would no longer describe them); the model runs check their own inputs."""
-    from tcssa.data import load_splits
-
     saved = out_dir / SPLITS_FILE
     if not saved.is_file() or _fold_lists(load_splits(saved)) == _fold_lists(splits):
         return

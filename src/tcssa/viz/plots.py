@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.colors import ListedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from sklearn.metrics import auc, roc_curve
+from sklearn.preprocessing import label_binarize
 
 from tcssa.io.runs import FoldPredictions, collapse_threshold
 from tcssa.train.metrics import mean_std
@@ -116,8 +119,6 @@ def slot_palette(num_slots: int) -> np.ndarray:
     if num_slots < 1:
         raise ValueError(f"num_slots must be >= 1, got {num_slots}")
     if num_slots <= 10:
-        from matplotlib import colormaps
-
         return np.array(colormaps["tab10"].colors[:num_slots])
     return _farthest_point_palette(num_slots).copy()
 
@@ -130,8 +131,6 @@ def phenotype_palette(num_phenotypes: int, highlight: int | None = None) -> np.n
 
     Dark2 holds no pure red, so the highlighted phenotype cannot be confused with another.
     """
-    from matplotlib import colormaps
-
     base = colormaps["Dark2"].colors if num_phenotypes <= 8 else colormaps["tab20"].colors
     colours = np.array([to_rgb(base[i % len(base)]) for i in range(num_phenotypes)])
     if highlight is not None:
@@ -200,9 +199,6 @@ def comparison_bars(scores: Sequence[ModelScore], metric: str = "ROC AUC", capti
 
 
 def _roc_points(fold: FoldPredictions) -> tuple[np.ndarray, np.ndarray, float] | None:
-    from sklearn.metrics import auc, roc_curve
-    from sklearn.preprocessing import label_binarize
-
     labels = np.asarray(fold.labels)
     probs = np.asarray(fold.probs, dtype=float)
     if len(np.unique(labels)) < 2:

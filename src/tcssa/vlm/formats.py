@@ -29,7 +29,7 @@ import io
 import string
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 
 from tcssa.io.files import read_csv_rows, read_json, read_text
@@ -369,8 +369,6 @@ def read_slide_map(path: str | Path) -> dict[str, str]:
 
 def apply_slide_map(items: list, mapping: dict[str, str] | None) -> list:
     """Items with their slide ids replaced through ``mapping`` (ids not in it stay as they are)."""
-    from dataclasses import replace
-
     if not mapping:
         return list(items)
     return [replace(item, slide_id=mapping.get(item.slide_id, item.slide_id)) for item in items]

@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
+import torch
+
 from tcssa.data import peek_shape
+from tcssa.vlm.checkpoint import load_run
 from tcssa.vlm.config import SlideLMTrainConfig
+from tcssa.vlm.data import ConversationDataset, FolderFeatures, drop_missing
+from tcssa.vlm.evaluate import (
+    accuracy_rows,
+    evaluate_multiple_choice,
+    format_accuracy_table,
+    multiple_choice_only,
+    prior_baseline_rows,
+    write_predictions,
+    write_table,
+)
 from tcssa.vlm.formats import Conversation, VQAItem, apply_slide_map, load_questions, read_slide_map
+from tcssa.vlm.prompts import to_conversation
+from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
+from tcssa.vlm.train import lm_dtype, prepare_stage, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +48,6 @@ def read_samples(
 
 def sample_text(samples) -> list[str]:
     """Plain text of the samples (prompts and replies), e.g. to train the tiny LM's tokenizer."""
-    from tcssa.vlm.prompts import to_conversation
-
     texts = []
     for sample in samples:
         for _, text in to_conversation(sample).turns:
@@ -49,8 +64,6 @@ def init_lm(
     **size,
 ) -> Path:
     """Build the offline default LM folder from the text of question / caption files."""
-    from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
-
     texts = sample_text(read_samples(text_files, report))
     lm, tokenizer = build_tiny_lm(out_dir, texts, TinyLMConfig(**size), seed=seed)
     if warm_up_steps:
@@ -77,9 +90,6 @@ def train_from_files(
     slide_map: str | Path | None = None,
     report=print,
 ) -> dict:
-    from tcssa.vlm.data import ConversationDataset, FolderFeatures, drop_missing
-    from tcssa.vlm.train import prepare_stage, train_stage
-
     samples = read_samples(data, report, slide_map)
     features = FolderFeatures(features_dir, [s.slide_id for s in samples], skip_missing=skip_missing)
     samples, dropped = drop_missing(samples, features)
@@ -131,27 +141,11 @@ def eval_from_files(
     report=print,
 ) -> list[dict]:
     """Evaluate a run folder on a question file; writes accuracy.csv, predictions_{mode}.csv, missing."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "tcssa vqa eval runs as one process (every process would score every question and write the "
             "same files); launch it without torchrun / accelerate launch, and pick a GPU with --device"
         )
-    import torch
-
-    from tcssa.vlm.checkpoint import load_run
-    from tcssa.vlm.data import FolderFeatures
-    from tcssa.vlm.evaluate import (
-        accuracy_rows,
-        evaluate_multiple_choice,
-        format_accuracy_table,
-        multiple_choice_only,
-        prior_baseline_rows,
-        write_predictions,
-        write_table,
-    )
-    from tcssa.vlm.train import lm_dtype
 
     result = load_questions(questions)
     report(result.summary())

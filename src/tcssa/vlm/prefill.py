@@ -40,6 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
+from tcssa.vlm.checkpoint import load_base_lm
 from tcssa.vlm.tiny_lm import TinyLMConfig
 
 TEXT_TOKENS = 64  # the question and options around the slide span
@@ -226,7 +227,6 @@ def default_small_lm():
     """The offline default model's architecture (hidden 128, 2 layers), randomly initialised."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-
     size = TinyLMConfig()
     config = Qwen2Config(
         vocab_size=size.vocab_size,
@@ -282,8 +282,6 @@ def run_prefill_benchmark(
     if published is not None and not Path(lm_path).exists():
         return _published_prefill(published, slide_token_counts, out)
     if lm_path:
-        from tcssa.vlm.checkpoint import load_base_lm
-
         lm, _ = load_base_lm(lm_path)
     else:
         lm = default_small_lm()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from tcssa.io.slidelm import load_compressor
 from tcssa.vlm.checkpoint import load_base_lm, load_run, save_run
 from tcssa.vlm.config import SlideLMTrainConfig
+from tcssa.vlm.data import TrainCollator
 from tcssa.vlm.model import SlideLM, SlideLMConfig
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,6 @@ def train_stage(
     info: dict,
 ) -> dict:
     """Train ``model`` on ``dataset`` (a ConversationDataset) for one stage and save the run folder."""
-    from tcssa.vlm.data import TrainCollator
-
     out_dir = Path(out_dir)
     mixed = "bf16" if lm_dtype(config.precision) == torch.bfloat16 else "no"
     # cpu=True on a machine without CUDA lets torchrun / accelerate launch start CPU processes (gloo);
