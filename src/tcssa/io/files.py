@@ -1,8 +1,11 @@
 """The file primitives every format builds on: reading UTF-8 text and JSON, writing atomically.
 
-Every file tcssa writes goes to ``<name>.partial`` beside its destination and is moved into place
-with ``os.replace`` only when it is complete, so a run killed at any moment leaves either the old
-file or the new one, never half of one; a full disk is one ``NoSpaceError`` naming the file.
+A file written through ``atomic_output`` goes to ``<name>.<pid>.partial`` beside its destination
+and is moved into place with ``os.replace`` only when it is complete, so a run killed at any moment
+leaves either the old file or the new one, never half of one; a full disk is one ``NoSpaceError``
+naming the file. The process id keeps two processes writing the same file (torchrun ranks) from
+sharing one partial file. Feature files, checkpoints and the run directory's files are written
+this way.
 """
 
 from __future__ import annotations
@@ -150,14 +153,14 @@ def _make_parent(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Write ``path`` through ``<name>.partial`` beside it, renamed onto ``path`` only when the block
+    """Write ``path`` through ``<name>.<pid>.partial`` beside it, renamed onto ``path`` only when the block
     succeeds; on any failure the partial file is removed, so a reader never finds a half-written file
     under the real name. The folder is created. A full disk becomes a ``NoSpaceError`` naming
     ``path``; another operating-system error about the partial file is raised naming ``path``.
     """
     path = Path(path)
     _make_parent(path)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         try:
             yield partial

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tcssa.data import FEATURE_EXTENSIONS, read_bag
 from tcssa.io.features import write_slot_tokens
-from tcssa.train.engine import process_device
+from tcssa.train.engine import process_device, process_state
 from tcssa.train.runs import load_checkpoint
 
 
@@ -33,7 +33,7 @@ def compress_folder(
     device: str = "auto",
     overwrite: bool = False,
 ) -> list[Path]:
-    """Compress every feature file of ``features_dir``; returns the written h5 paths."""
+    """Compress every feature file of ``features_dir``; returns the h5 paths this process wrote."""
     model, model_config = load_checkpoint(checkpoint)
     if not hasattr(model, "routing"):
         raise ValueError(
@@ -50,8 +50,13 @@ def compress_folder(
         raise ValueError(f"{features_dir}: no feature files ({', '.join(FEATURE_EXTENSIONS)})")
     torch_device = process_device(device)
     model.to(torch_device)
+    # Under torchrun each process compresses its share of the slides (one output file per slide);
+    # one process compresses them all.
+    process = process_state(device)
+    mine = files[process.process_index :: process.num_processes]
     written, skipped = [], 0
-    for path in tqdm(files, desc="compressing", unit="slide"):
+    bar_off = None if process.is_main_process else True
+    for path in tqdm(mine, desc="compressing", unit="slide", disable=bar_off):
         target = out_dir / f"{path.stem}.h5"
         if target.exists() and not overwrite:
             skipped += 1

@@ -16,21 +16,21 @@ uninterrupted run does: no RNG state needs saving.
 Batches and processes. An optimizer update averages the loss over
 ``batch_size * grad_accum_steps`` slides, a global number. Under torchrun the
 processes find each other through Accelerate (``process_state``: its
-``PartialState``; collectives from ``accelerate.utils``; the model wrapped in
-DDP by ``Accelerator.prepare_model``). The slides of each update are dealt to
-the processes (slide i of the update goes to rank i mod P) and each process
-runs its share in passes of at most ``batch_size`` slides, gradients
-synchronised on the last pass of the update only (``Accelerator.no_sync``
-before it: the number of passes varies by update and process, which
-``Accelerator.accumulate``'s fixed step count cannot express). Each pass's
+``PartialState``; collectives from ``accelerate.utils``), and the model is
+wrapped in torch's DDP as Accelerate wraps it (see ``fit`` for why no
+``Accelerator``). The slides of each update are dealt to the processes (slide
+i of the update goes to rank i mod P) and each process runs its share in
+passes of at most ``batch_size`` slides, gradients synchronised on the last
+pass of the update only (DDP's ``no_sync`` before it: the number of passes
+varies by update and process, which ``Accelerator.accumulate``'s fixed step
+count cannot express). Each pass's
 summed loss is scaled by P / (slides in the update) before backward; DDP
 averages gradients over the P processes, so every update applies the gradient
 of the mean loss over its slides, exactly as one process does. A process whose
 share of an update is empty (the last update of an epoch, or fewer slides per
 update than processes) runs a pass with weight 0 so that DDP's gradient
-all-reduce still sees every process. A single process makes no
-``Accelerator``: nothing wraps the model, and without torchrun no process group
-is made either.
+all-reduce still sees every process. A single process wraps nothing, and
+without torchrun no process group is made either.
 
 The model's extra losses (e.g. TC-SSA's routing loss) are means over the
 slides of a pass; they are multiplied by the pass's slide count so that they
@@ -58,9 +58,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -394,14 +395,14 @@ def fit(
         write_text(out_dir / METRICS_LOG, "".join(_json_line(h) for h in state["history"]))
 
     train_loss: nn.Module = _PassLoss(model)
-    accelerator = None
     if process.use_distributed:
-        # An Accelerator only here: it fixes process-wide settings (mixed precision) that the VLM
-        # trainer, run after a MIL fit in one process by `tcssa vqa demo`, sets its own way. No
-        # mixed precision, no compilation, whatever ACCELERATE_* variables say: the engine's
-        # arithmetic is its own (float32 logits for the loss).
-        accelerator = Accelerator(mixed_precision="no", dynamo_backend="no", device_placement=False)
-        train_loss = accelerator.prepare_model(train_loss)
+        # Gradients are all-reduced by torch's DistributedDataParallel, built as Accelerate's
+        # prepare_model builds it. No Accelerator here: an Accelerator fixes process-wide settings
+        # (mixed precision) once per process, and `tcssa vqa demo` runs the VLM trainer (bfloat16 on
+        # a GPU) after a MIL fit in the same process. The engine's arithmetic is its own anyway
+        # (float32 logits for the loss), whatever ACCELERATE_* variables say.
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_loss = DistributedDataParallel(train_loss, device_ids=device_ids)
 
     stopped_early = state["bad_epochs"] >= config.early_stopping_patience
     while state["epoch"] < config.epochs and not stopped_early:
@@ -410,7 +411,7 @@ def fit(
         desc = f"fold {fold} epoch {epoch}/{config.epochs}"
         bar = tqdm(desc=desc, disable=None if process.is_main_process and verbose else True)
         train_log = _train_epoch(
-            train_loss, accelerator, model, optimizer, train_set, config, collate, fold, epoch, bar
+            train_loss, model, optimizer, train_set, config, collate, fold, epoch, bar
         )
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
@@ -514,7 +515,6 @@ def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 def _train_epoch(
     train_loss: nn.Module,
-    accelerator: Accelerator | None,
     model: MILModel,
     optimizer: torch.optim.Optimizer,
     train_set: Any,
@@ -553,8 +553,9 @@ def _train_epoch(
             _, batch = next(loader)
             _seed_generators(derived_seed(config.seed, fold, epoch, update, rank, pass_index), device)
             last = position == len(group) - 1
-            no_sync = accelerator is not None and not last  # gradients synchronised on the last pass only
-            sync = accelerator.no_sync(train_loss) if no_sync else contextlib.nullcontext()
+            # gradients are synchronised on the update's last pass only
+            no_sync = isinstance(train_loss, DistributedDataParallel) and not last
+            sync = train_loss.no_sync() if no_sync else contextlib.nullcontext()
             x, mask, coords, labels = _to_device(batch, device)
             n = labels.shape[0]
             try:

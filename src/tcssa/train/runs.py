@@ -471,6 +471,8 @@ def evaluate_checkpoint(
     )
     metrics = preds.metrics(class_names, where=str(labels_csv))
     out_dir = Path(out_dir)
+    if not process_state(device).is_main_process:  # under torchrun every rank holds the gathered result
+        return metrics
     write_text(out_dir / PREDICTIONS_FILE, predictions_csv(preds))
     report = {
         **_json_safe(metrics),
