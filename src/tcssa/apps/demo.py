@@ -53,7 +53,7 @@ from tcssa.data import (
 )
 from tcssa.data.memory import MemoryCohort
 from tcssa.io.files import read_csv_rows
-from tcssa.io.runs import load_compare_run, load_model_run, to_float, write_comparison
+from tcssa.io.runs import SPLITS_FILE, fold_dir, load_compare_run, load_model_run, to_float, write_comparison
 from tcssa.method import budget
 from tcssa.method.compressor import TCSSA
 from tcssa.train import TrainConfig
@@ -586,7 +586,7 @@ def load_slides(synthetic: SyntheticCohort, config: DemoConfig, progress: bool) 
 def make_folds(cohort: Cohort, config: DemoConfig, out_dir: Path) -> list[Split]:
     """The patient-grouped folds every model trains on, saved as ``out_dir/splits.csv``."""
     splits = make_kfold_splits(cohort, folds=config.folds, seed=config.seed)
-    save_splits(splits, out_dir / "splits.csv")
+    save_splits(splits, out_dir / SPLITS_FILE)
     return splits
 
 
@@ -734,7 +734,7 @@ def shown_slide_budget(out_dir: Path, store: MemoryCohort, config: DemoConfig) -
     if "tcssa" not in config.models:
         return None
     fold, shown = choose_slide(load_model_run(out_dir / "tcssa"))
-    model, _ = load_checkpoint(out_dir / "tcssa" / f"fold_{fold}")
+    model, _ = load_checkpoint(fold_dir(out_dir / "tcssa", fold))
     return token_budget(model.compressor, store.bags[shown].features.float(), shown)
 
 

@@ -23,7 +23,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from tcssa.data import Bag, peek_shape, read_bag, resolve_feature_files
-from tcssa.io.runs import CompareRun, ModelRun
+from tcssa.io.runs import CompareRun, ModelRun, fold_dir
 from tcssa.train.runs import load_checkpoint
 from tcssa.viz.plots import Plot, slot_embedding, slot_map
 from tcssa.viz.report import SlideFigures
@@ -210,7 +210,7 @@ def slide_figures(
     if run is None:
         return SlideFigures(notes=[f"No {model_name} run in {compare.path}, so no slot map or embedding."])
     fold, slide_id = _test_fold_and_slide(run, slide_id)
-    checkpoint = run.path / f"fold_{fold}"
+    checkpoint = fold_dir(run.path, fold)
     if run.fold_checkpoint(fold) is None:
         return SlideFigures(
             notes=[f"No checkpoint {checkpoint}/model.safetensors, so no slot map or embedding."]

@@ -48,8 +48,10 @@ def _interrupted(args: argparse.Namespace) -> str:
     """The line for Ctrl-C: where a run directory stands, for the commands that write one."""
     out = getattr(args, "out", None)
     if args.command in ("train", "compare") and out:
-        started = (Path(out) / "config.json").is_file() or (
-            args.command == "compare" and (Path(out) / "splits.csv").is_file()
+        from tcssa.io.runs import CONFIG_FILE, SPLITS_FILE  # here: the error path of any command
+
+        started = (Path(out) / CONFIG_FILE).is_file() or (
+            args.command == "compare" and (Path(out) / SPLITS_FILE).is_file()
         )
         if started:
             return f"interrupted; the run directory {out} is safe, continue with --resume"

@@ -52,7 +52,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from tcssa.io.features import write_h5
-from tcssa.io.files import atomic_output
+from tcssa.io.files import atomic_output, write_text
 
 TASKS = ("rare", "subtype", "composition")
 TISSUE_PHENOTYPES = ("stroma", "tumour", "immune", "necrosis", "fat")
@@ -381,11 +381,6 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as partial:
-        partial.write_text(text, encoding="utf-8")
-
-
 def parse_overrides(pairs: list[str], reserved: tuple[str, ...] = ()) -> dict:
     """``["stain_std=2", "background_fraction=0.01,0.05"]`` -> typed SyntheticConfig options.
 
@@ -506,7 +501,7 @@ def write_synthetic_cohort(
     _write_csv(labels_csv, ["slide_id", "label", "case_id"], [[r[0], r[2], r[1]] for r in rows])
     truth_header = ["slide_id", "case_id", "label", "num_patches", "lesion_fraction", "immune_ratio"]
     _write_csv(truth_csv, truth_header + [f"share_{n}" for n in config.phenotype_names], rows)
-    _write_text(root / "synthetic_config.json", json.dumps(asdict(config), indent=2) + "\n")
+    write_text(root / "synthetic_config.json", json.dumps(asdict(config), indent=2) + "\n")
     return SyntheticCohort(
         root=root,
         features_dir=features_dir,

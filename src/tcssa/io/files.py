@@ -15,6 +15,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -178,6 +179,11 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_output(path) as partial:
         partial.write_text(text, encoding="utf-8")
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` for strict JSON: a NaN or infinite float (e.g. the AUC of a one-class set) becomes null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tcssa.io.checkpoints import MODEL_WEIGHTS
+from tcssa.io.runs import METRICS_LOG, RESULT_FILE, RESUME_STATE
+
 try:  # POSIX; elsewhere a run directory is not locked
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -30,7 +33,7 @@ except ImportError:  # pragma: no cover - Windows
 
 LOCK_FILE = ".tcssa.lock"
 #: Files of a fold that mean it has trained at least one epoch (or finished).
-_TRAINED_MARKERS = ("result.json", "resume.safetensors", "model.safetensors")
+_TRAINED_MARKERS = (RESULT_FILE, RESUME_STATE, MODEL_WEIGHTS)
 
 
 class RunDirError(ValueError):
@@ -119,7 +122,7 @@ def clear_untrained_folds(out_dir: Path) -> None:
     for fold_dir in out_dir.glob("fold_*"):
         if not fold_dir.is_dir():
             continue
-        (fold_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (fold_dir / METRICS_LOG).unlink(missing_ok=True)
         try:
             fold_dir.rmdir()  # only if nothing else is in it
         except OSError:

@@ -40,6 +40,8 @@ SPLITS_FILE = "splits.csv"
 SUMMARY_FILE = "summary.csv"
 SLOT_FILE = "slot_utilisation.csv"
 RESULT_FILE = "result.json"  # fold_{k}/result.json: a finished fold's metrics
+METRICS_LOG = "metrics.jsonl"  # fold_{k}/metrics.jsonl: one line per epoch
+RESUME_STATE = "resume.safetensors"  # fold_{k}/resume.safetensors: a fold in progress
 PREDICTIONS_FILE = "predictions.csv"  # tcssa eval's
 EVAL_METRICS_FILE = "metrics.json"  # tcssa eval's
 COMPARISON_CSV = "comparison.csv"
@@ -77,6 +79,11 @@ _COMPARISON_COLUMNS_REQUIRED = ("model", "auc_mean", "auc_std")
 #: top-2 routing every patch is assigned to two slots, so one slot can hold at most half of the
 #: assignments; the share of patches (the paper: "one slot taking > 60% of patches") can reach 1.
 COLLAPSE_SHARE = 0.5
+
+
+def fold_dir(run_dir: str | Path, fold: int) -> Path:
+    """The folder of fold ``fold``'s model, metrics log and result."""
+    return Path(run_dir) / f"fold_{fold}"
 
 
 def fold_predictions_file(fold: int) -> str:
@@ -258,7 +265,7 @@ class ModelRun:
     notes: list[str] = field(default_factory=list)
 
     def fold_checkpoint(self, fold: int) -> Path | None:
-        path = self.path / f"fold_{fold}" / MODEL_WEIGHTS
+        path = fold_dir(self.path, fold) / MODEL_WEIGHTS
         return path if path.is_file() else None
 
     def slot_shares(self) -> SlotShares | None:

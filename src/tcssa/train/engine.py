@@ -67,13 +67,11 @@ from tqdm.auto import tqdm
 
 from tcssa.data import collate_bags
 from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
-from tcssa.io.files import write_text
+from tcssa.io.files import json_safe, write_text
+from tcssa.io.runs import METRICS_LOG, RESUME_STATE
 from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
 from tcssa.train.config import TrainConfig
 from tcssa.train.metrics import MissingClassWarning, classification_metrics
-
-METRICS_LOG = "metrics.jsonl"
-RESUME_STATE = "resume.safetensors"
 
 
 class NonFiniteLossError(ValueError):
@@ -461,7 +459,7 @@ def fit(
                 saved["best_model"] = best_weights
             save_training_state(state_path, saved)
         if write:
-            with open(out_dir / METRICS_LOG, "a") as log:
+            with open(out_dir / METRICS_LOG, "a", encoding="utf-8") as log:
                 log.write(_json_line(record))
         _finish_epoch_bar(bar, desc, record, show=verbose and process.is_main_process)
 
@@ -667,6 +665,4 @@ def _finish_epoch_bar(bar: tqdm, desc: str, record: dict[str, Any], show: bool) 
 
 
 def _json_line(record: dict[str, Any]) -> str:
-    # Strict JSON: a NaN (e.g. the AUC of a one-class validation set) is written as null.
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    return json.dumps(clean) + "\n"
+    return json.dumps(json_safe(record)) + "\n"

@@ -36,7 +36,7 @@ from tcssa.data import (
     validate_cohort,
 )
 from tcssa.io.checkpoints import load_weights, read_model_config, resolve_checkpoint
-from tcssa.io.files import read_json, write_json, write_text
+from tcssa.io.files import json_safe, read_json, write_json, write_text
 from tcssa.io.rundir import (
     RunLock,
     check_inputs,
@@ -46,13 +46,16 @@ from tcssa.io.rundir import (
     nothing_trained,
 )
 from tcssa.io.runs import (
+    CLASS_MAP_FILE,
     CONFIG_FILE,
     EVAL_METRICS_FILE,
     METRIC_NAMES,
     PREDICTIONS_FILE,
     RESULT_FILE,
+    RESUME_STATE,
     SPLITS_FILE,
     SlotUse,
+    fold_dir,
     fold_predictions_file,
     predictions_csv,
     write_comparison,
@@ -215,8 +218,8 @@ def train_run(
     lock = _prepare_out_dir(out_dir, run_config, resume, process)
     try:
         if process.is_main_process:
-            save_class_map(cohort.class_names, out_dir / "class_map.json")
-            save_splits(splits, out_dir / "splits.csv")
+            save_class_map(cohort.class_names, out_dir / CLASS_MAP_FILE)
+            save_splits(splits, out_dir / SPLITS_FILE)
             if cohort.missing:
                 print(
                     f"note: {len(cohort.missing)} labelled slide(s) have no feature file and are left out: "
@@ -283,7 +286,7 @@ def _prepare_out_dir(
     lock = _lock_out_dir(out_dir, process, lambda: _check_out_dir(out_dir, run_config, resume))
     try:
         if process.is_main_process:
-            write_json(out_dir / "config.json", run_config)
+            write_json(out_dir / CONFIG_FILE, run_config)
         process.wait_for_everyone()
     except BaseException:
         if lock is not None:
@@ -344,7 +347,7 @@ def _run_folds(
     tokens = None
     for split in splits:
         fold = split.fold
-        fold_dir = out_dir / f"fold_{fold}" if out_dir is not None else None
+        fold_folder = fold_dir(out_dir, fold) if out_dir is not None else None
         model = build_model(
             config.model,
             cohort.dim,
@@ -354,8 +357,8 @@ def _run_folds(
             **config.model_options,
         )
         tokens = model.num_tokens
-        if resume and fold_dir is not None and (fold_dir / RESULT_FILE).is_file():
-            result = read_json(fold_dir / RESULT_FILE)
+        if resume and fold_folder is not None and (fold_folder / RESULT_FILE).is_file():
+            result = read_json(fold_folder / RESULT_FILE)
             rows.append({k: math.nan if v is None else v for k, v in result["row"].items()})
             if result.get("slot_use") is not None:
                 slot_use[fold] = SlotUse(**result["slot_use"])
@@ -377,7 +380,7 @@ def _run_folds(
             val_set,
             config,
             fold=fold,
-            out_dir=fold_dir,
+            out_dir=fold_folder,
             model_config=model_config,
             resume=resume,
             class_names=cohort.class_names,
@@ -413,27 +416,23 @@ def _run_folds(
             slot_use[fold] = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
             if process.is_main_process:
                 slot_use[fold].warn_if_collapsed(f"fold {fold}")
-        if process.is_main_process and fold_dir is not None:
+        if process.is_main_process and fold_folder is not None:
             write_text(out_dir / fold_predictions_file(fold), predictions_csv(preds))
             write_json(
-                fold_dir / "result.json",
+                fold_folder / RESULT_FILE,
                 {
-                    "row": _json_safe(row),
+                    "row": json_safe(row),
                     "best_epoch": fitted.best_epoch,
                     "stopped_early": fitted.stopped_early,
                     "slot_use": vars(slot_use[fold]) if fold in slot_use else None,
                 },
             )
-            (fold_dir / "resume.safetensors").unlink(missing_ok=True)
+            (fold_folder / RESUME_STATE).unlink(missing_ok=True)
             write_summary(out_dir, rows, slot_use)
         process.wait_for_everyone()
     if process.is_main_process and out_dir is not None:
         write_summary(out_dir, rows, slot_use)
     return RunResult(out_dir=out_dir, rows=rows, model=config.model, tokens=tokens, slot_use=slot_use)
-
-
-def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
 # ------------------------------------------------------------------- eval
@@ -475,7 +474,7 @@ def evaluate_checkpoint(
         return metrics
     write_text(out_dir / PREDICTIONS_FILE, predictions_csv(preds))
     report = {
-        **_json_safe(metrics),
+        **json_safe(metrics),
         "loss": preds.loss,
         "num_slides": len(preds.slide_ids),
         "missing_slides": list(cohort.missing),
@@ -541,7 +540,7 @@ def compare(
     lock = _lock_out_dir(out_dir, process, lambda: _check_compare_dir(out_dir, splits))
     try:
         if process.is_main_process:
-            save_splits(splits, out_dir / "splits.csv")
+            save_splits(splits, out_dir / SPLITS_FILE)
         rows = []
         for name in models:
             if process.is_main_process:
