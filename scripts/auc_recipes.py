@@ -32,8 +32,9 @@ from sklearn.metrics import roc_auc_score
 
 from tcssa.bench.config import BenchConfig
 from tcssa.bench.reference import build_classifiers, train_epoch_batched, train_epoch_reference
-from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
+from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort
 from tcssa.data.batching import LengthBucketSampler
+from tcssa.io.features import read_bag
 from tcssa.mil import build_model
 
 

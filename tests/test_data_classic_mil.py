@@ -97,7 +97,8 @@ def test_classic_mil_show_command(tmp_path, capsys):
 def test_real_hand_crafted_benchmarks_pass_the_value_checks(tmp_path):
     """The bound on feature magnitude must not refuse real data: the hand-crafted UCSB features
     reach 10,823, far above any encoder's output."""
-    from tcssa.data import MAX_FEATURE_MAGNITUDE, validate_cohort
+    from tcssa.data import validate_cohort
+    from tcssa.io.bag import MAX_FEATURE_MAGNITUDE
 
     bags, _ = load_benchmark("ucsb_breast_cancer")
     assert 1e4 < max(float(np.abs(b).max()) for b in bags) < MAX_FEATURE_MAGNITUDE

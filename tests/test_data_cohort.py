@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tcssa.data import Cohort, load_class_map, read_labels, resolve_feature_files, write_h5
+from tcssa.data import Cohort, load_class_map, read_labels, resolve_feature_files
+from tcssa.io.features import write_h5
 
 
 def _write_csv(path, text, bom=False):

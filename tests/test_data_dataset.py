@@ -6,7 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from tcssa import TCSSA
-from tcssa.data import Bag, BagDataset, Cohort, collate_bags, write_h5
+from tcssa.data import BagDataset, Cohort, collate_bags
+from tcssa.io.bag import Bag
+from tcssa.io.features import write_h5
 
 SIZES = {"s0": 7, "s1": 30, "s2": 12, "s3": 1}
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tcssa.cli import main
-from tcssa.data import write_h5
 from tcssa.data.inspection import inspect_folder, summarize_file
+from tcssa.io.features import write_h5
 
 
 def _with_peak_memory(fn, *args):

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from tcssa.data import Bag, BagDataset, Cohort, make_synthetic_cohort
+from tcssa.data import BagDataset, Cohort, make_synthetic_cohort
 from tcssa.data.memory import MemoryCohort
+from tcssa.io.bag import Bag
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from tcssa.data import Cohort, read_bag, read_labels
+from tcssa.data import Cohort, read_labels
 from tcssa.data.synthetic import SyntheticConfig, make_synthetic_cohort
+from tcssa.io.features import read_bag
 
 SMALL = dict(num_slides=16, dim=32, min_patches=300, max_patches=1500, progress=False)
 
@@ -262,7 +263,7 @@ def test_synth_into_a_full_disk_is_one_clear_error_with_no_partial_files(tmp_pat
     import threading
 
     from tcssa.cli import main
-    from tcssa.data import NoSpaceError
+    from tcssa.io.files import NoSpaceError
 
     original, lock, calls = h5py.Group.create_dataset, threading.Lock(), {"phenotype": 0}
 
@@ -297,7 +298,8 @@ def test_synth_into_a_full_disk_is_one_clear_error_with_no_partial_files(tmp_pat
 def test_synth_labels_csv_is_never_left_truncated(tmp_path, monkeypatch):
     import errno
 
-    from tcssa.data import NoSpaceError, synthetic
+    from tcssa.data import synthetic
+    from tcssa.io.files import NoSpaceError
 
     def full(path, header, rows):
         with synthetic.atomic_output(path) as partial:

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcssa.data import read_bag, write_h5
-from tcssa.io.features import peek_shape
+from tcssa.io.features import peek_shape, read_bag, write_h5
 
 
 def _features(n=10, d=8, seed=0, dtype=np.float32):
@@ -349,14 +348,14 @@ def test_finite_but_huge_features_are_refused_naming_the_file(tmp_path, ext):
         ValueError, match=rf"huge\{ext}: feature values reach 3e\+38, beyond .*1 of 10 patches .*\[6\]"
     ):
         read_bag(path)
-    from tcssa.data import scan_values
+    from tcssa.io.features import scan_values
 
     with pytest.raises(ValueError, match=rf"huge\{ext}: feature values reach 3e\+38"):
         scan_values(path, block_bytes=64)  # block by block: the bad row is found in its block
 
 
 def test_magnitude_bound_keeps_real_feature_ranges_and_float64_overflow_is_a_magnitude_error(tmp_path):
-    from tcssa.data import MAX_FEATURE_MAGNITUDE
+    from tcssa.io.bag import MAX_FEATURE_MAGNITUDE
 
     ok = _features() * 300  # a large LayerNorm output is far inside the bound
     ok[0, 0] = 10_823  # the peak of the hand-crafted UCSB breast-cancer benchmark features
@@ -412,7 +411,7 @@ def _fail_mid_write(monkeypatch, when="phenotype", err=None):
     ],
 )
 def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_file(tmp_path, monkeypatch, err):
-    from tcssa.data import NoSpaceError
+    from tcssa.io.files import NoSpaceError
 
     _fail_mid_write(monkeypatch, err=err)
     target = tmp_path / "slide.h5"
@@ -452,7 +451,7 @@ def tiny_disk(tmp_path):
 
 
 def test_write_h5_on_a_really_full_disk(tiny_disk):
-    from tcssa.data import NoSpaceError
+    from tcssa.io.files import NoSpaceError
 
     write_h5(tiny_disk / "small.h5", _features())  # fits
     with pytest.raises(NoSpaceError, match=r"no space left writing .*big.h5 \(.*MiB free"):

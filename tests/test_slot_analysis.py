@@ -14,7 +14,7 @@ from tcssa.apps.slot_analysis import (
     slide_figures,
     top1_slots,
 )
-from tcssa.data import write_h5
+from tcssa.io.features import write_h5
 from tcssa.io.runs import load_compare_run
 from tcssa.mil import build_model
 from tcssa.train.runs import load_checkpoint

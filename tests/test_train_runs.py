@@ -110,7 +110,7 @@ def test_train_writes_the_run_directory_contract(cohort, tmp_path, capsys):
     with h5py.File(tmp_path / "slots" / "slide_005.h5") as f:
         tokens, index, weight = f["tokens"][()], f["topk_index"][()], f["topk_weight"][()]
         n = f.attrs["num_patches"]
-    from tcssa.data import read_bag
+    from tcssa.io.features import read_bag
 
     bag = read_bag(features / "slide_005.h5")
     expected = model.routing(bag.features.unsqueeze(0))

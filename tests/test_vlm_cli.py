@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tcssa.cli import main
-from tcssa.data import write_h5
+from tcssa.io.features import write_h5
 from tcssa.io.slidelm import load_compressor
 from tcssa.method.compressor import TCSSA
 from tcssa.vlm.checkpoint import load_run

@@ -104,7 +104,7 @@ def write_cohort(root, num_slides: int = 24, dim: int = 16, seed: int = 0, num_c
     """
     import numpy as np
 
-    from tcssa.data import write_h5
+    from tcssa.io.features import write_h5
 
     rng = np.random.default_rng(seed)
     features_dir = root / "features"

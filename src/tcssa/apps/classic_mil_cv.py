@@ -33,7 +33,8 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
-from tcssa.data import Bag, collate_bags, load_benchmark
+from tcssa.data import collate_bags, load_benchmark
+from tcssa.io.bag import Bag
 from tcssa.io.files import write_text
 from tcssa.io.runs import csv_text
 from tcssa.mil import build_model

@@ -42,16 +42,9 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from tcssa.apps.slot_analysis import choose_slide, slide_figures
-from tcssa.data import (
-    Bag,
-    Cohort,
-    Split,
-    SyntheticCohort,
-    make_kfold_splits,
-    make_synthetic_cohort,
-    save_splits,
-)
+from tcssa.data import Cohort, Split, SyntheticCohort, make_kfold_splits, make_synthetic_cohort, save_splits
 from tcssa.data.memory import MemoryCohort
+from tcssa.io.bag import Bag
 from tcssa.io.files import read_csv_rows
 from tcssa.io.runs import SPLITS_FILE, fold_dir, load_compare_run, load_model_run, to_float, write_comparison
 from tcssa.method import budget

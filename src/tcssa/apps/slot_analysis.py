@@ -3,7 +3,7 @@
 This is the computing half of the report's slide-level figures (``tcssa.viz`` only draws), used by
 ``tcssa report`` and ``tcssa demo``. From a run directory (``tcssa.io.runs``) it picks one of a fold's
 *test* slides (so the model never trained on it), loads that fold's checkpoint
-(``tcssa.train.runs.load_checkpoint``), reads the slide's features (``tcssa.data.read_bag``), routes
+(``tcssa.train.runs.load_checkpoint``), reads the slide's features (``tcssa.io.features.read_bag``), routes
 its patches through the model's compressor (``tcssa.method``: top-2 slot routing), and embeds
 the patch features in 2-D (scikit-learn's PCA or t-SNE). ``slide_figures`` draws the slot map and
 the slot embedding with ``tcssa.viz.plots`` and packages them for ``tcssa.viz.report.build_report``,
@@ -22,7 +22,9 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from tcssa.data import Bag, peek_shape, read_bag, resolve_feature_files
+from tcssa.data import resolve_feature_files
+from tcssa.io.bag import Bag
+from tcssa.io.features import peek_shape, read_bag
 from tcssa.io.runs import CompareRun, ModelRun, fold_dir
 from tcssa.train.runs import load_checkpoint
 from tcssa.viz.plots import Plot, slot_embedding, slot_map
@@ -53,7 +55,7 @@ def features_dir_of(run: ModelRun) -> Path | None:
 
 
 @torch.inference_mode()
-def route(model, features: torch.Tensor):
+def compress_slide(model, features: torch.Tensor):
     """The compressor's routing of one slide (N x D), from a model with ``.routing``."""
     if not hasattr(model, "routing"):
         raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} has no slot routing")
@@ -62,7 +64,7 @@ def route(model, features: torch.Tensor):
 
 def top1_slots(model, features: torch.Tensor) -> np.ndarray:
     """The slot with the highest routing probability for each patch (N), from a model with ``.routing``."""
-    return route(model, features).probs[0].argmax(dim=-1).numpy()
+    return compress_slide(model, features).probs[0].argmax(dim=-1).numpy()
 
 
 def routing_facts(
@@ -247,7 +249,7 @@ def _slot_figures(
     model, bag: Bag, path: Path, label: str, embedding: str, max_points: int, seed: int
 ) -> SlideFigures:
     """The slot map (when the bag has patch coordinates) and slot embedding of the slide in ``path``."""
-    routed = route(model, bag.features)  # once: the slot map, the embedding and the caption's facts
+    routed = compress_slide(model, bag.features)  # once: the slot map, the embedding and the caption's facts
     slots = routed.probs[0].argmax(dim=-1).numpy()
     num_slots = model.num_tokens
     phenotype = bag.extras.get(PHENOTYPE)

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from tcssa.data import BagDataset, Cohort, make_synthetic_cohort, read_bag
+from tcssa.data import BagDataset, Cohort, make_synthetic_cohort
+from tcssa.io.features import read_bag
 from tcssa.mil import build_model
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import fit
-from tcssa.vlm.config import SlideLMTrainConfig
+from tcssa.vlm.config import SLIDE_TOKEN_VARIANTS, SlideLMTrainConfig
 from tcssa.vlm.data import ConversationDataset, MemoryFeatures
 from tcssa.vlm.evaluate import QuestionResult, accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
 from tcssa.vlm.formats import Conversation, VQAItem
@@ -45,7 +46,6 @@ from tcssa.vlm.pipeline import sample_text
 from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
 from tcssa.vlm.train import prepare_stage, train_stage
 
-VARIANTS = ("slots", "random-k", "mean")
 TISSUES = ("stroma", "tumour", "immune", "necrosis", "fat")
 LESION_ANSWERS = ("Yes, a lesion is present", "No lesion is present", "Only fat is present", "Only necrosis")
 BURDEN_ANSWERS = ("None", "Under 1% of the tissue", "1% to 3% of the tissue", "Over 3% of the tissue")
@@ -268,7 +268,7 @@ def run_vqa_demo(
     quick: bool = False,
     seed: int = 0,
     size: DemoSize | None = None,
-    variants: tuple[str, ...] = VARIANTS,
+    variants: tuple[str, ...] = SLIDE_TOKEN_VARIANTS,
     progress: bool = True,
     threads: int | None = 1,
     report=print,

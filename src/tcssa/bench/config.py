@@ -134,7 +134,7 @@ METHODS = {
     "reference": "published-code formulation, float32 (batch 1, dense N x K mask, bmm, expert loop)",
     "tcssa": "tcssa.TCSSA forward, float32",
     "tcssa-bf16": "tcssa.TCSSA forward, features and model in bfloat16",
-    "tcssa-h5": "TCSSA.compress_h5: float16 h5 file streamed in chunks, float32 model",
+    "tcssa-h5": "tcssa.io.chunks.compress_h5: float16 h5 file streamed in chunks, float32 model",
     "abmil": "ABMIL (tcssa.mil), float32, all N patches",
     "transmil": "TransMIL (tcssa.mil), float32, all N patches",
     "dense-attention": "one dense self-attention layer over all N patches (explicit N x N scores)",

@@ -42,9 +42,10 @@ from tcssa.bench.workloads import (
     synthetic_slide,
     write_h5_slide,
 )
-from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort, read_bag
+from tcssa.data import Cohort, make_kfold_splits, make_synthetic_cohort
 from tcssa.data.batching import LengthBucketSampler
 from tcssa.io.chunks import compress_h5, iter_h5_chunks
+from tcssa.io.features import read_bag
 from tcssa.io.published import to_published
 from tcssa.method.compressor import TCSSA
 

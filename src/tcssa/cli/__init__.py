@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tcssa {name}: error: {missing_extra(package, name)}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a folder that cannot be written, ... (before ValueError:
-        if debug:  # tcssa.data's NoSpaceError is both)
+        if debug:  # tcssa.io.files.NoSpaceError is both)
             raise
         user_input = isinstance(err, FileNotFoundError) and err.errno != errno.ENOSPC
         print(f"tcssa {name}: error: {_os_error_line(err, args)}", file=sys.stderr)

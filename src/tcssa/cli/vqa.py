@@ -14,7 +14,7 @@ import sys
 
 from tcssa.cli.extras import require_extra
 from tcssa.cli.flags import add_config_flags, config_from_args
-from tcssa.vlm.config import SlideLMTrainConfig
+from tcssa.vlm.config import SLIDE_TOKEN_VARIANTS, SlideLMTrainConfig
 
 
 def _cmd_vqa_init_lm(args: argparse.Namespace) -> int:
@@ -104,7 +104,7 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--init", help="run folder to start from (stage 2: the stage-1 run)")
     train.add_argument("--mil-checkpoint", help="stage 1: compressor from a 'tcssa' MIL model checkpoint")
     train.add_argument(
-        "--slide-tokens", choices=("slots", "random-k", "mean"), default="slots", help="slide tokens (slots)"
+        "--slide-tokens", choices=SLIDE_TOKEN_VARIANTS, default="slots", help="slide tokens (slots)"
     )
     train.add_argument("--num-tokens", type=int, default=32, help="K slot / sampled tokens (default 32)")
     train.add_argument("--projector-hidden", type=int, default=2048, help="projector hidden width (2048)")

@@ -1,4 +1,7 @@
-"""Slide data: feature files, labels, cohorts, splits, batches, a synthetic cohort and MIL benchmarks."""
+"""Slide data: labels, cohorts, splits, datasets and batches, a synthetic cohort, classic MIL data sets.
+
+Feature files themselves (``Bag``, ``read_bag``, ``write_h5``, ...) are read and written by ``tcssa.io``.
+"""
 
 from tcssa.data.classic_mil import BENCHMARK_NAMES, load_benchmark, write_benchmark_cohort
 from tcssa.data.cohort import Cohort, resolve_feature_files, validate_cohort
@@ -14,29 +17,13 @@ from tcssa.data.splits import (
     save_splits,
 )
 from tcssa.data.synthetic import SyntheticCohort, SyntheticConfig, make_synthetic_cohort
-from tcssa.io.bag import MAX_FEATURE_MAGNITUDE, Bag
-from tcssa.io.features import (
-    FEATURE_EXTENSIONS,
-    FeatureHeader,
-    peek_header,
-    peek_shape,
-    read_bag,
-    scan_values,
-    write_h5,
-)
-from tcssa.io.files import NoSpaceError
 
 __all__ = [
     "BENCHMARK_NAMES",
-    "Bag",
     "BagBatch",
     "BagDataset",
     "Cohort",
-    "FEATURE_EXTENSIONS",
     "LabelTable",
-    "MAX_FEATURE_MAGNITUDE",
-    "FeatureHeader",
-    "NoSpaceError",
     "TCGA_CASE_PATTERN",
     "Split",
     "SyntheticCohort",
@@ -52,13 +39,8 @@ __all__ = [
     "save_splits",
     "collate_bags",
     "load_class_map",
-    "peek_header",
-    "peek_shape",
-    "read_bag",
     "read_labels",
     "resolve_feature_files",
     "save_class_map",
-    "scan_values",
     "validate_cohort",
-    "write_h5",
 ]

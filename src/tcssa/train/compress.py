@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tcssa.data import FEATURE_EXTENSIONS, read_bag
-from tcssa.io.features import write_slot_tokens
+from tcssa.io.features import FEATURE_EXTENSIONS, read_bag, write_slot_tokens
 from tcssa.train.engine import process_device, process_state
 from tcssa.train.runs import load_checkpoint
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from tcssa.io.files import read_text
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -158,7 +160,7 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text())
+            values = yaml.safe_load(read_text(path))
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from err
         except (UnicodeDecodeError, OSError) as err:

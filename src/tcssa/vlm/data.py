@@ -1,7 +1,7 @@
 """Slide features for the language side: a feature source keyed by slide id, and a conversation dataset.
 
 Feature files are found with the same resolver as the MIL code (``tcssa.data.resolve_feature_files``)
-and read with ``tcssa.data.read_bag``.
+and read with ``tcssa.io.features.read_bag``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tcssa.data import read_bag, resolve_feature_files
+from tcssa.data import resolve_feature_files
+from tcssa.io.features import read_bag
 from tcssa.vlm.model import SlideLMBatch, SlideLMConfig, collate
 from tcssa.vlm.prompts import TokenizedConversation, assemble, to_conversation, tokenize_conversation
 

@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from tcssa.method.compressor import TCSSA, TCSSAConfig
 from tcssa.method.routing_loss import AUX_LOSS_WEIGHT
+from tcssa.vlm.config import SLIDE_TOKEN_VARIANTS
 from tcssa.vlm.prompts import IGNORE_INDEX, EncodedSample
-
-SLIDE_TOKEN_VARIANTS = ("slots", "random-k", "mean")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tcssa.data import peek_shape
+from tcssa.io.features import peek_shape
 from tcssa.vlm.checkpoint import load_run
 from tcssa.vlm.config import SlideLMTrainConfig
 from tcssa.vlm.data import ConversationDataset, FolderFeatures, drop_missing
