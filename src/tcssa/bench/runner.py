@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import tcssa.bench
 from tcssa.bench.config import METHODS, SECTIONS, BenchConfig
 from tcssa.bench.measure import (
     interleaved_medians,
@@ -465,8 +466,7 @@ def run_bench(
 
 
 def _how_it_measures() -> str:
-    import tcssa.bench  # the package's docstring says how (this module is part of it)
-
+    # the package's docstring says how
     return tcssa.bench.__doc__.split("How it measures", 1)[1].split("Modules:", 1)[0].strip()
 
 

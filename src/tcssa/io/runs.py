@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import warnings
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from tcssa.io.checkpoints import MODEL_WEIGHTS
-from tcssa.io.files import read_csv_rows, read_json, write_text
+from tcssa.io.files import json_safe, read_csv_rows, read_json, write_text
 
 CONFIG_FILE = "config.json"
 CLASS_MAP_FILE = "class_map.json"
@@ -79,6 +80,21 @@ _COMPARISON_COLUMNS_REQUIRED = ("model", "auc_mean", "auc_std")
 #: top-2 routing every patch is assigned to two slots, so one slot can hold at most half of the
 #: assignments; the share of patches (the paper: "one slot taking > 60% of patches") can reach 1.
 COLLAPSE_SHARE = 0.5
+
+
+def _metrics_line(record: dict[str, Any]) -> str:
+    return json.dumps(json_safe(record)) + "\n"  # strict JSON: a NaN AUC is written as null
+
+
+def write_metrics_log(fold_folder: Path, history: Sequence[dict[str, Any]]) -> None:
+    """``fold_{k}/metrics.jsonl`` holding ``history``, one epoch per line (rewritten on --resume)."""
+    write_text(fold_folder / METRICS_LOG, "".join(_metrics_line(record) for record in history))
+
+
+def append_metrics_log(fold_folder: Path, record: dict[str, Any]) -> None:
+    """One more epoch's line in ``fold_{k}/metrics.jsonl`` (appended: a line per epoch stays cheap)."""
+    with open(fold_folder / METRICS_LOG, "a", encoding="utf-8") as log:
+        log.write(_metrics_line(record))
 
 
 def fold_dir(run_dir: str | Path, fold: int) -> Path:

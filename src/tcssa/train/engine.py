@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import time
@@ -67,8 +66,7 @@ from tqdm.auto import tqdm
 
 from tcssa.data import collate_bags
 from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
-from tcssa.io.files import json_safe, write_text
-from tcssa.io.runs import METRICS_LOG, RESUME_STATE
+from tcssa.io.runs import RESUME_STATE, append_metrics_log, write_metrics_log
 from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
 from tcssa.train.config import TrainConfig
 from tcssa.train.metrics import MissingClassWarning, classification_metrics
@@ -390,7 +388,7 @@ def fit(
             best_weights = copy.deepcopy(model.state_dict())
     if write:
         # The log lists exactly the epochs the state covers: lines from an epoch cut short go.
-        write_text(out_dir / METRICS_LOG, "".join(_json_line(h) for h in state["history"]))
+        write_metrics_log(out_dir, state["history"])
 
     train_loss: nn.Module = _PassLoss(model)
     if process.use_distributed:
@@ -459,8 +457,7 @@ def fit(
                 saved["best_model"] = best_weights
             save_training_state(state_path, saved)
         if write:
-            with open(out_dir / METRICS_LOG, "a", encoding="utf-8") as log:
-                log.write(_json_line(record))
+            append_metrics_log(out_dir, record)
         _finish_epoch_bar(bar, desc, record, show=verbose and process.is_main_process)
 
     if best_weights is not None:
@@ -662,7 +659,3 @@ def _finish_epoch_bar(bar: tqdm, desc: str, record: dict[str, Any], show: bool) 
     else:
         bar.set_postfix(shown)
     bar.close()
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(json_safe(record)) + "\n"

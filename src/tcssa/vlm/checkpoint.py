@@ -38,7 +38,7 @@ def save_run(model: SlideLM, out_dir: str | Path, info: dict) -> Path:
 
 def load_base_lm(lm_path: str | Path, dtype: torch.dtype | None = None):
     """The causal LM and tokenizer of a local folder (no download is ever attempted)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # the optional vlm extra
 
     lm_path = Path(lm_path)
     if not (lm_path / "config.json").is_file():
@@ -69,7 +69,7 @@ def load_run(run_dir: str | Path, dtype: torch.dtype | None = None, trainable_lo
         else:
             raise ValueError(f"{run_dir}: a slots SlideLM run names no compressor")
     if info.get("lora_dir"):
-        from peft import PeftModel
+        from peft import PeftModel  # the optional vlm extra
 
         lm = PeftModel.from_pretrained(lm, str(run_dir / info["lora_dir"]), is_trainable=trainable_lora)
     model = SlideLM(lm, config, compressor)
@@ -79,7 +79,7 @@ def load_run(run_dir: str | Path, dtype: torch.dtype | None = None, trainable_lo
 
 def _is_peft(module) -> bool:
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # the optional vlm extra
     except ImportError:
         return False
     return isinstance(module, PeftModel)

@@ -92,7 +92,7 @@ def published_lm_name(name: str | Path | None) -> str | None:
 
 def published_lm_config(name: str):
     """A ``transformers.Qwen2Config`` with a published model's architecture."""
-    from transformers import Qwen2Config
+    from transformers import Qwen2Config  # the optional vlm extra
 
     key = published_lm_name(name)
     if key is None:
@@ -122,7 +122,7 @@ def analytic_prefill_flops(config, sequence_length: int, logits_to_keep: int = 1
 
 def meta_lm(config):
     """The causal LM of ``config`` on the meta device: shapes only, no weights and no memory."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # the optional vlm extra
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config).eval()
@@ -135,7 +135,7 @@ def counted_prefill_flops(lm, sequence_length: int, logits_to_keep: int = 1) -> 
     An empty KV cache is passed, as generation's prefill does; it also keeps transformers from reading
     values of the position ids (a packed-sequence check), which meta tensors do not have.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # the optional vlm extra
 
     param = next(lm.parameters())
     embeds = torch.zeros(1, sequence_length, lm.config.hidden_size, dtype=param.dtype, device=param.device)
@@ -225,7 +225,7 @@ def _attention_flop_mapping() -> dict:
 
 def default_small_lm():
     """The offline default model's architecture (hidden 128, 2 layers), randomly initialised."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config  # the optional vlm extra
 
     size = TinyLMConfig()
     config = Qwen2Config(

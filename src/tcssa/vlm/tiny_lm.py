@@ -54,8 +54,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
     reloaded tokenizer would split text differently from the one the model was trained with.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from transformers import PreTrainedTokenizerFast  # the optional vlm extra
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # the optional vlm extra
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -86,7 +86,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
 
 def tiny_lm_from_config(config: TinyLMConfig, tokenizer, seed: int = 0):
     """A randomly initialised causal LM of the given size, matching the tokenizer's vocabulary."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config  # the optional vlm extra
 
     hf_config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -165,7 +165,7 @@ def warm_up_lm(
 
 
 def _check_round_trip(folder: Path, tokenizer, texts: list[str]) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # the optional vlm extra
 
     reloaded = AutoTokenizer.from_pretrained(folder)
     for text in texts:

@@ -84,7 +84,7 @@ def _compressor_options(compressor) -> dict:
 
 
 def add_lora(model: SlideLM, config: SlideLMTrainConfig) -> SlideLM:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # the optional vlm extra
 
     lora = LoraConfig(
         r=config.lora_r,
