@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +39,7 @@ SLIDELM_FILE = "slidelm.json"
 PROJECTOR_FILE = "projector.safetensors"
 COMPRESSOR_FILE = "compressor.safetensors"
 LORA_DIR = "lora"
+TRAIN_CONFIG_FILE = "train_config.json"
 
 
 # ------------------------------------------------------------------------------- run folder
@@ -174,3 +176,8 @@ def _saved_compressor_options(saved: dict, config_file: Path) -> dict:
                 raise ValueError(f"{config_file}: model.{key} must be a number >= 0, got {value!r}")
             options[key] = float(value)
     return options
+
+
+def write_train_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """``RUN/train_config.json``: the stage's training options and trainable parameter counts."""
+    write_text(Path(run_dir) / TRAIN_CONFIG_FILE, json.dumps(config, indent=2))

@@ -12,7 +12,6 @@ data and autocasts to bf16 on GPUs. The frozen base LM is held in bf16 on GPUs, 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,7 +24,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tcssa.io.slidelm import load_compressor
+from tcssa.io.runs import append_metrics_log
+from tcssa.io.slidelm import load_compressor, write_train_config
 from tcssa.vlm.checkpoint import load_base_lm, load_run, save_run
 from tcssa.vlm.config import SlideLMTrainConfig
 from tcssa.vlm.data import TrainCollator
@@ -173,10 +173,7 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, schedule)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(
-            json.dumps({**asdict(config), "trainable_parameters": counts, **info}, indent=2)
-        )
-    metrics_file = out_dir / "metrics.jsonl"
+        write_train_config(out_dir, {**asdict(config), "trainable_parameters": counts, **info})
     step, start, history = 0, time.perf_counter(), []
     losses_of.train()
     bar = tqdm(
@@ -216,8 +213,7 @@ def train_stage(
                 history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 if accelerator.is_main_process:
-                    with open(metrics_file, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                    append_metrics_log(out_dir, record)
                 running = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "n": 0}
             if step >= total_steps:
                 break
