@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fake_runs import write_compare_run, write_model_run, write_sweeps
-from tcssa.io.runs import FoldPredictions, collapse_threshold, load_compare_run
+from tcssa.io.runs import FoldPredictions, load_compare_run
+from tcssa.train.metrics import collapse_threshold
 from tcssa.viz import (
     SweepPoint,
     build_report,

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,10 +75,6 @@ COMPARISON_COLUMNS = [
 SLOT_COLUMNS = ["fold", "slot", "count", "share", "patch_share"]
 _SLOT_COLUMNS_REQUIRED = ("fold", "slot", "count", "share")
 _COMPARISON_COLUMNS_REQUIRED = ("model", "auc_mean", "auc_std")
-#: A slot that receives more than this share of a fold's test-set patches counts as collapse. With
-#: top-2 routing every patch is assigned to two slots, so one slot can hold at most half of the
-#: assignments; the share of patches (the paper: "one slot taking > 60% of patches") can reach 1.
-COLLAPSE_SHARE = 0.5
 
 
 def _metrics_line(record: dict[str, Any]) -> str:
@@ -104,17 +99,6 @@ def fold_dir(run_dir: str | Path, fold: int) -> Path:
 
 def fold_predictions_file(fold: int) -> str:
     return f"fold_{fold}_predictions.csv"
-
-
-def collapse_threshold(of_patches: bool, top_k: int = 2) -> float:
-    """The collapse line on the scale of the shares given.
-
-    Collapse means one slot receives more than ``COLLAPSE_SHARE`` of the patches. Shares of the
-    patches (they sum to top-k) are compared with it directly; shares of all routing assignments
-    (they sum to 1, the older ``share`` column) can never exceed 1/top-k, so the same rule reads
-    ``COLLAPSE_SHARE / top_k`` there.
-    """
-    return COLLAPSE_SHARE if of_patches else COLLAPSE_SHARE / top_k
 
 
 # ------------------------------------------------------------------------------------- CSV cells
@@ -145,10 +129,6 @@ def to_float(value: str | None) -> float:
 
 
 # ------------------------------------------------------------------------------------- writing
-class SlotCollapseWarning(UserWarning):
-    """One slot receives more than half of a fold's test-set patches."""
-
-
 @dataclass
 class SlotUse:
     """How one fold's test set was routed: patches assigned to each slot (top-k) and patches in all.
@@ -176,20 +156,6 @@ class SlotUse:
             {**key, "slot": k, "count": int(c), "share": s, "patch_share": p}
             for k, (c, s, p) in enumerate(zip(self.counts, self.shares, self.patch_shares, strict=True))
         ]
-
-    def warn_if_collapsed(self, where: str) -> None:
-        patch_shares = self.patch_shares
-        top = int(np.argmax(patch_shares))
-        if patch_shares[top] > COLLAPSE_SHARE:
-            used = sum(c > 0 for c in self.counts)
-            warnings.warn(
-                f"slot collapse on {where}: slot {top} receives {patch_shares[top]:.0%} of the test-set "
-                f"patches ({self.shares[top]:.0%} of all routing assignments; {used} of {len(self.counts)} "
-                "slots used). The paper sees this when the auxiliary loss weight lambda is too low; try a "
-                "larger model option aux_weight.",
-                SlotCollapseWarning,
-                stacklevel=2,
-            )
 
 
 def predictions_csv(preds: Any) -> str:

@@ -24,6 +24,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from tcssa.io.runs import SlotUse
+
 
 class MissingClassWarning(UserWarning):
     """A class has no slide in the set being evaluated, so some metrics cover fewer classes."""
@@ -128,3 +130,41 @@ def summarize_folds(rows: Sequence[Mapping[str, float]], keys: Iterable[str]) ->
     for key in keys:
         out[f"{key}_mean"], out[f"{key}_std"] = mean_std(float(r[key]) for r in rows)
     return out
+
+
+# ------------------------------------------------------------------ slot collapse
+#: A slot that receives more than this share of a fold's test-set patches counts as collapse. With
+#: top-2 routing every patch is assigned to two slots, so one slot can hold at most half of the
+#: assignments; the share of patches (the paper: "one slot taking > 60% of patches") can reach 1.
+COLLAPSE_SHARE = 0.5
+
+
+class SlotCollapseWarning(UserWarning):
+    """One slot receives more than half of a fold's test-set patches."""
+
+
+def collapse_threshold(of_patches: bool, top_k: int = 2) -> float:
+    """The collapse line on the scale of the shares given.
+
+    Collapse means one slot receives more than ``COLLAPSE_SHARE`` of the patches. Shares of the
+    patches (they sum to top-k) are compared with it directly; shares of all routing assignments
+    (they sum to 1, the older ``share`` column) can never exceed 1/top-k, so the same rule reads
+    ``COLLAPSE_SHARE / top_k`` there.
+    """
+    return COLLAPSE_SHARE if of_patches else COLLAPSE_SHARE / top_k
+
+
+def warn_if_collapsed(use: SlotUse, where: str) -> None:
+    """Warn (SlotCollapseWarning) when one slot receives more than COLLAPSE_SHARE of the patches."""
+    patch_shares = use.patch_shares
+    top = int(np.argmax(patch_shares))
+    if patch_shares[top] > COLLAPSE_SHARE:
+        used = sum(c > 0 for c in use.counts)
+        warnings.warn(
+            f"slot collapse on {where}: slot {top} receives {patch_shares[top]:.0%} of the test-set "
+            f"patches ({use.shares[top]:.0%} of all routing assignments; {used} of {len(use.counts)} "
+            "slots used). The paper sees this when the auxiliary loss weight lambda is too low; try a "
+            "larger model option aux_weight.",
+            SlotCollapseWarning,
+            stacklevel=2,
+        )

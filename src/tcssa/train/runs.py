@@ -65,7 +65,7 @@ from tcssa.io.runs import (
 from tcssa.mil import MODEL_NAMES, build_model
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import derived_seed, evaluate, fit, process_device, process_state
-from tcssa.train.metrics import summarize_folds
+from tcssa.train.metrics import summarize_folds, warn_if_collapsed
 
 # Options that change how a run executes, not what it computes: they may differ on --resume.
 _RUNTIME_OPTIONS = {"device", "num_workers", "cache_gb"}
@@ -415,7 +415,7 @@ def _run_folds(
         if preds.slot_counts is not None:
             slot_use[fold] = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
             if process.is_main_process:
-                slot_use[fold].warn_if_collapsed(f"fold {fold}")
+                warn_if_collapsed(slot_use[fold], f"fold {fold}")
         if process.is_main_process and fold_folder is not None:
             write_text(out_dir / fold_predictions_file(fold), predictions_csv(preds))
             write_json(
@@ -484,7 +484,7 @@ def evaluate_checkpoint(
     write_json(out_dir / EVAL_METRICS_FILE, report)
     if preds.slot_counts is not None:
         use = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
-        use.warn_if_collapsed(str(labels_csv))
+        warn_if_collapsed(use, str(labels_csv))
         write_eval_slot_use(out_dir, use)
     return metrics
 

@@ -25,8 +25,8 @@ from matplotlib.patches import Patch
 from sklearn.metrics import auc, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from tcssa.io.runs import FoldPredictions, collapse_threshold
-from tcssa.train.metrics import mean_std
+from tcssa.io.runs import FoldPredictions
+from tcssa.train.metrics import collapse_threshold, mean_std
 
 TITLE_SIZE = 13
 CHANCE_STYLE = {"color": "0.55", "linestyle": ":", "linewidth": 1.2}

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from tcssa import __version__
 from tcssa.io.files import read_csv_rows, read_json, write_text
-from tcssa.io.runs import CompareRun, collapse_threshold, load_compare_run, to_float
+from tcssa.io.runs import CompareRun, load_compare_run, to_float
 from tcssa.train.bootstrap import compare_aucs, fold_scores
+from tcssa.train.metrics import collapse_threshold
 from tcssa.viz import plots
 
 SWEEP_DIR = "sweeps"
