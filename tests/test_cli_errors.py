@@ -227,16 +227,16 @@ def test_a_missing_optional_module_deeper_down_names_its_extra(monkeypatch, caps
     import tcssa.apps.classic_mil_cv as benchmarks
 
     def needs(module):
-        def run(args):
+        def run(config, out_dir):
             raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
         return run
 
-    monkeypatch.setattr(benchmarks, "run_from_args", needs("mil"))
+    monkeypatch.setattr(benchmarks, "run_cv", needs("mil"))
     assert main(["classic-mil", "cv", "--out", "x"]) == 1
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("tcssa classic-mil cv: error: ") and 'pip install "tcssa[classic-mil]"' in line
-    monkeypatch.setattr(benchmarks, "run_from_args", needs("not_ours"))
+    monkeypatch.setattr(benchmarks, "run_cv", needs("not_ours"))
     with pytest.raises(ModuleNotFoundError):  # not an optional dependency: a bug, shown as one
         main(["classic-mil", "cv", "--out", "x"])
 

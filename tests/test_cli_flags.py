@@ -8,6 +8,7 @@ from typing import Literal
 
 import pytest
 
+from tcssa.apps.classic_mil_config import ClassicMILConfig
 from tcssa.bench.config import QUICK, BenchConfig
 from tcssa.cli import build_parser
 from tcssa.cli.flags import add_config_flags, cli_fields, config_from_args, flag_name
@@ -30,6 +31,7 @@ MAPPED = [
     (("compare",), TrainConfig, ("model",)),  # compare's --models names the models
     (("vqa", "train"), SlideLMTrainConfig, ()),
     (("bench",), BenchConfig, ()),
+    (("classic-mil", "cv"), ClassicMILConfig, ()),
 ]
 
 

