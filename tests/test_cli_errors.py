@@ -142,7 +142,7 @@ def test_an_out_that_cannot_be_written_is_an_error_naming_it(cohort, tmp_path, m
 
 
 def test_a_second_training_into_a_run_in_progress_is_refused(cohort, tmp_path, capsys):
-    from tcssa.io.rundir import lock_run_dir
+    from tcssa.io.run_guard import lock_run_dir
 
     features, labels = cohort
     out = tmp_path / "run"

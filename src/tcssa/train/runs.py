@@ -4,7 +4,7 @@ What a run directory (``tcssa train``) and a comparison directory (``tcssa compa
 how their files are written and read, is ``tcssa.io.runs``. Besides those files, while a fold is
 in progress, ``fold_{k}/resume.safetensors``; once it is done, ``fold_{k}/result.json`` (its
 metrics; a finished fold is skipped on ``--resume``); and ``.tcssa.lock``, locked while a run is in
-progress there (``tcssa.io.rundir``). config.json records, under ``inputs``, sha256
+progress there (``tcssa.io.run_guard``). config.json records, under ``inputs``, sha256
 fingerprints of the labels and split files, the cohort and the folds;
 ``--resume`` refuses to continue when one changed. A comparison directory
 (``tcssa compare``) holds ``comparison.csv``, ``comparison.md`` and one run
@@ -37,7 +37,7 @@ from tcssa.data import (
 )
 from tcssa.io.checkpoints import load_weights, read_model_config, resolve_checkpoint
 from tcssa.io.files import json_safe, read_json, write_json, write_text
-from tcssa.io.rundir import (
+from tcssa.io.run_guard import (
     RunLock,
     check_inputs,
     clear_untrained_folds,

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tcssa.io.rundir import LOCK_FILE, RunDirError, lock_run_dir, nothing_trained
+from tcssa.io.run_guard import LOCK_FILE, RunDirError, lock_run_dir, nothing_trained
 from tcssa.train import TrainConfig
 from tcssa.train.runs import compare, train_run
 from train_fixtures import write_cohort
