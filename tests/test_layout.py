@@ -37,6 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "runtime": (),
     "method": ("method", "runtime"),
     "io": ("io", "method", "runtime"),
+    "wsi": ("wsi", "io", "method", "runtime"),
     "data": ("data", "io", "method", "runtime"),
     "mil": ("mil", "method", "runtime"),
     "train": ("train", "data", "io", "mil", "method", "runtime"),
