@@ -78,6 +78,16 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     return np.stack([hue, saturation, value], axis=2).astype(np.float32)
 
 
+def _smooth(mask: np.ndarray) -> np.ndarray:
+    """Close gaps narrower than ``SMOOTHING_RADIUS`` px, then open away spurs one pixel thick. The mask is
+    extended past its edges by repeating them first, so tissue cut by the thumbnail's border stays."""
+    pad = SMOOTHING_RADIUS + 1
+    padded = np.pad(mask, pad, mode="edge")
+    padded = ndimage.binary_closing(padded, structure=_disk(SMOOTHING_RADIUS))
+    padded = ndimage.binary_opening(padded, structure=_disk(1))
+    return padded[pad:-pad, pad:-pad]
+
+
 def _remove_small_pieces(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     """``mask`` without its 8-connected pieces of fewer than ``min_pixels`` pixels."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
@@ -124,14 +134,18 @@ def detect_tissue(
     fill_holes: bool = True,
     min_area_level0: float = 250_000.0,
     drop_pen: bool = True,
+    min_hole_area_level0: float = 16_384.0,
 ) -> TissueMask:
     """The tissue mask of a slide from its RGB thumbnail (H x W x 3 uint8).
 
     ``downsample`` is the number of level-0 pixels per thumbnail pixel. ``min_area_level0`` is the
     smallest tissue piece kept, in level-0 pixels squared: the default 250,000 px^2 is a 500 x 500 px
     square, 250 x 250 um at 0.5 um/px (20x). ``fill_holes`` closes holes inside a piece (set it to
-    False to keep a lumen or a tear out of the mask). ``drop_pen`` cuts out marker ink (``pen_marks``).
-    A thumbnail without tissue (blank glass) gives an all-False mask.
+    False to keep a lumen or a tear out of the mask); even then, holes smaller than
+    ``min_hole_area_level0`` (level-0 px^2; the default is a 128 x 128 px square, a quarter of a
+    256-px tile at 20x) are filled, since gaps that small between fibres are not worth an outline.
+    ``drop_pen`` cuts out marker ink (``pen_marks``). A thumbnail without tissue (blank glass) gives
+    an all-False mask.
     """
     # scikit-image is an optional dependency (the `wsi` extra), needed only to detect tissue.
     from skimage.filters import threshold_otsu
@@ -153,12 +167,15 @@ def detect_tissue(
         # Ink over glass is never tissue; ink over tissue hides the tissue, cut out below.
         tissue &= ~pen
 
-    tissue = ndimage.binary_closing(tissue, structure=_disk(SMOOTHING_RADIUS), border_value=0)
-    tissue = ndimage.binary_opening(tissue, structure=_disk(1))
+    tissue = _smooth(tissue)
     min_pixels = max(1, int(math.ceil(min_area_level0 / downsample**2)))
     tissue = _remove_small_pieces(tissue, min_pixels)
     if fill_holes:
         tissue = ndimage.binary_fill_holes(tissue)
+    else:
+        holes = ndimage.binary_fill_holes(tissue) & ~tissue
+        min_hole_pixels = max(1, int(math.ceil(min_hole_area_level0 / downsample**2)))
+        tissue |= holes & ~_remove_small_pieces(holes, min_hole_pixels)
     if drop_pen:
         # After hole filling: a pen circle drawn on tissue would otherwise be filled back in.
         tissue &= ~pen
