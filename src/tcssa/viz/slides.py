@@ -4,7 +4,8 @@ Each function draws arrays it is given and returns a ``tcssa.viz.plots.Plot`` (a
 ``matplotlib.figure.Figure`` built without pyplot, its title and a one-line caption); ``save_png``
 writes one atomically. Nothing here reads a slide or a feature file: the caller passes the thumbnail
 (H x W x 3 uint8), its ``downsample`` (level-0 px per thumbnail px), the tiles' level-0 top-left
-``coords`` (N x 2, x then y) and their side ``patch_size_level0``.
+``coords`` (N x 2, x then y) and their side ``patch_size_level0``. The axes are in level-0 px, the
+coordinates of the feature files, so a tile can be found again in the slide.
 """
 
 from __future__ import annotations
@@ -53,44 +54,53 @@ def _check_tiles(coords: np.ndarray, values: np.ndarray | None = None, name: str
     return coords
 
 
-def _slide_figure(thumbnail: np.ndarray, panels: int = 1) -> tuple[Figure, list]:
-    """A figure with ``panels`` axes side by side, each showing the thumbnail without ticks."""
+def _slide_figure(
+    thumbnail: np.ndarray, downsample: float, unit: str, panels: int = 1
+) -> tuple[Figure, list]:
+    """A figure with ``panels`` axes side by side, each showing the thumbnail stretched over the slide's
+    level-0 extent (``downsample`` level-0 px per thumbnail px), axes labelled in ``unit``."""
     height, width = thumbnail.shape[:2]
     panel_width = 5.5 * min(1.6, max(0.5, width / max(height, 1)))
-    figure = Figure(figsize=(panel_width * panels + 1.8, 6.0), layout="constrained")
+    figure = Figure(figsize=(panel_width * panels + 2.2, 6.4), layout="constrained")
     axes = figure.subplots(1, panels, squeeze=False)[0]
+    extent = (0, width * downsample, height * downsample, 0)
     for ax in axes:
-        ax.imshow(thumbnail, extent=(0, width, height, 0), interpolation="antialiased")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlim(0, width)
-        ax.set_ylim(height, 0)
+        ax.imshow(thumbnail, extent=extent, interpolation="antialiased")
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_xlabel(f"x ({unit})")
+        ax.set_ylabel(f"y ({unit})")
     return figure, list(axes)
 
 
-def _tile_squares(coords: np.ndarray, downsample: float, patch_size_level0: int) -> np.ndarray:
-    """N x 4 x 2 corners of each tile in thumbnail px."""
-    x0, y0 = coords[:, 0] / downsample, coords[:, 1] / downsample
-    side = patch_size_level0 / downsample
+def _tile_squares(coords: np.ndarray, patch_size_level0: int) -> np.ndarray:
+    """N x 4 x 2 corners of each tile, in level-0 px."""
+    x0, y0 = coords[:, 0].astype(float), coords[:, 1].astype(float)
+    side = float(patch_size_level0)
     corners = [(x0, y0), (x0 + side, y0), (x0 + side, y0 + side), (x0, y0 + side)]
     return np.stack([np.stack(c, axis=1) for c in corners], axis=1)
 
 
-def _add_scale_note(ax, downsample: float, patch_size_level0: int) -> None:
-    ax.set_xlabel(
-        f"thumbnail px (1 px = {downsample:.3g} level-0 px; tile side {patch_size_level0} level-0 px)"
-    )
+def _check_downsample(downsample: float) -> None:
+    if not downsample > 0:
+        raise ValueError(f"downsample (level-0 px per thumbnail px) must be positive, got {downsample}")
 
 
-def mask_overlay(thumbnail: np.ndarray, mask: np.ndarray, *, title: str = "Tissue mask") -> Plot:
+def mask_overlay(
+    thumbnail: np.ndarray, mask: np.ndarray, *, downsample: float | None = None, title: str = "Tissue mask"
+) -> Plot:
     """The thumbnail with the tissue mask tinted green and outlined; ``mask`` (H' x W' bool) may have
-    another resolution than the thumbnail: both are stretched over the same slide area."""
+    another resolution than the thumbnail: both are stretched over the same slide area. With the
+    thumbnail's ``downsample`` the axes are in level-0 px, without it in thumbnail px."""
     _check_thumbnail(thumbnail)
+    unit = "thumbnail px" if downsample is None else "level-0 px"
+    downsample = 1.0 if downsample is None else downsample
+    _check_downsample(downsample)
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"a tissue mask is a 2-D bool array, got shape {mask.shape}")
-    height, width = thumbnail.shape[:2]
-    figure, (ax,) = _slide_figure(thumbnail)
+    height, width = thumbnail.shape[0] * downsample, thumbnail.shape[1] * downsample
+    figure, (ax,) = _slide_figure(thumbnail, downsample, unit)
     tint = np.zeros((*mask.shape, 4))
     tint[mask] = (*to_rgb(MASK_COLOUR), 0.35)
     ax.imshow(tint, extent=(0, width, height, 0), interpolation="nearest")
@@ -118,12 +128,12 @@ def tile_grid_overlay(
 ) -> Plot:
     """The thumbnail with the outline of every tile that will be encoded."""
     _check_thumbnail(thumbnail)
+    _check_downsample(downsample)
     coords = _check_tiles(coords)
-    figure, (ax,) = _slide_figure(thumbnail)
-    squares = _tile_squares(coords, downsample, patch_size_level0)
+    figure, (ax,) = _slide_figure(thumbnail, downsample, "level-0 px")
+    squares = _tile_squares(coords, patch_size_level0)
     ax.add_collection(PolyCollection(squares, facecolors="none", edgecolors=GRID_COLOUR, linewidths=0.5))
     ax.set_title(title, fontsize=TITLE_SIZE)
-    _add_scale_note(ax, downsample, patch_size_level0)
     caption = (
         f"{len(coords)} tiles of {patch_size_level0} x {patch_size_level0} level-0 px drawn on the slide; "
         "every tile should lie on tissue and the tissue should be covered."
@@ -184,18 +194,18 @@ def slot_map_on_slide(
     """Each tile coloured by the slot its patch was routed to first (top-1), over the thumbnail."""
     _check_thumbnail(thumbnail)
     slots = _check_categories(top1_slot, num_slots, "top1_slot")
+    _check_downsample(downsample)
     coords = _check_tiles(coords, slots, "top1_slot")
-    figure, (ax,) = _slide_figure(thumbnail)
+    figure, (ax,) = _slide_figure(thumbnail, downsample, "level-0 px")
     used = _draw_categories(
         ax,
-        _tile_squares(coords, downsample, patch_size_level0),
+        _tile_squares(coords, patch_size_level0),
         slots,
         slot_palette(num_slots),
         [f"slot {i}" for i in range(num_slots)],
         "top-1 slot (tiles)",
     )
     ax.set_title(title, fontsize=TITLE_SIZE)
-    _add_scale_note(ax, downsample, patch_size_level0)
     caption = (
         f"Each of the {len(slots)} tiles is coloured by its top-1 slot; {used} of {num_slots} slots "
         "are used. Slots that follow tissue regions make contiguous patches of one colour."
@@ -215,18 +225,18 @@ def class_map_on_slide(
     """Each tile coloured by its class (e.g. one of the 9 PathMNIST tissue classes), over the thumbnail."""
     _check_thumbnail(thumbnail)
     classes = _check_categories(labels, len(class_names), "labels")
+    _check_downsample(downsample)
     coords = _check_tiles(coords, classes, "labels")
-    figure, (ax,) = _slide_figure(thumbnail)
+    figure, (ax,) = _slide_figure(thumbnail, downsample, "level-0 px")
     used = _draw_categories(
         ax,
-        _tile_squares(coords, downsample, patch_size_level0),
+        _tile_squares(coords, patch_size_level0),
         classes,
         phenotype_palette(len(class_names)),
         list(class_names),
         "class (tiles)",
     )
     ax.set_title(title, fontsize=TITLE_SIZE)
-    _add_scale_note(ax, downsample, patch_size_level0)
     caption = (
         f"Each of the {len(classes)} tiles is coloured by its class; {used} of {len(class_names)} occur."
     )
@@ -251,8 +261,9 @@ def slot_and_class_maps(
     classes = _check_categories(labels, len(class_names), "labels")
     coords = _check_tiles(coords, slots, "top1_slot")
     _check_tiles(coords, classes, "labels")
-    squares = _tile_squares(coords, downsample, patch_size_level0)
-    figure, (class_ax, slot_ax) = _slide_figure(thumbnail, panels=2)
+    _check_downsample(downsample)
+    squares = _tile_squares(coords, patch_size_level0)
+    figure, (class_ax, slot_ax) = _slide_figure(thumbnail, downsample, "level-0 px", panels=2)
     classes_used = _draw_categories(
         class_ax, squares, classes, phenotype_palette(len(class_names)), list(class_names), "class (tiles)"
     )
