@@ -38,6 +38,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "method": ("method", "runtime"),
     "io": ("io", "method", "runtime"),
     "data": ("data", "io", "method", "runtime"),
+    "wsi": ("wsi", "io", "method", "runtime"),
     "mil": ("mil", "method", "runtime"),
     "train": ("train", "data", "io", "mil", "method", "runtime"),
     "vlm": ("vlm", "data", "io", "method", "mil", "train", "runtime"),
