@@ -1,1 +1,1 @@
-"""From a slide file to tiles, features and slot tokens: reading slides, tissue detection, tiling, patch encoders."""
+"""From a slide file to tiles and features: slide reading, tissue detection, tiling, encoders, extraction."""
