@@ -27,9 +27,7 @@ ENCODER = "fake-mean"
 @pytest.fixture
 def fakes(monkeypatch):
     """tcssa.wsi.extract with every part swapped for its stand-in; a single process."""
-    for attr, fake in wsi_fakes.fake_modules().items():
-        monkeypatch.setattr(extract, attr, fake)
-    monkeypatch.setattr(extract, "process_share", lambda device="auto": (0, 1, True, 0))
+    wsi_fakes.swap_in(monkeypatch)
     return wsi_fakes
 
 

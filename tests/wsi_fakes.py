@@ -38,7 +38,7 @@ PART_MODULES = (
 def _present(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, ValueError):  # ValueError: a stand-in registered here (no __spec__)
         return False
 
 
@@ -249,6 +249,16 @@ def fake_modules() -> dict[str, types.SimpleNamespace]:
     return {attr: types.SimpleNamespace(**{n: getattr(this, n) for n in ns}) for attr, ns in names.items()}
 
 
+def swap_in(monkeypatch):
+    """tcssa.wsi.extract with every part replaced by its stand-in, as one process; returns the module."""
+    from tcssa.wsi import extract
+
+    for attr, fake in fake_modules().items():
+        monkeypatch.setattr(extract, attr, fake)
+    monkeypatch.setattr(extract, "process_share", lambda device="auto": (0, 1, True, 0))
+    return extract
+
+
 def install_missing_parts() -> None:
     """Register the fakes under the real names of the parts not merged in yet (see the docstring)."""
     if REAL_PARTS:
@@ -258,7 +268,7 @@ def install_missing_parts() -> None:
     )
     fakes = fake_modules()
     for module_name, attr in by_module.items():
-        if _present(module_name) or module_name in sys.modules:
+        if module_name in sys.modules or _present(module_name):
             continue
         module = types.ModuleType(module_name, "issue 14 stand-in until the real part is merged")
         module.__dict__.update(vars(fakes[attr]))
