@@ -274,3 +274,23 @@ def test_real_slides_end_to_end(real_slides, tmp_path, encoder):
     assert read_bag(svs.features).attrs["level0_magnification"] == 20  # 0.499 um/px
     again = extract.extract_folder(real_slides, out, model, progress=False)
     assert len(again.skipped) == 2 and not again.done
+
+
+class _UnreadableRegionDataset(wsi_fakes.TileDataset):
+    def __getitem__(self, index):
+        if index == 5:
+            raise wsi_fakes.SlideReadError(f"{self.slide_path}: region at tile {index} is unreadable")
+        return super().__getitem__(index)
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_as_its_own_line(fakes, tmp_path, monkeypatch):
+    fakes.write_slide(tmp_path / "slides" / "a.svs")
+    tiling = wsi_fakes.fake_modules()["tiling"]
+    tiling.TileDataset = _UnreadableRegionDataset
+    monkeypatch.setattr(extract, "tiling", tiling)
+    result = extract.extract_folder(
+        tmp_path / "slides", tmp_path / "out", ENCODER, num_workers=1, progress=False
+    )
+    (failure,) = result.failed
+    assert failure.reason.endswith("a.svs: region at tile 5 is unreadable") and "\n" not in failure.reason
+    assert os.listdir(tmp_path / "out" / "features_fake-mean") == []

@@ -258,6 +258,16 @@ def _encode(
     return features.float().cpu(), {name: values.float().cpu() for name, values in extras.items()}
 
 
+def failure_reason(err: Exception) -> str:
+    """One line for a failed slide: tcssa's errors (ValueError, OSError) name the file already; others
+    get their type. An error raised in a DataLoader worker arrives with the worker's traceback in its
+    message: its last line is the original error."""
+    text = str(err)
+    if "Original Traceback" in text:
+        return [line for line in text.splitlines() if line.strip()][-1].strip()
+    return text if isinstance(err, ValueError | OSError) else f"{type(err).__name__}: {text}"
+
+
 def mask_file_for(slide_path: Path, mask_path: str | Path | None) -> Path | None:
     """The tissue mask of a slide: ``mask_path`` itself when it is a file, ``{stem}{ext}`` in it when
     it is a folder (None when the folder has none: the tissue is then detected)."""
@@ -355,12 +365,17 @@ def _extract_one(
             )
             dtype = _autocast_dtype(device, precision)
             bar = tqdm(total=len(coords), desc=info.name, unit="tile", leave=False, disable=not progress)
-            with bar:
-                for tiles in loader:
-                    start = writer.num_rows
-                    features, extras = _encode(encoder, torch.as_tensor(tiles), device, dtype)
-                    writer.append(features, coords[start : start + len(features)], extras)
-                    bar.update(len(features))
+            try:
+                with bar:
+                    for tiles in loader:
+                        start = writer.num_rows
+                        features, extras = _encode(encoder, torch.as_tensor(tiles), device, dtype)
+                        writer.append(features, coords[start : start + len(features)], extras)
+                        bar.update(len(features))
+            finally:
+                close = getattr(dataset, "close", None)  # this process's slide handle, not left to the GC
+                if close is not None:
+                    close()
             if writer.num_rows != len(coords):  # inside the block: a short file is never renamed into place
                 raise RuntimeError(f"{slide_path}: {writer.num_rows} tiles encoded of {len(coords)}")
     return SlideDone(slide_path, path, len(coords), time.perf_counter() - started)
@@ -492,7 +507,7 @@ def extract_folder(
                 **options,
             )
         except Exception as err:  # one bad slide must not stop a night's run: record it, go on
-            reason = str(err) if isinstance(err, ValueError | OSError) else f"{type(err).__name__}: {err}"
+            reason = failure_reason(err)
             result.failed.append(SlideFailure(slide_path, reason))
             if progress:
                 tqdm.write(f"failed: {slide_path}: {reason}", file=sys.stderr)
