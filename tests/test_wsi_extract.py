@@ -252,7 +252,10 @@ def real_slides(tmp_path) -> Path:
 
 
 @real
-@pytest.mark.parametrize("encoder", ["handcrafted", "capricorn-densenet121"])
+# DenseNet-121 on a CPU takes about a minute here (twice the slide, its weights converted once): slow
+@pytest.mark.parametrize(
+    "encoder", ["handcrafted", pytest.param("capricorn-densenet121", marks=pytest.mark.slow)]
+)
 def test_real_slides_end_to_end(real_slides, tmp_path, encoder):
     from tcssa.wsi.encoders import build_encoder
     from tcssa.wsi.slide import MissingMppWarning
@@ -261,17 +264,22 @@ def test_real_slides_end_to_end(real_slides, tmp_path, encoder):
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingMppWarning)  # kidney-48-5.tif has no mpp: 20x assumed
-        result = extract.extract_folder(real_slides, out, model, batch_size=16, progress=False)
+        with pytest.warns(EmptyFeatureFileWarning, match="kidney-48-5.h5: no patches"):
+            result = extract.extract_folder(real_slides, out, model, batch_size=16, progress=False)
     assert sorted(d.slide.name for d in result.done) == ["cmu-1-small-region.svs", "kidney-48-5.tif"]
     assert {f.slide.name for f in result.failed} == {"not-a-slide.svs", "truncated.svs"}
+    svs, kidney = sorted(result.done, key=lambda d: d.slide.name)
+    assert svs.tiles > 0
+    bag = read_bag(svs.features)
+    assert bag.dim == model.dim and bag.num_patches == svs.tiles
+    assert bag.attrs["encoder"] == model.name and bag.attrs["target_magnification"] == 20
+    assert bag.attrs["level0_magnification"] == 20 and bag.attrs["patch_size_level0"] == 256  # 0.499 um/px
+    # kidney-48-5.tif holds one fragment of about 110 x 60 px, a tenth of a 256-px tile: TRIDENT's empty file
+    features, coords, attrs, features_attrs, _, _ = _h5(kidney.features)
+    assert kidney.tiles == 0 and features.shape == (0, model.dim) and coords.shape == (0, 2)
+    assert attrs["level0_width"] == 1493 and features_attrs["encoder"] == model.name
     for done in result.done:
-        assert done.tiles > 0, done
-        bag = read_bag(done.features)
-        assert bag.dim == model.dim and bag.num_patches == done.tiles
-        assert bag.attrs["encoder"] == model.name and bag.attrs["target_magnification"] == 20
         assert (out / "contours_geojson" / f"{done.slide.stem}.geojson").is_file()
-    svs = next(d for d in result.done if d.slide.suffix == ".svs")
-    assert read_bag(svs.features).attrs["level0_magnification"] == 20  # 0.499 um/px
     again = extract.extract_folder(real_slides, out, model, progress=False)
     assert len(again.skipped) == 2 and not again.done
 

@@ -24,14 +24,14 @@ def write_slide_previews(preview, folder: Path) -> list[Path]:
     from PIL import Image  # Pillow comes with matplotlib, which tcssa.viz needs
 
     from tcssa.io.files import atomic_output
-    from tcssa.viz.slides import mask_overlay, save_png, tile_grid_overlay
+    from tcssa.viz import slides as figures
 
     name, grid = preview.info.name, preview.grid
     thumbnail = folder / f"{name}.png"
     with atomic_output(thumbnail) as partial:
         Image.fromarray(preview.thumbnail).save(partial, format="PNG")
-    mask = mask_overlay(preview.thumbnail, preview.tissue.mask, title=f"{name}: tissue")
-    tiles = tile_grid_overlay(
+    mask = figures.mask_overlay(preview.thumbnail, preview.tissue.mask, title=f"{name}: tissue")
+    tiles = figures.tile_grid_overlay(
         preview.thumbnail,
         preview.downsample,
         grid.coords,
@@ -40,8 +40,8 @@ def write_slide_previews(preview, folder: Path) -> list[Path]:
     )
     return [
         thumbnail,
-        save_png(mask, folder / f"{name}_mask.png"),
-        save_png(tiles, folder / f"{name}_grid.png"),
+        figures.save_png(mask, folder / f"{name}_mask.png"),
+        figures.save_png(tiles, folder / f"{name}_grid.png"),
     ]
 
 
