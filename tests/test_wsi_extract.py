@@ -185,6 +185,14 @@ def test_each_process_takes_every_world_th_slide(fakes, tmp_path, monkeypatch):
     assert (result.rank, result.world) == (1, 2) and "process 1 of 2" in result.summary()
 
 
+def test_a_process_started_without_torchrun_takes_every_slide_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert extract.process_share("cpu") == (0, 1, True, 0)
+    assert extract.resolve_device("cpu") == extract.torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        extract.resolve_device("tpu")
+
+
 def test_tiles_read_by_dataloader_workers_keep_their_order(fakes, tmp_path):
     slide = fakes.write_slide(tmp_path / "s.svs", width=1536, height=1024, tissue_columns=6)
     path = extract.extract_slide(

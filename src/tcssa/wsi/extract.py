@@ -128,7 +128,11 @@ class ExtractResult:
     def summary(self) -> str:
         """A few lines for the terminal: counts, tiles per second, then each failure and its reason."""
         seconds = sum(d.seconds for d in self.done)
-        rate = f", {self.tiles / seconds:.1f} tiles/s" if seconds > 0 and self.tiles else ""
+        rate = (
+            f", {self.tiles / seconds:.1f} tiles/s with tissue detection"
+            if seconds > 0 and self.tiles
+            else ""
+        )
         empty = sum(1 for d in self.done if d.tiles == 0)
         where = f"process {self.rank} of {self.world}: " if self.world > 1 else ""
         lines = [
