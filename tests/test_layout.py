@@ -43,9 +43,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "train": ("train", "data", "io", "mil", "method", "runtime"),
     "vlm": ("vlm", "data", "io", "method", "mil", "train", "runtime"),
     "viz": ("viz", "io", "train.metrics", "train.bootstrap", "runtime"),
-    "bench": ("bench", "data", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
-    "apps": ("apps", "bench", "data", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
-    "cli": ("cli", "apps", "bench", "data", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
+    "bench": ("bench", "data", "wsi", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
+    "apps": ("apps", "bench", "data", "wsi", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
+    "cli": ("cli", "apps", "bench", "data", "wsi", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
 }
 
 #: Third-party packages that only one part may import: file formats live in tcssa.io.

@@ -114,9 +114,7 @@ class DemoConfig:
                 f"cohorts of seeds {seeds}, which include this run's seed {self.seed}: its numbers are "
                 f"not held out from that choice (optimistic){note}"
             )
-        return (
-            f"cohorts of seeds {seeds} (scripts/demo_settings.py), not this run's seed {self.seed}{note}"
-        )
+        return f"cohorts of seeds {seeds} (scripts/demo_settings.py), not this run's seed {self.seed}{note}"
 
     def __post_init__(self) -> None:
         unknown = [m for m in (*self.budget_models, *self.lesion_models) if m not in self.models]

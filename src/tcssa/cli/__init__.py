@@ -2,10 +2,10 @@
 
 One module per command group registers its commands (``register``): ``apps`` (demo, report),
 ``vqa``, ``data`` (inspect, synth), ``mil`` (train, eval, compare, compress), ``classic_mil``
-(show, cv) and ``bench``. Options that are fields of a config dataclass (TrainConfig,
-SlideLMTrainConfig, BenchConfig) are made from its fields by ``flags``. Handlers import the
-library inside the function, the one justified use of function-local imports here, so that
-``tcssa --help`` loads no torch.
+(show, cv), ``bench`` and ``wsi`` (extract). Options that are fields of a config dataclass
+(TrainConfig, SlideLMTrainConfig, BenchConfig, ExtractConfig) are made from its fields by
+``flags``. Handlers import the library inside the function, the one justified use of
+function-local imports here, so that ``tcssa --help`` loads no torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from tcssa import __version__
-from tcssa.cli import apps, bench, classic_mil, data, mil, vqa
+from tcssa.cli import apps, bench, classic_mil, data, mil, vqa, wsi
 from tcssa.cli.extras import OPTIONAL_PACKAGES, MissingExtraError, missing_extra
 from tcssa.runtime import apply_process_settings
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tcssa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (apps, vqa, data, mil, classic_mil, bench):
+    for group in (apps, vqa, data, mil, classic_mil, bench, wsi):
         group.register(commands)
     return parser
 

@@ -13,16 +13,35 @@ Formats, chosen by extension:
   Loaded without pickle.
 - ``.csv``: DSMIL / SlideChat patch features: a header row ``0,1,...,D-1`` then one row per
   patch, no coords (a UTF-8 byte-order mark is tolerated).
+
+``FeatureFileWriter`` writes what ``tcssa extract`` makes, one slide at a time, in TRIDENT's layout
+(mahmoodlab/TRIDENT, ``trident/IO.py`` ``coords_to_h5``/``save_h5`` and
+``trident/wsi_objects/WSI.py`` ``extract_patch_features``). Matched: dataset ``features`` (N x D)
+and ``coords`` (N x 2 int64, level-0 x, y of each tile's top-left corner), both resizable along N
+(maxshape None); on ``coords`` the attributes ``patch_size``, ``patch_size_level0``,
+``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
+``level0_width``, ``level0_height``; on ``features`` ``name``, ``savetodir`` and ``encoder``; a
+slide without tiles is a file of ``features`` 0 x D float32 and ``coords`` 0 x 2 int64 with the same
+attributes, and a warning. Where tcssa differs: the features are always float32 (TRIDENT stores
+what the encoder returns, float16 under its half-precision autocast); the file is streamed in
+chunks of ``chunk_rows`` rows (TRIDENT: one row per chunk, the whole slide written at once); it is
+written to ``<name>.<pid>.partial`` and renamed when complete (TRIDENT writes the final name
+directly); extra per-patch arrays (e.g. an encoder's class probabilities) are further N x C
+datasets with their column names in the attribute ``columns``; and tcssa's own provenance (mpp and
+where it came from, the slide reader, the read level, ``min_tissue``, the tcssa version) is on the
+file root, where TRIDENT's readers do not look.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -606,3 +625,209 @@ def write_slot_tokens(path: str | Path, arrays: Mapping[str, np.ndarray], attrs:
             f.create_dataset(name, data=arrays[name])
         f.attrs.update(attrs)
     return path
+
+
+# ------------------------------------------------------------------------- streamed TRIDENT writer
+
+#: The attributes TRIDENT stores on ``coords`` (trident/IO.py, ``coords_to_h5``), all required.
+TRIDENT_COORDS_ATTRS = (
+    "patch_size",
+    "patch_size_level0",
+    "level0_magnification",
+    "target_magnification",
+    "overlap",
+    "name",
+    "savetodir",
+    "level0_width",
+    "level0_height",
+)
+#: The attributes TRIDENT stores on ``features`` (trident/wsi_objects/WSI.py), all required.
+TRIDENT_FEATURES_ATTRS = ("name", "savetodir", "encoder")
+
+
+class EmptyFeatureFileWarning(UserWarning):
+    """A feature file was written with no patches (a slide without tissue tiles)."""
+
+
+class FeatureFileWriter:
+    """Stream one slide's patch features into a TRIDENT-layout h5, as a context manager.
+
+    ``with FeatureFileWriter(path, dim, coords_attrs=..., features_attrs=...) as writer:`` then
+    ``writer.append(features, coords, extras)`` per batch. Rows are gathered into whole chunks of
+    ``chunk_rows`` and written to resizable datasets, so memory holds one chunk and one batch,
+    whatever the number of tiles. The file is ``<name>.<pid>.partial`` until the block ends without
+    error; then it is renamed onto ``path``. On an error (or Ctrl-C) the partial file is removed and
+    nothing appears under ``path``. Ending with no row written makes TRIDENT's empty file (0 x D
+    features, 0 x 2 coords) and warns (``EmptyFeatureFileWarning``).
+
+    coords_attrs:   TRIDENT's attributes of ``coords`` (``TRIDENT_COORDS_ATTRS``, all required).
+    features_attrs: TRIDENT's attributes of ``features`` (``TRIDENT_FEATURES_ATTRS``, all required).
+    extras:         further per-patch float32 arrays, name -> their column names (an N x C dataset
+                    each, C = len(columns), the names in its ``columns`` attribute).
+    file_attrs:     attributes of the file root (tcssa's provenance).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        dim: int,
+        *,
+        coords_attrs: Mapping,
+        features_attrs: Mapping,
+        extras: Mapping[str, Sequence[str]] | None = None,
+        file_attrs: Mapping | None = None,
+        chunk_rows: int = 256,
+    ) -> None:
+        self.path = Path(path)
+        if dim < 1:
+            raise ValueError(f"{self.path}: feature dimension must be at least 1, got {dim}")
+        for what, given, required in (
+            ("coords", coords_attrs, TRIDENT_COORDS_ATTRS),
+            ("features", features_attrs, TRIDENT_FEATURES_ATTRS),
+        ):
+            missing = [key for key in required if key not in given]
+            if missing:
+                raise ValueError(f"{self.path}: TRIDENT's {what} attributes {', '.join(missing)} not given")
+        self.extras = {name: tuple(columns) for name, columns in (extras or {}).items()}
+        for name in self.extras:
+            if name in ("features", "coords"):
+                raise ValueError(f"{self.path}: extra dataset may not be called {name!r}")
+            if not self.extras[name]:
+                raise ValueError(f"{self.path}: extra dataset {name!r} has no columns")
+        self.dim, self.chunk_rows = int(dim), max(1, int(chunk_rows))
+        self._attrs = (dict(coords_attrs), dict(features_attrs), dict(file_attrs or {}))
+        self._stack: contextlib.ExitStack | None = None
+        self._file: h5py.File | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
+        self._pending_rows = 0
+        self.num_rows = 0  # rows appended so far (written or waiting for a whole chunk)
+
+    # -------------------------------------------------------------------- context manager
+    def __enter__(self) -> FeatureFileWriter:
+        stack = contextlib.ExitStack()
+        try:
+            partial = stack.enter_context(atomic_output(self.path))
+            self._file = stack.enter_context(h5py.File(partial, "w"))
+            self._create_datasets()
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return False
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as err:  # the partial file goes too: atomic_output sees the error
+                if not stack.__exit__(type(err), err, err.__traceback__):
+                    raise
+                return False
+        return bool(stack.__exit__(exc_type, exc, tb))
+
+    @property
+    def partial_path(self) -> Path:
+        """Where the file is written until it is complete."""
+        return self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+
+    # -------------------------------------------------------------------- writing
+    def append(
+        self,
+        features: np.ndarray | Tensor,
+        coords: np.ndarray | Tensor,
+        extras: Mapping[str, np.ndarray | Tensor] | None = None,
+    ) -> None:
+        """Add B patches: ``features`` B x D, ``coords`` B x 2 (level-0 x, y), each declared extra
+        B x C. Bad shapes, missing extras and NaN/Inf are a ValueError naming the file."""
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: FeatureFileWriter.append outside its with block")
+        features = np.asarray(_as_numpy(features), dtype=np.float32)
+        coords = np.asarray(_as_numpy(coords))
+        rows = len(features)
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(
+                f"{self.path}: features of a batch must be B x {self.dim}, got {tuple(features.shape)}"
+            )
+        if coords.shape != (rows, 2):
+            raise ValueError(
+                f"{self.path}: coords must be {rows} x 2 for {rows} features, got {coords.shape}"
+            )
+        problem = value_problem(features, self.path, self.num_rows)
+        if problem:
+            raise ValueError(f"refusing to write: {problem}")
+        given = dict(extras or {})
+        unknown = sorted(set(given) - set(self.extras))
+        missing = sorted(set(self.extras) - set(given))
+        if unknown or missing:
+            raise ValueError(
+                f"{self.path}: extras {unknown or missing} {'not declared' if unknown else 'missing'}"
+            )
+        batch_extras = {}
+        for name, columns in self.extras.items():
+            values = np.asarray(_as_numpy(given[name]), dtype=np.float32)
+            if values.shape != (rows, len(columns)):
+                raise ValueError(
+                    f"{self.path}: extra {name!r} must be {rows} x {len(columns)}, got {values.shape}"
+                )
+            batch_extras[name] = values
+        if not rows:
+            return
+        self._pending.append((features, coords.astype(np.int64, copy=False), batch_extras))
+        self._pending_rows += rows
+        self.num_rows += rows
+        if self._pending_rows >= self.chunk_rows:
+            self._flush(whole_chunks_only=True)
+
+    def _create_datasets(self) -> None:
+        f, chunk = self._file, self.chunk_rows
+        f.create_dataset(
+            "features", (0, self.dim), np.float32, maxshape=(None, self.dim), chunks=(chunk, self.dim)
+        )
+        f.create_dataset("coords", (0, 2), np.int64, maxshape=(None, 2), chunks=(chunk, 2))
+        for name, columns in self.extras.items():
+            width = len(columns)
+            f.create_dataset(name, (0, width), np.float32, maxshape=(None, width), chunks=(chunk, width))
+
+    def _flush(self, *, whole_chunks_only: bool) -> None:
+        """Write the gathered rows (all of them, or as many whole chunks as they fill)."""
+        if not self._pending:
+            return
+        features = np.concatenate([p[0] for p in self._pending])
+        coords = np.concatenate([p[1] for p in self._pending])
+        extras = {name: np.concatenate([p[2][name] for p in self._pending]) for name in self.extras}
+        count = (len(features) // self.chunk_rows) * self.chunk_rows if whole_chunks_only else len(features)
+        self._pending, self._pending_rows = [], 0
+        if count < len(features):  # the rest waits for the next whole chunk
+            rest = {name: values[count:] for name, values in extras.items()}
+            self._pending.append((features[count:], coords[count:], rest))
+            self._pending_rows = len(features) - count
+        if count:
+            for name, values in (("features", features), ("coords", coords), *extras.items()):
+                dataset = self._file[name]
+                start = dataset.shape[0]
+                dataset.resize(start + count, axis=0)
+                dataset[start:] = values[:count]
+
+    def _finish(self) -> None:
+        self._flush(whole_chunks_only=False)
+        coords_attrs, features_attrs, file_attrs = self._attrs
+        for node, attrs in (
+            (self._file["coords"], coords_attrs),
+            (self._file["features"], features_attrs),
+            (self._file, file_attrs),
+        ):
+            for key, value in attrs.items():
+                node.attrs[key] = _h5_attr(value)
+        for name, columns in self.extras.items():
+            self._file[name].attrs["columns"] = _h5_attr(list(columns))
+        if self.num_rows == 0:
+            warnings.warn(
+                f"{self.path}: no patches; wrote an empty feature file (features 0 x {self.dim}, "
+                "coords 0 x 2) as TRIDENT does for a slide without tissue tiles (tcssa's readers refuse "
+                "it as an empty bag)",
+                EmptyFeatureFileWarning,
+                stacklevel=3,
+            )

@@ -185,8 +185,14 @@ class TCSSA(nn.Module):
     def _route(self, x: Tensor, mask: Tensor | None, where: str = "", patch_offset: int = 0) -> Routing:
         """Steps 1-4 (``tcssa.method.routing``)."""
         return route(
-            self.gate, x, mask, top_k=self.top_k, noise_std=self.noise_std, training=self.training,
-            where=where, patch_offset=patch_offset,
+            self.gate,
+            x,
+            mask,
+            top_k=self.top_k,
+            noise_std=self.noise_std,
+            training=self.training,
+            where=where,
+            patch_offset=patch_offset,
         )
 
     def _sum_slide(self, x: Tensor, mask: Tensor | None, routing: Routing) -> SlotSums:

@@ -1,6 +1,6 @@
 """Step 6 of docs/METHOD.md: one small residual MLP expert per slot.
 
-    y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k)))
+y_k = c_k + LayerNorm_k(W2_k Dropout(GELU(W1_k c_k)))
 """
 
 from __future__ import annotations

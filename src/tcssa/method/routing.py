@@ -1,9 +1,9 @@
 """Steps 1-4 of docs/METHOD.md: gate logits, exploration noise, routing probabilities, top-2.
 
-    1. gate logits            z_j = W_g x_j + b
-    2. exploration noise      z~_j = z_j + eps, eps ~ N(0, sigma^2), training only
-    3. routing probabilities  P_j = softmax(z~_j)
-    4. top-2 assignment       P~_jk = m_jk P_jk (m_jk = 1 for the two largest, NOT renormalised)
+1. gate logits            z_j = W_g x_j + b
+2. exploration noise      z~_j = z_j + eps, eps ~ N(0, sigma^2), training only
+3. routing probabilities  P_j = softmax(z~_j)
+4. top-2 assignment       P~_jk = m_jk P_jk (m_jk = 1 for the two largest, NOT renormalised)
 """
 
 from __future__ import annotations

@@ -85,4 +85,3 @@ def compress_folder(
     if skipped:
         print(f"note: {skipped} slide(s) already compressed in {out_dir} were left as they are (--overwrite)")
     return written
-

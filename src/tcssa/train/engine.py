@@ -406,9 +406,7 @@ def fit(
         started = time.perf_counter()
         desc = f"fold {fold} epoch {epoch}/{config.epochs}"
         bar = tqdm(desc=desc, disable=None if process.is_main_process and verbose else True)
-        train_log = _train_epoch(
-            train_loss, model, optimizer, train_set, config, collate, fold, epoch, bar
-        )
+        train_log = _train_epoch(train_loss, model, optimizer, train_set, config, collate, fold, epoch, bar)
         record: dict[str, Any] = {"epoch": epoch, **train_log, "lr": optimizer.param_groups[0]["lr"]}
 
         if has_val:

@@ -15,6 +15,7 @@ STAGE_LEARNING_RATES = {1: 1e-3, 2: 2e-4}
 #: How a slide enters the LM: K slot tokens, K randomly sampled patches, or one mean token.
 SLIDE_TOKEN_VARIANTS = ("slots", "random-k", "mean")
 
+
 @dataclass
 class SlideLMTrainConfig:
     """Hyperparameters of one stage; saved to RUN/train_config.json."""
