@@ -42,6 +42,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "train": ("train", "data", "io", "mil", "method", "runtime"),
     "vlm": ("vlm", "data", "io", "method", "mil", "train", "runtime"),
     "viz": ("viz", "io", "train.metrics", "train.bootstrap", "runtime"),
+    "wsi": ("wsi", "io", "method", "runtime"),
     "bench": ("bench", "data", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
     "apps": ("apps", "bench", "data", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
     "cli": ("cli", "apps", "bench", "data", "io", "method", "mil", "train", "vlm", "viz", "runtime"),
