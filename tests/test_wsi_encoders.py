@@ -161,7 +161,7 @@ def test_capricorn_is_cached_by_the_file_hash(tmp_path, monkeypatch):
 
     monkeypatch.setattr(capricorn_module, "convert_keras_model", no_conversion)
     second = build_encoder(DEFAULT_ENCODER)
-    tiles = random_tiles(2, seed=3)
+    tiles = random_tiles(1, seed=3)
     torch.testing.assert_close(second.encode(tiles).features, first.encode(tiles).features, rtol=0, atol=0)
 
     cached[0].write_bytes(b"damaged")
@@ -185,9 +185,12 @@ KERAS_SCRIPT = textwrap.dedent(
     import keras
     model = keras.saving.load_model(sys.argv[1])
     images = np.load(sys.argv[2])
-    features = keras.ops.mean(model.layers[0](images), axis=(1, 2))
-    np.savez(sys.argv[3], features=keras.ops.convert_to_numpy(features),
-             probs=keras.ops.convert_to_numpy(model(images)))
+    # the Sequential's own layers, called in its order in one pass: densenet121, pooling, dropout, dense
+    backbone, pooling, dropout, head = model.layers
+    features = pooling(backbone(images))
+    probs = head(dropout(features, training=False))
+    to_numpy = keras.ops.convert_to_numpy
+    np.savez(sys.argv[3], features=to_numpy(features), probs=to_numpy(probs))
     """
 )
 
@@ -203,38 +206,32 @@ def real_tiles(count: int = 4) -> np.ndarray | None:
         return np.stack([np.asarray(slide.read_region(spot, 0, (256, 256)).convert("RGB")) for spot in spots])
 
 
-def test_capricorn_port_matches_keras(capricorn, tmp_path):
+def keras_reference(images: torch.Tensor, folder: Path) -> dict[str, np.ndarray]:
+    """Keras's pooled features and 24 probabilities for B x 3 x 224 x 224 preprocessed images."""
     keras_env = {**os.environ, "KERAS_BACKEND": "torch"}
     probe = subprocess.run(
         [sys.executable, "-c", "import keras"], env=keras_env, capture_output=True, text=True
     )
     if probe.returncode != 0:
         pytest.skip(f"keras (torch backend) cannot be imported: {probe.stderr.strip().splitlines()[-1:]}")
-    tiles = [random_tiles(4, seed=1), random_tiles(2, size=300, seed=2)]
-    real = real_tiles()
-    if real is not None:
-        tiles.append(torch.from_numpy(real))
-    else:
-        print("the real SVS (or tiffslide) is missing: checking on random tiles only")
-    images = torch.cat([capricorn.preprocess(batch) for batch in tiles])
-    np.save(tmp_path / "images.npy", images.permute(0, 2, 3, 1).numpy())  # Keras is channels-last
-    script = tmp_path / "keras_reference.py"
+    np.save(folder / "images.npy", images.permute(0, 2, 3, 1).numpy())  # Keras is channels-last
+    script = folder / "keras_reference.py"
     script.write_text(KERAS_SCRIPT)
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(capricorn_file()),
-            str(tmp_path / "images.npy"),
-            str(tmp_path / "out.npz"),
-        ],
-        env=keras_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [
+        sys.executable,
+        str(script),
+        str(capricorn_file()),
+        str(folder / "images.npy"),
+        str(folder / "out.npz"),
+    ]
+    result = subprocess.run(command, env=keras_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = np.load(tmp_path / "out.npz")
+    return dict(np.load(folder / "out.npz"))
+
+
+def assert_port_matches_keras(capricorn: CapricornEncoder, tiles: list[torch.Tensor], folder: Path) -> None:
+    images = torch.cat([capricorn.preprocess(batch) for batch in tiles])
+    reference = keras_reference(images, folder)
     with torch.no_grad():
         features = capricorn(images)
         probs = capricorn.class_probabilities(features).numpy()
@@ -244,7 +241,7 @@ def test_capricorn_port_matches_keras(capricorn, tmp_path):
     keras_pathmnist = reference["probs"][:, :9] / reference["probs"][:, :9].sum(axis=1, keepdims=True)
     pathmnist_gap = np.abs(pathmnist - keras_pathmnist).max()
     print(
-        f"max abs(torch - keras): features {feature_gap:.2e}, probs {prob_gap:.2e}, "
+        f"{len(images)} images, max abs(torch - keras): features {feature_gap:.2e}, probs {prob_gap:.2e}, "
         f"pathmnist {pathmnist_gap:.2e}"
     )
     assert np.abs(reference["features"]).max() > 0.1  # the comparison is not between two zero vectors
@@ -252,6 +249,23 @@ def test_capricorn_port_matches_keras(capricorn, tmp_path):
     assert prob_gap < KERAS_TOLERANCE
     assert pathmnist_gap < KERAS_TOLERANCE
     assert (probs.argmax(axis=1) == reference["probs"].argmax(axis=1)).all()
+
+
+def test_capricorn_port_matches_keras_on_two_tiles(capricorn, tmp_path):
+    real = real_tiles(1)
+    tiles = [random_tiles(1, seed=1)] + (
+        [torch.from_numpy(real)] if real is not None else [random_tiles(1, seed=2)]
+    )
+    assert_port_matches_keras(capricorn, tiles, tmp_path)
+
+
+@pytest.mark.slow
+def test_capricorn_port_matches_keras_on_many_tiles(capricorn, tmp_path):
+    real = real_tiles(4)
+    if real is None:
+        pytest.skip(f"the real SVS (or tiffslide) is missing under {shared_data() / 'wsi'}")
+    tiles = [random_tiles(4, seed=1), random_tiles(2, size=300, seed=2), torch.from_numpy(real)]
+    assert_port_matches_keras(capricorn, tiles, tmp_path)
 
 
 # ------------------------------------------------------------------ the shared contract
