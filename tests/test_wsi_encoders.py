@@ -36,6 +36,7 @@ from tcssa.wsi.encoders.base import as_tile_batch, resize_tiles
 from tcssa.wsi.encoders.capricorn import PATHMNIST_CLASSES, CapricornEncoder, convert_keras_model
 from tcssa.wsi.encoders.densenet import DenseNet, DenseNetConfig, keras_layer_names
 from tcssa.wsi.encoders.handcrafted import DIM as HANDCRAFTED_DIM
+from tcssa.wsi.encoders.handcrafted import _sobel as sobel
 from tcssa.wsi.encoders.pretrained import create_architecture, expected_weight_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +306,15 @@ def test_handcrafted_is_fixed_deterministic_and_sees_tissue():
     assert not torch.allclose(first[2], first[3])
     with pytest.raises(ValueError, match="has no weights"):
         build_encoder("handcrafted", weights="x.bin")
+
+
+def test_handcrafted_sobel_by_slicing_is_the_sobel_filter():
+    gray = torch.rand(2, 1, 20, 24, generator=torch.Generator().manual_seed(0))
+    kernel = torch.tensor(((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))) / 8
+    reference = torch.nn.functional.conv2d(gray, torch.stack((kernel, kernel.T)).unsqueeze(1))
+    across, down = sobel(gray)
+    torch.testing.assert_close(across, reference[:, 0])
+    torch.testing.assert_close(down, reference[:, 1])
 
 
 def test_unknown_encoder_lists_the_choices():

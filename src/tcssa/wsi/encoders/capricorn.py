@@ -92,12 +92,17 @@ class CapricornEncoder(PatchEncoder):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        # the head is tiny: run it in float32 even under GPU autocast, so probabilities keep 1e-6 accuracy
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features.float())
+
     def class_probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """All 24 of the head's softmax probabilities (what Keras's model outputs)."""
-        return torch.softmax(self.head(features).float(), dim=-1)
+        return torch.softmax(self.logits(features), dim=-1)
 
     def pathmnist_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(features).float()[:, : len(PATHMNIST_CLASSES)], dim=-1)
+        return torch.softmax(self.logits(features)[:, : len(PATHMNIST_CLASSES)], dim=-1)
 
     def extras(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pathmnist_probs": self.pathmnist_probabilities(self(images))}

@@ -10,7 +10,7 @@ Per tile (resized to 224 x 224), 86 numbers, deterministic:
 - HSV: a 12-bin hue histogram weighted by saturation, 8-bin saturation and value histograms (28);
 - H&E colour deconvolution (Ruifrok and Johnston's stain vectors on optical density): for
   haematoxylin, eosin and the residual, mean, standard deviation and the 10/50/90th percentiles
-  (of every 4th pixel) (15);
+  (of every 16th pixel) (15);
 - the tissue share: pixels whose optical density sums over 0.15 (1);
 - grey-level gradients (Sobel): mean and standard deviation of the magnitude, an 8-bin magnitude
   histogram and an 8-bin orientation histogram weighted by magnitude (18);
@@ -65,6 +65,19 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(dim=1, keepdim=True)
 
 
+def _sobel(gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel derivatives (/8) of B x 1 x H x W, each B x (H-2) x (W-2); by slicing, as a one-channel
+    convolution was 10x slower on the CPU."""
+    g = gray[:, 0]
+    left, right = g[:, :, :-2], g[:, :, 2:]
+    horizontal = right - left  # B x H x (W-2)
+    across = (horizontal[:, :-2] + 2 * horizontal[:, 1:-1] + horizontal[:, 2:]) / 8
+    top, bottom = g[:, :-2], g[:, 2:]
+    vertical = bottom - top  # B x (H-2) x W
+    down = (vertical[:, :, :-2] + 2 * vertical[:, :, 1:-1] + vertical[:, :, 2:]) / 8
+    return across, down
+
+
 def _brighter_neighbours(gray: torch.Tensor) -> torch.Tensor:
     """B x 1 x H x W -> B x (H-2)(W-2): how many of the 8 neighbours exceed the centre by > 1/255."""
     centre = gray[:, :, 1:-1, 1:-1]
@@ -90,8 +103,6 @@ class HandcraftedEncoder(PatchEncoder):
         stains = torch.tensor(STAIN_VECTORS)
         stains = stains / stains.norm(dim=1, keepdim=True)
         self.register_buffer("unmix", torch.linalg.inv(stains), persistent=False)
-        sobel = torch.tensor(((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))) / 8
-        self.register_buffer("sobel", torch.stack((sobel, sobel.T)).unsqueeze(1), persistent=False)
         self.eval()
 
     @property
@@ -116,16 +127,16 @@ class HandcraftedEncoder(PatchEncoder):
 
         density = -torch.log10((pixels * 255 + 1) / 256)  # B x 3 x P, optical density
         stains = torch.einsum("bcp,cs->bsp", density, self.unmix)
-        # percentiles from every 4th pixel: sorting all of them was a third of the descriptor's time
+        # percentiles from every 16th pixel: sorting all of them was a third of the descriptor's time
         levels = torch.tensor((0.1, 0.5, 0.9), device=images.device)
-        quantiles = torch.quantile(stains[:, :, ::4], levels, dim=2)
+        quantiles = torch.quantile(stains[:, :, ::16], levels, dim=2)
         parts += [stains.mean(dim=2), stains.std(dim=2), quantiles.permute(1, 2, 0).reshape(batch, 9)]
         parts.append((density.sum(dim=1) > TISSUE_OD).float().mean(dim=1, keepdim=True))
 
         gray = _gray(images)
-        gradients = F.conv2d(gray, self.sobel)  # B x 2 x (H-2) x (W-2)
-        magnitude = gradients.norm(dim=1).flatten(1)
-        angle = torch.atan2(gradients[:, 1], gradients[:, 0]).flatten(1) % math.pi / math.pi
+        across, down = _sobel(gray)
+        magnitude = torch.hypot(across, down).flatten(1)  # 20x faster here than norm over the channel axis
+        angle = torch.atan2(down, across).flatten(1) % math.pi / math.pi
         parts += [
             magnitude.mean(dim=1, keepdim=True),
             magnitude.std(dim=1, keepdim=True),
