@@ -1,8 +1,9 @@
 """handcrafted: a fast, fixed colour and texture descriptor. WEAK: a baseline and a smoke test.
 
-No learned weights: it needs no download and runs at thousands of tiles per second on a CPU, so it
-is the encoder for trying the pipeline end to end, for tests, and as the floor that a real encoder
-must beat. It is not a pathology foundation model and should not be reported as one.
+No learned weights: it needs no download and runs about 15x faster than capricorn-densenet121 on a
+CPU (about 100 against 6.6 tiles/s at batch 32 on 2 cores), so it is the encoder for trying the
+pipeline end to end, for tests, and as the floor that a real encoder must beat. It is not a
+pathology foundation model and should not be reported as one.
 
 Per tile (resized to 224 x 224), 86 numbers, deterministic:
 
