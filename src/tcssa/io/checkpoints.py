@@ -221,3 +221,30 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if "tcssa_training_state" not in metadata:
         raise ValueError(f"{path}: a safetensors file, but not a tcssa training state")
     return unflatten_state(json.loads(metadata["tcssa_training_state"]), tensors)
+
+
+# ------------------------------------------------------- third-party weights
+#: Keys under which published checkpoints nest their state dict.
+_NESTED_STATE_KEYS = ("state_dict", "model", "module")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A published model's weights: a ``.safetensors`` file, or a ``.bin``/``.pt``/``.pth`` state dict
+    (loaded with ``weights_only=True``, so it cannot run code; one ``state_dict``/``model`` level of
+    nesting is unwrapped). A missing or unreadable file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_tensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and unsupported-type errors all mean the same to the user
+        raise ValueError(f"{path}: not a readable torch state dict ({type(err).__name__}: {err})") from err
+    for key in _NESTED_STATE_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    return state
