@@ -15,6 +15,7 @@ from tcssa.cli.flags import add_config_flags, cli_fields, config_from_args, flag
 from tcssa.cli.mil import train_config
 from tcssa.train.config import TrainConfig
 from tcssa.vlm.config import SlideLMTrainConfig
+from tcssa.wsi.config import ExtractConfig
 
 
 def _subparser(*path):
@@ -32,6 +33,7 @@ MAPPED = [
     (("vqa", "train"), SlideLMTrainConfig, ()),
     (("bench",), BenchConfig, ()),
     (("classic-mil", "cv"), ClassicMILConfig, ()),
+    (("extract",), ExtractConfig, ()),
 ]
 
 

@@ -41,3 +41,18 @@ def test_top1_slot_is_the_compressors_first_choice():
     slots = top1_slots(model, x)
     expected = model.gate(x).argmax(dim=-1).numpy()
     assert slots.dtype == np.int64 and np.array_equal(slots, expected)
+
+
+def test_slot_map_of_the_real_slide_draws_slots_beside_tissue_classes(tmp_path, shared_data):
+    from tcssa.cli import main
+    from tcssa.io.files import read_json
+
+    slide = shared_data / "wsi" / "cmu-1-small-region.svs"
+    if not slide.is_file():
+        pytest.skip(f"{slide} not found")
+    assert main(["slotmap", str(slide), "--out", str(tmp_path), "--device", "cpu", "--num-slots", "8"]) == 0
+    summary = read_json(tmp_path / "slotmaps" / "cmu-1-small-region.json")
+    assert summary["num_tiles"] == 33 and summary["classes_present"] >= 1
+    assert summary["compressor"].startswith("untrained")
+    assert (tmp_path / "slotmaps" / "cmu-1-small-region.png").stat().st_size > 10_000
+    assert (tmp_path / "features_capricorn-densenet121" / "cmu-1-small-region.h5").is_file()

@@ -15,13 +15,25 @@ a mean and a spread. A score is worth reading only as far above that baseline as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from tcssa.io.features import read_bag
+from tcssa.io.files import atomic_output, write_json
+from tcssa.io.slidelm import load_compressor
 from tcssa.method.compressor import TCSSA
+from tcssa.viz import slides as figures
+from tcssa.wsi.encoders.capricorn import PATHMNIST_CLASSES
+from tcssa.wsi.extract import SlidePreview, extract_slide
+from tcssa.wsi.slide import open_slide
+
+#: The per-tile tissue classes the default encoder stores beside its features.
+TISSUE_CLASSES_EXTRA = "pathmnist_probs"
 
 
 @dataclass(frozen=True)
@@ -85,3 +97,96 @@ def slot_class_agreement(
         classes_present=int(len(np.unique(classes))),
         permutations=permutations,
     )
+
+
+def write_slide_previews(preview: SlidePreview, folder: Path) -> list[Path]:
+    """``{slide}.png`` (the thumbnail), ``{slide}_mask.png`` (the tissue) and ``{slide}_grid.png`` (the
+    tiles) in ``folder``: what ``tcssa extract`` draws for every slide."""
+    name, grid = preview.info.name, preview.grid
+    thumbnail = folder / f"{name}.png"
+    with atomic_output(thumbnail) as partial:
+        Image.fromarray(preview.thumbnail).save(partial, format="PNG")
+    mask = figures.mask_overlay(preview.thumbnail, preview.tissue.mask, title=f"{name}: tissue")
+    tiles = figures.tile_grid_overlay(
+        preview.thumbnail,
+        preview.downsample,
+        grid.coords,
+        grid.patch_size_level0,
+        title=f"{name}: {len(grid.coords)} tiles at {grid.target_magnification}x",
+    )
+    return [
+        thumbnail,
+        figures.save_png(mask, folder / f"{name}_mask.png"),
+        figures.save_png(tiles, folder / f"{name}_grid.png"),
+    ]
+
+
+@dataclass(frozen=True)
+class SlideSlots:
+    """What ``slot_map`` made of one slide."""
+
+    slide: str
+    features: Path
+    picture: Path
+    summary: Path
+    agreement: Agreement
+    compressor: str  # where the compressor came from
+
+
+def slot_map(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    encoder: str = "capricorn-densenet121",
+    weights: str | Path | None = None,
+    num_slots: int = 32,
+    seed: int = 0,
+    mpp: float | None = None,
+    target_magnification: int = 20,
+    patch_size: int = 256,
+    min_tissue: float = 0.5,
+    device: str = "auto",
+    progress: bool = True,
+) -> SlideSlots:
+    """Extract ``slide_path`` into ``out_dir`` (reusing its feature file when present), route its tiles,
+    draw slots beside tissue classes (``OUT/slotmaps/{slide}.png``) and write the agreement
+    (``OUT/slotmaps/{slide}.json``)."""
+    slide_path, out_dir = Path(slide_path), Path(out_dir)
+    features = out_dir / f"features_{encoder}" / f"{slide_path.stem}.h5"
+    if not features.is_file():
+        features = extract_slide(
+            slide_path, out_dir, encoder, weights=weights, mpp=mpp, target_magnification=target_magnification,
+            patch_size=patch_size, min_tissue=min_tissue, device=device, progress=progress,
+            previews=write_slide_previews,
+        )
+    bag = read_bag(features, extras=(TISSUE_CLASSES_EXTRA,))
+    probs = bag.extras.get(TISSUE_CLASSES_EXTRA)
+    if probs is None:
+        raise ValueError(
+            f"{features}: no {TISSUE_CLASSES_EXTRA!r} dataset; the tissue-class map needs the "
+            "capricorn-densenet121 encoder's tissue-class probabilities"
+        )
+    class_names = PATHMNIST_CLASSES
+    if checkpoint is not None:
+        model, source = load_compressor(checkpoint), f"checkpoint {checkpoint}"
+    else:
+        torch.manual_seed(seed)  # an untrained compressor: its gate is a random linear map
+        model = TCSSA(bag.dim, num_slots=num_slots)
+        source = f"untrained (random gate, seed {seed})"
+    slots = top1_slots(model, bag.features)
+    classes = np.asarray(probs).argmax(axis=1)
+    agreement = slot_class_agreement(slots, classes, seed=seed)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        thumbnail, downsample = slide.thumbnail(2048)
+    size0 = int(bag.attrs.get("patch_size_level0", patch_size))
+    picture = figures.slot_and_class_maps(
+        thumbnail, downsample, bag.coords.numpy(), size0, slots, model.num_slots, classes, class_names,
+        title=f"{slide_path.stem}: top-1 slot beside tissue class",
+    )
+    folder = out_dir / "slotmaps"
+    png = figures.save_png(picture, folder / f"{slide_path.stem}.png")
+    summary = folder / f"{slide_path.stem}.json"
+    write_json(summary, {"slide": str(slide_path), "features": str(features), "compressor": source,
+                         "caption": picture.caption, **asdict(agreement)})
+    return SlideSlots(slide_path.stem, features, png, summary, agreement, source)

@@ -12,40 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 from tcssa.cli.flags import add_config_flags, config_from_args
 from tcssa.wsi.config import ExtractConfig
 
 
-def write_slide_previews(preview, folder: Path) -> list[Path]:
-    """``{slide}.png`` (the thumbnail), ``{slide}_mask.png`` (the tissue) and ``{slide}_grid.png`` (the
-    tiles) in ``folder``, from a tcssa.wsi.extract.SlidePreview."""
-    from PIL import Image  # Pillow comes with matplotlib, which tcssa.viz needs
-
-    from tcssa.io.files import atomic_output
-    from tcssa.viz import slides as figures
-
-    name, grid = preview.info.name, preview.grid
-    thumbnail = folder / f"{name}.png"
-    with atomic_output(thumbnail) as partial:
-        Image.fromarray(preview.thumbnail).save(partial, format="PNG")
-    mask = figures.mask_overlay(preview.thumbnail, preview.tissue.mask, title=f"{name}: tissue")
-    tiles = figures.tile_grid_overlay(
-        preview.thumbnail,
-        preview.downsample,
-        grid.coords,
-        grid.patch_size_level0,
-        title=f"{name}: {len(grid.coords)} tiles at {grid.target_magnification}x",
-    )
-    return [
-        thumbnail,
-        figures.save_png(mask, folder / f"{name}_mask.png"),
-        figures.save_png(tiles, folder / f"{name}_grid.png"),
-    ]
-
-
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from tcssa.apps.slide_slots import write_slide_previews
     from tcssa.wsi.extract import extract_folder
 
     config = config_from_args(args, ExtractConfig())
@@ -58,6 +31,25 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     return 1 if result.failed else 0
+
+
+def _cmd_slotmap(args: argparse.Namespace) -> int:
+    from tcssa.apps.slide_slots import slot_map
+
+    done = slot_map(
+        args.slide,
+        args.out,
+        checkpoint=args.checkpoint,
+        encoder=args.encoder,
+        weights=args.weights,
+        num_slots=args.num_slots,
+        seed=args.seed,
+        mpp=args.mpp,
+        device=args.device,
+    )
+    print(f"{done.slide}: {done.agreement.text()}")
+    print(f"compressor: {done.compressor}; picture {done.picture}; numbers {done.summary}")
+    return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -79,3 +71,27 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     extract.add_argument("--no-progress", action="store_true", help="no progress bars")
     extract.set_defaults(func=_cmd_extract)
+
+    slotmap = commands.add_parser(
+        "slotmap",
+        help="one slide to a picture: extract its tiles, route them through TC-SSA, draw each tile's top-1 "
+        "slot beside its tissue class, and measure how well slots follow tissue (NMI, ARI vs random routing)",
+    )
+    slotmap.add_argument("slide", help="a slide file (svs, tiff, ndpi, mrxs: what OpenSlide/tiffslide read)")
+    slotmap.add_argument("--out", required=True, help="output folder (features, thumbnails, slotmaps/)")
+    slotmap.add_argument(
+        "--checkpoint",
+        help="a `tcssa train` fold folder or model.safetensors of a tcssa model trained on this encoder's "
+        "features (default: an untrained compressor, whose gate is a random linear map)",
+    )
+    slotmap.add_argument(
+        "--encoder",
+        default="capricorn-densenet121",
+        help="patch encoder; the tissue-class map needs capricorn-densenet121's class probabilities",
+    )
+    slotmap.add_argument("--weights", help="local weight file of the encoder, where it needs one")
+    slotmap.add_argument("--num-slots", type=int, default=32, help="K of the untrained compressor")
+    slotmap.add_argument("--seed", type=int, default=0, help="seed of the untrained compressor and baseline")
+    slotmap.add_argument("--mpp", type=float, help="microns per level-0 pixel, overriding the metadata")
+    slotmap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    slotmap.set_defaults(func=_cmd_slotmap)
