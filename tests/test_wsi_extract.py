@@ -266,7 +266,6 @@ def real_slides(tmp_path) -> Path:
 )
 def test_real_slides_end_to_end(real_slides, tmp_path, encoder):
     from tcssa.wsi.encoders import build_encoder
-
     from tcssa.wsi.slide import MissingMppWarning
 
     model = build_encoder(encoder)
