@@ -20,6 +20,7 @@ from tcssa.viz import (
     token_budget_sweep,
 )
 from tcssa.viz.report import SlideFigures, comparison_table_html
+from tcssa.viz.slides import slot_map_on_slide
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,8 +105,9 @@ def test_report_from_a_compare_run(tmp_path):
     images = _images(document)
     # AUC bars, ROC, two sweeps, slot utilisation
     assert len(images) == 5 and all(i.startswith(PNG_MAGIC) for i in images)
-    for heading in ("Comparison", "Sweeps", "Slot utilisation", "Inside one slide"):
+    for heading in ("Comparison", "Sweeps", "Slot utilisation", "Inside one slide", "A real slide"):
         assert f"<h2>{heading}</h2>" in document
+    assert "No real slide was given" in document
     assert "Slot collapse in tcssa" in document and "fold 1: slot 3 receives 100%" in document
     assert "<link" not in document and "<script" not in document  # self-contained, no external resources
     assert document.count("<figcaption>") == len(images)
@@ -291,3 +293,16 @@ def test_the_reports_collapse_line_follows_the_runs_top_k(tmp_path):
     assert "No slot collapse in tcssa" in build_report(root).read_text()  # 40% < 50% at top-1
     (run / "config.json").write_text(json.dumps(config))  # top-2: 40% of assignments > 25%
     assert "Slot collapse in tcssa" in build_report(root).read_text()
+
+
+def test_report_real_slide_section_shows_its_figures_and_notes(tmp_path):
+    root = write_compare_run(tmp_path)
+    thumbnail = np.full((40, 30, 3), 230, np.uint8)
+    coords = np.array([[0, 0], [10, 0], [0, 10]])
+    picture = slot_map_on_slide(thumbnail, 1.0, coords, 10, np.array([0, 1, 1]), 4, title="slots on a slide")
+    shown = SlideFigures(plots=[picture], notes=["agreement: NMI 0.5 <b>"])
+    document = build_report(root, real_slide=lambda: shown).read_text()
+    section = document.split("<h2>A real slide</h2>", 1)[1]
+    assert "slots on a slide" in section and "NMI 0.5 &lt;b&gt;" in section
+    failing = build_report(root, real_slide=lambda: (_ for _ in ()).throw(ValueError("no tissue here")))
+    assert "the real slide could not be drawn: no tissue here" in failing.read_text()

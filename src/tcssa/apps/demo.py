@@ -41,6 +41,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from tcssa.apps.slide_slots import real_slide_figures
 from tcssa.apps.slot_analysis import choose_slide, slide_figures
 from tcssa.data import Cohort, Split, SyntheticCohort, make_kfold_splits, make_synthetic_cohort, save_splits
 from tcssa.data.memory import MemoryCohort
@@ -58,12 +59,14 @@ from tcssa.viz.report import (
     LESION_FRACTION_CSV,
     SWEEP_DIR,
     TOKEN_BUDGET_CSV,
+    SlideFigures,
     Uncertainty,
     comparison_uncertainty,
     verdict_lines,
 )
 
 COHORT_DIR = "cohort"
+SLIDE_DIR = "real_slide"  # the real slide's features, thumbnails and slot map
 BUDGET_RUNS_DIR = "token_budget"
 MAIN_MODELS = ("tcssa", "random-k", "kmeans-k", "mean", "abmil", "transmil")
 
@@ -98,6 +101,7 @@ class DemoConfig:
     # the report
     embedding: str = "pca"
     seed: int = 0
+    slide: str | None = None  # a real slide file drawn in the report's "A real slide" section
     # the cohort seeds the training settings were chosen on (scripts/demo_settings.py); a demo run
     # on one of them is not a held-out result, and its report says so
     tuning_seeds: tuple[int, ...] = ()
@@ -791,7 +795,12 @@ def write_report(
     uncertainty: Uncertainty,
     mean_patches: float,
 ) -> Path:
-    """``out_dir/report.html``, with the slot map and embedding of one TC-SSA test slide."""
+    """``out_dir/report.html``, with the slot map and embedding of one TC-SSA test slide (and of
+    ``config.slide``, a real slide file, when given)."""
+
+    def real_slide() -> SlideFigures:
+        return real_slide_figures(config.slide, out_dir / SLIDE_DIR)
+
     return build_report(
         out_dir,
         out_dir / "report.html",
@@ -801,4 +810,5 @@ def write_report(
         title="tcssa demo: does rare evidence survive 32 tokens?",
         mean_patches=mean_patches,
         uncertainty=uncertainty,
+        real_slide=None if config.slide is None else real_slide,
     )

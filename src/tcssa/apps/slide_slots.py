@@ -28,6 +28,7 @@ from tcssa.io.files import atomic_output, write_json
 from tcssa.io.slidelm import load_compressor
 from tcssa.method.compressor import TCSSA
 from tcssa.viz import slides as figures
+from tcssa.viz.report import SlideFigures
 from tcssa.wsi.encoders.capricorn import PATHMNIST_CLASSES
 from tcssa.wsi.extract import SlidePreview, extract_slide
 from tcssa.wsi.slide import open_slide
@@ -131,6 +132,7 @@ class SlideSlots:
     summary: Path
     agreement: Agreement
     compressor: str  # where the compressor came from
+    plot: figures.Plot  # the slot map beside the class map
 
 
 def slot_map(
@@ -189,4 +191,19 @@ def slot_map(
     summary = folder / f"{slide_path.stem}.json"
     write_json(summary, {"slide": str(slide_path), "features": str(features), "compressor": source,
                          "caption": picture.caption, **asdict(agreement)})
-    return SlideSlots(slide_path.stem, features, png, summary, agreement, source)
+    return SlideSlots(slide_path.stem, features, png, summary, agreement, source, picture)
+
+
+def real_slide_figures(slide_path: str | Path, out_dir: str | Path, *, device: str = "cpu") -> SlideFigures:
+    """The demo report's "A real slide" section: ``slot_map`` with an untrained compressor (the demo's
+    trained one works on the synthetic cohort's features, not this encoder's), and what it measured."""
+    done = slot_map(slide_path, out_dir, device=device, progress=False)
+    return SlideFigures(
+        plots=[done.plot],
+        notes=[
+            f"{done.slide}: {done.agreement.text()}.",
+            f"Compressor: {done.compressor}; tiles encoded by capricorn-densenet121, whose 9 tissue classes "
+            "are PathMNIST's (colorectal) classes. An untrained gate is a random linear map, so this shows "
+            "where tiles go before any training, not what a trained TC-SSA learns.",
+        ],
+    )

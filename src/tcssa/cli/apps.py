@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
+
+#: The real slide the development checkout keeps beside the project (../shared/data, never on a
+#: user's machine); `tcssa demo` draws it when present and no other slide is given.
+DEVELOPMENT_SLIDE = Path(__file__).resolve().parents[3].parent / "shared/data/wsi/cmu-1-small-region.svs"
+
+
+def _demo_slide(given: str | None) -> str | None:
+    if given == "none":
+        return None
+    if given is not None:
+        return given
+    return str(DEVELOPMENT_SLIDE) if DEVELOPMENT_SLIDE.is_file() else None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tcssa.apps.demo import FULL, QUICK, run_demo
 
-    config = replace(QUICK if args.quick else FULL, seed=args.seed)
+    config = replace(QUICK if args.quick else FULL, seed=args.seed, slide=_demo_slide(args.slide))
     result = run_demo(args.out, config)
     print()
     print("\n".join(result.summary_lines()))
@@ -57,6 +70,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="output folder (default ./tcssa-demo; an earlier demo there is replaced)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the cohort, folds and models (default 0)")
+    demo.add_argument(
+        "--slide",
+        help="a real slide file (svs, tiff, ...) drawn in the report's 'A real slide' section: its tiles "
+        "encoded by capricorn-densenet121 and routed through TC-SSA (needs the wsi extra); 'none' for no "
+        "slide (default: the development checkout's ../shared/data/wsi/cmu-1-small-region.svs when present)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     report = commands.add_parser(

@@ -317,12 +317,15 @@ def build_report(
     title: str = "tcssa report",
     mean_patches: float | None = None,
     uncertainty: Uncertainty | None = None,
+    real_slide: Callable[[], SlideFigures] | None = None,
 ) -> Path:
     """Write the HTML report of a compare run and return its path (default ``compare_dir/report.html``).
 
     ``slide_analysis`` computes the slot map and embedding figures (it needs a TC-SSA checkpoint and the
     slide features); without it, or when it cannot run, the report says so in a note. ``uncertainty``:
     the run's ``comparison_uncertainty`` when the caller has it already (computed here otherwise).
+    ``real_slide`` draws a real slide file's slots (``tcssa.apps.slide_slots``); without it the section
+    says how to ask for one.
     """
     compare = load_compare_run(compare_dir)
     out = Path(out) if out is not None else compare.path / REPORT_NAME
@@ -461,6 +464,19 @@ def build_report(
         for note in slide.notes:
             page.add(_note(note))
         for plot in slide.plots:
+            page.figure(lambda plot=plot: plot, plot.title)
+
+    page.section("A real slide")
+    if real_slide is None:
+        page.add(_note("No real slide was given: `tcssa demo --slide SLIDE.svs` draws its slots on it."))
+    else:
+        try:
+            shown = real_slide()
+        except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+            shown = SlideFigures(notes=[f"the real slide could not be drawn: {err}"])
+        for note in shown.notes:
+            page.add(_note(note))
+        for plot in shown.plots:
             page.figure(lambda plot=plot: plot, plot.title)
 
     notes = compare.notes + page.notes
