@@ -32,8 +32,10 @@ MAX_PLAUSIBLE_MPP = 100.0
 LEVEL_DOWNSAMPLE_TOLERANCE = 0.01
 
 #: Thumbnails of a level larger than this many pixels are read in horizontal bands, so that a
-#: slide without a pyramid does not need its whole level 0 in memory at once.
-THUMBNAIL_BAND_PIXELS = 64_000_000
+#: slide without a pyramid does not need its whole level 0 in memory at once. 8 M pixels (32 MB of
+#: RGBA per band): at 64 M the bands alone took extract's peak from 596 to 1,254 MiB on a 12288^2
+#: slide without a pyramid (docs/RESULTS.md).
+THUMBNAIL_BAND_PIXELS = 8_000_000
 
 # TRIDENT's rule (mahmoodlab/TRIDENT, WSI._fetch_magnification): the first bound above the mpp.
 _MAGNIFICATION_BOUNDS = ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5))
