@@ -306,3 +306,9 @@ def test_report_real_slide_section_shows_its_figures_and_notes(tmp_path):
     assert "slots on a slide" in section and "NMI 0.5 &lt;b&gt;" in section
     failing = build_report(root, real_slide=lambda: (_ for _ in ()).throw(ValueError("no tissue here")))
     assert "the real slide could not be drawn: no tissue here" in failing.read_text()
+
+    def without_the_extra():
+        raise ModuleNotFoundError("No module named 'skimage'", name="skimage")
+
+    missing = build_report(root, real_slide=without_the_extra).read_text()
+    assert "the real slide needs the optional package &#x27;skimage&#x27;" in missing

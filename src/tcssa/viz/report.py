@@ -474,6 +474,10 @@ def build_report(
             shown = real_slide()
         except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
             shown = SlideFigures(notes=[f"the real slide could not be drawn: {err}"])
+        except ImportError as err:  # reading slides is an optional extra; the rest of the report stands
+            shown = SlideFigures(
+                notes=[f'the real slide needs the optional package {err.name!r}: pip install "tcssa[wsi]"']
+            )
         for note in shown.notes:
             page.add(_note(note))
         for plot in shown.plots:
