@@ -30,7 +30,7 @@ from tcssa.method.compressor import TCSSA
 from tcssa.viz import slides as figures
 from tcssa.viz.report import SlideFigures
 from tcssa.wsi.encoders.capricorn import PATHMNIST_CLASSES
-from tcssa.wsi.extract import SlidePreview, extract_slide
+from tcssa.wsi.extract import SlidePreview, extract_slide, features_dir
 from tcssa.wsi.slide import open_slide
 
 #: The per-tile tissue classes the default encoder stores beside its features.
@@ -155,12 +155,18 @@ def slot_map(
     draw slots beside tissue classes (``OUT/slotmaps/{slide}.png``) and write the agreement
     (``OUT/slotmaps/{slide}.json``)."""
     slide_path, out_dir = Path(slide_path), Path(out_dir)
-    features = out_dir / f"features_{encoder}" / f"{slide_path.stem}.h5"
+    kept: list[SlidePreview] = []
+
+    def keep_and_write(preview: SlidePreview, folder: Path) -> list[Path]:
+        kept.append(preview)  # the thumbnail extraction made: drawn on below instead of read again
+        return write_slide_previews(preview, folder)
+
+    features = features_dir(out_dir, encoder) / f"{slide_path.stem}.h5"
     if not features.is_file():
         features = extract_slide(
             slide_path, out_dir, encoder, weights=weights, mpp=mpp, target_magnification=target_magnification,
             patch_size=patch_size, min_tissue=min_tissue, device=device, progress=progress,
-            previews=write_slide_previews,
+            previews=keep_and_write,
         )
     bag = read_bag(features, extras=(TISSUE_CLASSES_EXTRA,))
     probs = bag.extras.get(TISSUE_CLASSES_EXTRA)
@@ -179,8 +185,11 @@ def slot_map(
     slots = top1_slots(model, bag.features)
     classes = np.asarray(probs).argmax(axis=1)
     agreement = slot_class_agreement(slots, classes, seed=seed)
-    with open_slide(slide_path, mpp=mpp) as slide:
-        thumbnail, downsample = slide.thumbnail(2048)
+    if kept:
+        thumbnail, downsample = kept[0].thumbnail, kept[0].downsample
+    else:  # features from an earlier run
+        with open_slide(slide_path, mpp=mpp) as slide:
+            thumbnail, downsample = slide.thumbnail(2048)
     size0 = int(bag.attrs.get("patch_size_level0", patch_size))
     picture = figures.slot_and_class_maps(
         thumbnail, downsample, bag.coords.numpy(), size0, slots, model.num_slots, classes, class_names,
