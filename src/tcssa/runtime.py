@@ -2,7 +2,8 @@
 
 ``apply_process_settings`` is called by the ``tcssa`` command before torch is imported; a library
 user who wants the same behaviour calls it first thing. ``cpu_has_bfloat16`` and the one-time
-warning are asked by the compressor when it is fed bfloat16 on a CPU.
+warning are asked by the compressor when it is fed bfloat16 on a CPU. ``process_state`` is this
+process's place among torchrun processes, one rule for MIL training and slide extraction.
 """
 
 from __future__ import annotations
@@ -52,3 +53,23 @@ def warn_once_if_cpu_lacks_bfloat16() -> None:
             RuntimeWarning,
             stacklevel=3,  # the TCSSA method that was called
         )
+
+
+def process_state(device: str = "auto"):
+    """Accelerate's state of this process (``process_index``, ``num_processes``, ...): one object
+    for the whole process, set up by the first call.
+
+    Launched by ``torchrun`` with several processes, that call joins their process group: gloo for
+    a CPU ``device`` (or without CUDA), NCCL otherwise. A process started without torchrun joins
+    none (under ``torchrun --nproc_per_node 1`` Accelerate makes a group of one, which changes no
+    number). A single process asks for the CPU exactly when there is no CUDA, the VLM trainer's rule:
+    a MIL model trained first in the same process (``tcssa vqa demo`` trains its compressor on the
+    CPU) leaves the VQA stages their GPU.
+    """
+    import torch  # here: process settings are applied before torch loads
+    from accelerate import PartialState
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = not torch.cuda.is_available() or (several and device.startswith("cpu"))
+    # gloo by name: Accelerate would pick MPI on CPUs where torch has it
+    return PartialState(cpu=cpu, **({"backend": "gloo"} if several and cpu else {}))

@@ -40,7 +40,7 @@ class _ShortWarnings:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tcssa.train.engine import process_state
+    from tcssa.runtime import process_state
     from tcssa.train.runs import train_run
 
     config = train_config(args)
@@ -90,7 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tcssa.io.runs import comparison_markdown
-    from tcssa.train.engine import process_state
+    from tcssa.runtime import process_state
     from tcssa.train.runs import compare
 
     config = train_config(args)

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tcssa.io.features import FEATURE_EXTENSIONS, read_bag, write_slot_tokens
-from tcssa.train.engine import process_device, process_state
+from tcssa.runtime import process_state
+from tcssa.train.engine import process_device
 from tcssa.train.runs import load_checkpoint
 
 

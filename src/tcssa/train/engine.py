@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -68,6 +67,7 @@ from tcssa.data import collate_bags
 from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
 from tcssa.io.runs import RESUME_STATE, append_metrics_log, write_metrics_log
 from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
+from tcssa.runtime import process_state
 from tcssa.train.config import TrainConfig
 from tcssa.train.metrics import MissingClassWarning, classification_metrics
 
@@ -114,23 +114,6 @@ class Predictions:
 
 
 # -------------------------------------------------------------- processes
-def process_state(device: str = "auto") -> PartialState:
-    """Accelerate's state of this process (``process_index``, ``num_processes``, ...): one object
-    for the whole process, set up by the first call.
-
-    Launched by ``torchrun`` with several processes, that call joins their process group: gloo for
-    a CPU ``device`` (or without CUDA), NCCL otherwise. A process started without torchrun joins
-    none (under ``torchrun --nproc_per_node 1`` Accelerate makes a group of one, which changes no
-    number). A single process asks for the CPU exactly when there is no CUDA, the VLM trainer's rule:
-    a MIL model trained first in the same process (``tcssa vqa demo`` trains its compressor on the
-    CPU) leaves the VQA stages their GPU.
-    """
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = not torch.cuda.is_available() or (several and device.startswith("cpu"))
-    # gloo by name: Accelerate would pick MPI on CPUs where torch has it
-    return PartialState(cpu=cpu, **({"backend": "gloo"} if several and cpu else {}))
-
-
 def process_device(requested: str = "auto") -> torch.device:
     """The device of this process: ``auto`` means CUDA when present, else CPU; under several
     processes ``cuda`` is this process's GPU (``cuda:LOCAL_RANK``)."""

@@ -63,8 +63,9 @@ from tcssa.io.runs import (
     write_summary,
 )
 from tcssa.mil import MODEL_NAMES, build_model
+from tcssa.runtime import process_state
 from tcssa.train.config import TrainConfig
-from tcssa.train.engine import derived_seed, evaluate, fit, process_device, process_state
+from tcssa.train.engine import derived_seed, evaluate, fit, process_device
 from tcssa.train.metrics import summarize_folds, warn_if_collapsed
 
 # Options that change how a run executes, not what it computes: they may differ on --resume.

@@ -22,13 +22,12 @@ killed run are ignored). A slide that fails (not a slide, a truncated file, an u
 magnification the slide does not have) is reported with the reason and the run goes on; the
 failures are listed in the result. Under ``torchrun`` each process takes ``slides[rank::world]``;
 the processes find each other through Accelerate's ``PartialState`` (gloo on the CPU), as
-tcssa.train.engine.process_state does. Progress bars (slides, and the tiles of each slide) show on
+tcssa.runtime.process_state does. Progress bars (slides, and the tiles of each slide) show on
 the main process only.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,13 +37,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import tcssa
 from tcssa.io import geojson
 from tcssa.io.features import FeatureFileWriter
+from tcssa.runtime import process_state
 from tcssa.wsi import encoders, tiling, tissue
 from tcssa.wsi import slide as slide_reader
 
@@ -172,14 +171,9 @@ def process_share(device: str = "auto") -> tuple[int, int, bool, int]:
     """(rank, world size, is main process, local rank) of this process.
 
     Launched by ``torchrun`` with several processes, the first call joins their process group
-    through Accelerate: gloo for a CPU ``device`` (or without CUDA), NCCL otherwise; a process
-    started without torchrun joins none. (tcssa.train.engine.process_state's rule; ``wsi`` may not
-    import ``train``.)
+    (``tcssa.runtime.process_state``); a process started without torchrun joins none.
     """
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = not torch.cuda.is_available() or (several and device.startswith("cpu"))
-    # gloo by name: Accelerate would pick MPI on CPUs where torch has it
-    state = PartialState(cpu=cpu, **({"backend": "gloo"} if several and cpu else {}))
+    state = process_state(device)
     return state.process_index, state.num_processes, state.is_main_process, state.local_process_index
 
 
