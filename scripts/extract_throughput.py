@@ -25,7 +25,7 @@ from tcssa.wsi.encoders import build_encoder
 from tcssa.wsi.extract import extract_slide
 from tcssa.wsi.slide import open_slide
 from tcssa.wsi.tiling import read_tile, tile_slide
-from tcssa.wsi.tissue import detect_tissue
+from tcssa.wsi.tissue import detect_tissue, detection_image
 
 
 def _timed(function, *args, **kwargs):
@@ -49,7 +49,9 @@ def main() -> None:
 
     with open_slide(args.slide) as slide:
         (thumbnail, downsample), t_thumb = _timed(slide.thumbnail, 2048)
-        mask, t_tissue = _timed(detect_tissue, thumbnail, downsample)
+        mask, t_tissue = _timed(
+            lambda: detect_tissue(*detection_image(thumbnail, downsample, slide.info.mpp))
+        )
         with tempfile.TemporaryDirectory() as tmp:
             _, t_geojson = _timed(save_tissue_geojson, mask, f"{tmp}/tissue.geojson")
         grid, t_grid = _timed(

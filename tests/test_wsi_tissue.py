@@ -11,9 +11,11 @@ import pytest
 pytest.importorskip("skimage", reason="tissue detection needs scikit-image (the wsi extra)")
 
 from tcssa.wsi.tissue import (  # noqa: E402
+    DETECTION_UM_PER_PX,
     MAX_SATURATION,
     TissueMask,
     detect_tissue,
+    detection_image,
     pen_colours,
     rgb_to_hsv,
 )
@@ -245,3 +247,30 @@ def test_real_plain_tiff_with_one_small_faint_piece():
     assert 0.001 < result.tissue_fraction < 0.01
     rows, cols = np.nonzero(result.mask)
     assert 450 < rows.mean() < 650 and 250 < cols.mean() < 450  # where the piece lies
+
+
+def test_detection_image_shrinks_a_fine_thumbnail_to_the_detection_resolution():
+    thumbnail = paint_tissue(glass(400, 300), np.pad(np.ones((200, 100), bool), ((100, 100), (100, 100))))
+    # 0.5 um/px at level 0, thumbnail at downsample 2 (1 um/px): shrunk 8 times to 8 um/px.
+    image, downsample = detection_image(thumbnail, 2.0, 0.5)
+    assert image.shape == (50, 38, 3) and image.dtype == np.uint8
+    assert downsample == pytest.approx(2.0 * 300 / 38)
+    assert 0.5 * downsample == pytest.approx(DETECTION_UM_PER_PX, rel=0.05)
+    # Box filter: the tissue block's inside keeps its colour (darkened a little by the 4% nuclei).
+    assert np.abs(image[25, 19].astype(int) - np.array(EOSIN)).max() <= 15
+    # The mask found on it covers the same level-0 area as the one found on the thumbnail itself.
+    coarse = detect_tissue(image, downsample, min_area_level0=0)
+    fine = detect_tissue(thumbnail, 2.0, min_area_level0=0)
+    area = coarse.mask.sum() * downsample**2
+    assert area == pytest.approx(fine.mask.sum() * 2.0**2, rel=0.1)
+
+
+def test_detection_image_keeps_a_coarse_thumbnail_and_rejects_a_bad_mpp():
+    thumbnail = glass(64, 64)
+    image, downsample = detection_image(thumbnail, 32.0, 0.25)  # 8 um/px already
+    assert image is thumbnail and downsample == 32.0
+    tiny = glass(3, 3)
+    assert detection_image(tiny, 1.0, 0.25)[0] is tiny  # too small to shrink
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="mpp"):
+            detection_image(thumbnail, 1.0, bad)

@@ -116,6 +116,11 @@ def detect_tissue(thumbnail: np.ndarray, downsample: float, **_) -> TissueMask:
     return TissueMask(thumbnail.mean(axis=-1) < 220, float(downsample))
 
 
+def detection_image(thumbnail: np.ndarray, downsample: float, mpp: float) -> tuple[np.ndarray, float]:
+    """Tissue is found on the thumbnail as it is."""
+    return thumbnail, float(downsample)
+
+
 @dataclass(frozen=True)
 class TileGrid:
     coords: np.ndarray
@@ -242,7 +247,7 @@ def fake_modules() -> dict[str, types.SimpleNamespace]:
     names = {
         "slide_reader": ("open_slide", "SlideReadError", "SlideInfo", "Slide", "magnification_from_mpp"),
         "tiling": ("tile_slide", "TileGrid", "TileDataset"),
-        "tissue": ("detect_tissue", "TissueMask"),
+        "tissue": ("detect_tissue", "detection_image", "TissueMask"),
         "encoders": ("build_encoder", "ENCODER_NAMES"),
         "geojson": ("save_tissue_geojson", "load_tissue_mask", "TissueMask"),
     }

@@ -308,7 +308,7 @@ def _extract_one(
     if mask_file is not None:
         mask = geojson.load_tissue_mask(mask_file, info.width, info.height, downsample)
     else:
-        mask = tissue.detect_tissue(thumbnail, downsample)
+        mask = tissue.detect_tissue(*tissue.detection_image(thumbnail, downsample, info.mpp))
     grid = tiling.tile_slide(
         info,
         mask.mask,

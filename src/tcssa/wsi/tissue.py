@@ -22,7 +22,21 @@ from scipy import ndimage
 # TissueMask lives in tcssa.io (the geojson/mask-image format needs it and io may not import wsi).
 from tcssa.io.geojson import TissueMask
 
-__all__ = ["TissueMask", "detect_tissue", "pen_colours", "pen_marks", "rgb_to_hsv"]
+__all__ = [
+    "TissueMask",
+    "detect_tissue",
+    "detection_image",
+    "pen_colours",
+    "pen_marks",
+    "rgb_to_hsv",
+]
+
+#: Tissue is found on an image of about this many microns per pixel, or coarser when the thumbnail
+#: already is (TRIDENT and CLAM segment at similar or coarser levels): 8 um is 16 level-0 px at 20x,
+#: so a 256-px tile at 20x still spans 16 x 16 mask pixels, ample for its tissue fraction, while
+#: detection on a finer image costs seconds for nothing a tile can use (2.6 s on a 2048-px
+#: thumbnail at 3 um/px, most of it the median filter; docs/RESULTS.md).
+DETECTION_UM_PER_PX = 8.0
 
 #: Bounds for the Otsu threshold on HSV saturation (0..1); see the module docstring.
 MIN_SATURATION = 0.05
@@ -125,6 +139,23 @@ def pen_marks(hsv: np.ndarray, downsample: float) -> np.ndarray:
     if not strokes.any():
         return strokes
     return ndimage.binary_dilation(strokes, structure=_disk(PEN_DILATION))
+
+
+def detection_image(thumbnail: np.ndarray, downsample: float, mpp: float) -> tuple[np.ndarray, float]:
+    """The thumbnail shrunk (box filter, whole factors) to about ``DETECTION_UM_PER_PX`` microns per
+    pixel, and its downsample (level-0 px per pixel); the thumbnail itself when it is that coarse
+    already. ``mpp`` is the slide's level-0 microns per pixel."""
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp (level-0 microns per pixel) must be a positive number, got {mpp}")
+    _check_thumbnail(thumbnail, downsample)
+    factor = round(DETECTION_UM_PER_PX / (mpp * downsample))
+    if factor < 2 or min(thumbnail.shape[:2]) < 2 * factor:
+        return thumbnail, float(downsample)
+    from PIL import Image  # pillow: part of the `wsi` extra, like scikit-image below
+
+    reduced = np.asarray(Image.fromarray(thumbnail).reduce(factor))
+    # Image.reduce keeps a last, partial block, so the exact scale is the ratio of the sizes.
+    return reduced, float(downsample) * thumbnail.shape[1] / reduced.shape[1]
 
 
 def detect_tissue(
