@@ -55,15 +55,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             _, t_geojson = _timed(save_tissue_geojson, mask, f"{tmp}/tissue.geojson")
         grid, t_grid = _timed(
-            tile_slide, slide.info, mask.mask, mask.downsample, target_magnification=args.magnification,
-            patch_size=args.patch_size, min_tissue=args.min_tissue,
+            tile_slide,
+            slide.info,
+            mask.mask,
+            mask.downsample,
+            target_magnification=args.magnification,
+            patch_size=args.patch_size,
+            min_tissue=args.min_tissue,
         )
         tiles, t_read = _timed(lambda: np.stack([read_tile(slide, grid, i) for i in range(len(grid))]))
     before = t_thumb + t_tissue + t_geojson + t_grid + t_read
-    print(f"{args.slide}: {len(grid)} tiles at {args.magnification}x/{args.patch_size}, "
-          f"tissue {mask.mask.mean():.3f} of the thumbnail, {torch.get_num_threads()} torch thread(s)")
-    print(f"  thumbnail {t_thumb:.2f} s, tissue {t_tissue:.2f} s, geojson {t_geojson:.2f} s, "
-          f"grid {t_grid:.3f} s, reading the tiles {t_read:.2f} s ({len(grid) / t_read:.0f} tiles/s)")
+    print(
+        f"{args.slide}: {len(grid)} tiles at {args.magnification}x/{args.patch_size}, "
+        f"tissue {mask.mask.mean():.3f} of the thumbnail, {torch.get_num_threads()} torch thread(s)"
+    )
+    print(
+        f"  thumbnail {t_thumb:.2f} s, tissue {t_tissue:.2f} s, geojson {t_geojson:.2f} s, "
+        f"grid {t_grid:.3f} s, reading the tiles {t_read:.2f} s ({len(grid) / t_read:.0f} tiles/s)"
+    )
     for name in args.encoders:
         encoder = build_encoder(name).place("cpu")
         encoder.encode(torch.as_tensor(tiles[:2]))  # warm-up: first-call allocations, not the steady rate
@@ -74,13 +83,22 @@ def main() -> None:
         t_encode = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as tmp:
             _, t_whole = _timed(
-                extract_slide, args.slide, tmp, encoder, target_magnification=args.magnification,
-                patch_size=args.patch_size, min_tissue=args.min_tissue, batch_size=args.batch_size,
-                device="cpu", progress=False,
+                extract_slide,
+                args.slide,
+                tmp,
+                encoder,
+                target_magnification=args.magnification,
+                patch_size=args.patch_size,
+                min_tissue=args.min_tissue,
+                batch_size=args.batch_size,
+                device="cpu",
+                progress=False,
             )
-        print(f"  {name}: encoder {t_encode:.2f} s ({len(tiles) / t_encode:.1f} tiles/s); everything before "
-              f"it {before:.2f} s = {100 * before / t_encode:.0f}% of the encoder's time; whole "
-              f"extract_slide {t_whole:.2f} s ({len(tiles) / t_whole:.1f} tiles/s)")
+        print(
+            f"  {name}: encoder {t_encode:.2f} s ({len(tiles) / t_encode:.1f} tiles/s); everything before "
+            f"it {before:.2f} s = {100 * before / t_encode:.0f}% of the encoder's time; whole "
+            f"extract_slide {t_whole:.2f} s ({len(tiles) / t_whole:.1f} tiles/s)"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"  peak resident memory {peak:.0f} MiB")
 

@@ -164,8 +164,16 @@ def slot_map(
     features = features_dir(out_dir, encoder) / f"{slide_path.stem}.h5"
     if not features.is_file():
         features = extract_slide(
-            slide_path, out_dir, encoder, weights=weights, mpp=mpp, target_magnification=target_magnification,
-            patch_size=patch_size, min_tissue=min_tissue, device=device, progress=progress,
+            slide_path,
+            out_dir,
+            encoder,
+            weights=weights,
+            mpp=mpp,
+            target_magnification=target_magnification,
+            patch_size=patch_size,
+            min_tissue=min_tissue,
+            device=device,
+            progress=progress,
             previews=keep_and_write,
         )
     bag = read_bag(features, extras=(TISSUE_CLASSES_EXTRA,))
@@ -192,14 +200,29 @@ def slot_map(
             thumbnail, downsample = slide.thumbnail(2048)
     size0 = int(bag.attrs.get("patch_size_level0", patch_size))
     picture = figures.slot_and_class_maps(
-        thumbnail, downsample, bag.coords.numpy(), size0, slots, model.num_slots, classes, class_names,
+        thumbnail,
+        downsample,
+        bag.coords.numpy(),
+        size0,
+        slots,
+        model.num_slots,
+        classes,
+        class_names,
         title=f"{slide_path.stem}: top-1 slot beside tissue class",
     )
     folder = out_dir / "slotmaps"
     png = figures.save_png(picture, folder / f"{slide_path.stem}.png")
     summary = folder / f"{slide_path.stem}.json"
-    write_json(summary, {"slide": str(slide_path), "features": str(features), "compressor": source,
-                         "caption": picture.caption, **asdict(agreement)})
+    write_json(
+        summary,
+        {
+            "slide": str(slide_path),
+            "features": str(features),
+            "compressor": source,
+            "caption": picture.caption,
+            **asdict(agreement),
+        },
+    )
     return SlideSlots(slide_path.stem, features, png, summary, agreement, source, picture)
 
 
