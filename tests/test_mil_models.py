@@ -9,6 +9,9 @@ D, C, K = 6, 3, 4
 # Tiny sizes keep every model fast; the architectures are the defaults otherwise.
 TINY = {
     "tcssa": dict(expert_hidden=8, head_hidden=8),
+    "tcssa-kmeans": dict(expert_hidden=8, head_hidden=8),
+    "tcssa-attn": dict(expert_hidden=8, head_hidden=8),
+    "tcssa-kmeans-attn": dict(expert_hidden=8, head_hidden=8),
     "abmil": dict(embed_dims=(8,), attention_dim=4),
     "abmil-gated": dict(embed_dims=(8,), attention_dim=4),
     "transmil": dict(dim=16, heads=2, num_landmarks=4, residual_kernel=5),
@@ -74,7 +77,7 @@ def test_shapes_and_interface(name):
     single, _ = model(x_one, coords=coords_one)  # N x D means one slide
     assert single.shape == (1, C)
     # mean and max pooling hand the head one token; attention models see the whole bag (None)
-    expected_tokens = K if name == "tcssa" or name.endswith("-k") else 1 if name in ("mean", "max") else None
+    expected_tokens = K if name.startswith("tcssa") or name.endswith("-k") else 1 if name in ("mean", "max") else None
     assert model.num_tokens == expected_tokens
 
 

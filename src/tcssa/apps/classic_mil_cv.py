@@ -206,7 +206,7 @@ def _result_row(name: str, model_name: str, scores: _TestScores, config: TrainCo
     return {
         "dataset": name,
         "model": model_name,
-        "tokens": config.num_slots if model_name in ("tcssa", "random-k", "kmeans-k") else "all",
+        "tokens": config.num_slots if model_name.startswith("tcssa") or model_name.endswith("-k") else "all",
         "accuracy": acc,
         "accuracy_se": float(np.std(repeat_means, ddof=1) / math.sqrt(len(repeat_means)))
         if len(repeat_means) > 1

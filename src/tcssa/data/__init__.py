@@ -5,7 +5,7 @@ Feature files themselves (``Bag``, ``read_bag``, ``write_h5``, ...) are read and
 
 from tcssa.data.classic_mil import BENCHMARK_NAMES, load_benchmark, write_benchmark_cohort
 from tcssa.data.cohort import Cohort, resolve_feature_files, validate_cohort
-from tcssa.data.dataset import BagBatch, BagDataset, collate_bags
+from tcssa.data.dataset import BagBatch, BagDataset, collate_bags, pooled_patches
 from tcssa.data.labels import TCGA_CASE_PATTERN, LabelTable, load_class_map, read_labels, save_class_map
 from tcssa.data.splits import (
     Split,
@@ -38,6 +38,7 @@ __all__ = [
     "write_benchmark_cohort",
     "save_splits",
     "collate_bags",
+    "pooled_patches",
     "load_class_map",
     "read_labels",
     "resolve_feature_files",

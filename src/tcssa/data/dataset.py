@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from tcssa.data.cohort import Cohort
 from tcssa.io.bag import Bag
@@ -162,3 +163,26 @@ def collate_bags(items: list[tuple[Bag, int]]) -> BagBatch:
             coords[row, :n] = bag.coords
     labels = torch.tensor([int(label) for _, label in items], dtype=torch.int64)
     return BagBatch(features, mask, coords, labels, [bag.slide_id for bag in bags])
+
+
+def pooled_patches(dataset: Dataset, total: int, seed: int, progress: bool = True) -> Tensor:
+    """About ``total`` patch features (M x D float32) pooled from every slide of ``dataset`` (items
+    ``(Bag, label)``): the same number drawn at random from each slide (all of a smaller slide), so
+    each slide counts alike whatever its size. The same ``seed`` and slides give the same sample.
+    """
+    if total < 1:
+        raise ValueError(f"pooled_patches: total must be >= 1, got {total}")
+    count = len(dataset)
+    if count == 0:
+        raise ValueError("pooled_patches: the dataset holds no slide")
+    per_slide = -(-total // count)
+    parts = []
+    for index in tqdm(range(count), desc="pooling training patches", disable=None if progress else True):
+        bag = dataset[index][0]
+        features = bag.features
+        n = features.shape[0]
+        if n > per_slide:
+            rng = np.random.default_rng([seed, zlib.crc32(bag.slide_id.encode())])
+            features = features[torch.from_numpy(np.sort(rng.choice(n, per_slide, replace=False)))]
+        parts.append(features.float())
+    return torch.cat(parts)

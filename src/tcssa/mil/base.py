@@ -39,6 +39,9 @@ class MILModel(nn.Module):
     name: str = "mil"
     num_tokens: int | None = None
     requires_coords: bool = False
+    #: Patches, pooled from the training slides, that ``initialise_from_patches`` wants before
+    #: training starts (0: the model has no data-dependent initialisation).
+    init_patches: int = 0
 
     def __init__(self, in_dim: int, num_classes: int) -> None:
         super().__init__()
@@ -54,6 +57,10 @@ class MILModel(nn.Module):
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    def initialise_from_patches(self, patches: Tensor, seed: int) -> None:
+        """Data-dependent initialisation from M x D patches pooled from the training slides, called
+        by the trainer once before the first epoch when ``init_patches`` > 0 (never on resume)."""
 
     def compute_loss(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,10 @@ from tcssa.mil.transmil import TransMIL
 #: name -> model class; a class whose constructor takes ``num_slots`` spends a K-token budget.
 _REGISTRY: dict[str, Callable[..., MILModel]] = {
     "tcssa": TCSSAMIL,
+    # Beyond the paper (issue 15): the k-means gate init, the attention head over slots, and both.
+    "tcssa-kmeans": functools.partial(TCSSAMIL, gate_init="kmeans"),
+    "tcssa-attn": functools.partial(TCSSAMIL, head="attention"),
+    "tcssa-kmeans-attn": functools.partial(TCSSAMIL, gate_init="kmeans", head="attention"),
     "abmil": AttentionMIL,
     "abmil-gated": GatedAttentionMIL,
     "transmil": TransMIL,
@@ -61,6 +66,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(in_dim, num_classes, **kwargs)
+    model.name = name  # a variant ("tcssa-kmeans") is named as it was asked for, in every report
     model.config = {
         "name": name,
         "in_dim": in_dim,

@@ -4,15 +4,50 @@ patch features -> TC-SSA compressor -> K slot tokens -> mean over slots -> METHO
 The three routing terms come back as separate named losses, each already
 multiplied by lambda = 0.1 (and the entropy term by its 0.5), so that
 ``task + sum(losses.values()) = task + lambda * L_aux``.
+
+Two options go beyond the paper (issue 15; the defaults are the paper's method exactly):
+``gate_init="kmeans"`` starts the gate as nearest-centroid routing over k-means centroids of
+training patches (``tcssa.method.gate_init``), and ``head="attention"`` pools the slot tokens with
+gated attention over the occupied slots instead of their mean, so that one slot holding a rare
+lesion is not 1/K of what the head sees.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
+from tcssa.method import gate_init as centroid_gate
 from tcssa.method import routing_loss
 from tcssa.method.compressor import TCSSA, CompressorOutput
 from tcssa.mil.base import ClassifierHead, MILModel
+
+#: How the K slot tokens become one slide embedding: METHOD.md's mean, or attention over slots.
+SLOT_HEADS = ("mean", "attention")
+#: Training patches pooled for the k-means gate init: enough for every phenotype above ~0.1% of
+#: the pooled patches to be sampled tens of times, few enough for k-means to take seconds.
+KMEANS_INIT_PATCHES = 32_768
+
+
+class SlotAttentionPool(nn.Module):
+    """Gated attention (Ilse et al., 2018) over a slide's slot tokens: sum_k a_k y_k with
+    a = softmax_k(w^T (tanh(V y_k) * sigmoid(U y_k))) over the slots that received a patch."""
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.attention_v = nn.Linear(dim, hidden)
+        self.attention_u = nn.Linear(dim, hidden)
+        self.attention_w = nn.Linear(hidden, 1)
+
+    def weights(self, tokens: Tensor, occupied: Tensor) -> Tensor:
+        """B x K attention weights, 0 at empty slots (``occupied`` False), summing to 1."""
+        hidden = torch.tanh(self.attention_v(tokens)) * torch.sigmoid(self.attention_u(tokens))
+        scores = self.attention_w(hidden).squeeze(-1).float()
+        # A slide always has a patch, so some slot is occupied and the softmax is defined.
+        return scores.masked_fill(~occupied, float("-inf")).softmax(dim=-1).to(tokens.dtype)
+
+    def forward(self, tokens: Tensor, occupied: Tensor) -> Tensor:
+        return (self.weights(tokens, occupied).unsqueeze(-1) * tokens).sum(dim=1)
 
 
 class TCSSAMIL(MILModel):
@@ -32,10 +67,21 @@ class TCSSAMIL(MILModel):
         aux_weight: float = routing_loss.AUX_LOSS_WEIGHT,
         head_hidden: int = 512,
         head_dropout: float = 0.3,
+        gate_init: str = "random",
+        gate_temperature: float | str = "auto",
+        head: str = "mean",
     ) -> None:
         super().__init__(in_dim, num_classes)
         if aux_weight < 0:
             raise ValueError(f"tcssa: aux_weight (lambda) must be >= 0, got {aux_weight}")
+        if gate_init not in centroid_gate.GATE_INITS:
+            raise ValueError(f"tcssa: gate_init must be one of {centroid_gate.GATE_INITS}, got {gate_init!r}")
+        if head not in SLOT_HEADS:
+            raise ValueError(f"tcssa: head must be one of {SLOT_HEADS}, got {head!r}")
+        if gate_temperature != "auto" and not (
+            isinstance(gate_temperature, int | float) and 0 < gate_temperature < float("inf")
+        ):
+            raise ValueError(f"tcssa: gate_temperature must be 'auto' or a positive number, got {gate_temperature!r}")
         self.compressor = TCSSA(
             in_dim,
             num_slots=num_slots,
@@ -45,8 +91,12 @@ class TCSSAMIL(MILModel):
             noise_std=noise_std,
         )
         self.head = ClassifierHead(in_dim, num_classes, head_hidden, head_dropout)
+        self.slot_pool = SlotAttentionPool(in_dim) if head == "attention" else None
         self.aux_weight = aux_weight
         self.num_tokens = num_slots
+        self.gate_init = gate_init
+        self.gate_temperature = gate_temperature
+        self.init_patches = KMEANS_INIT_PATCHES if gate_init == "kmeans" else 0
         # Weight of each named routing term in the objective: lambda * (1, 0.5, 1).
         self.loss_weights = {
             "switch": aux_weight,
@@ -63,9 +113,27 @@ class TCSSAMIL(MILModel):
         exploration noise), so validation can report them; coords are ignored.
         """
         out = self.routing(x, mask)
-        logits = self.head(out.tokens.mean(dim=1))
+        logits = self.head(self.pool(out))
         losses = {name: weight * out.losses[name] for name, weight in self.loss_weights.items()}
         return logits, losses
+
+    def pool(self, out: CompressorOutput) -> Tensor:
+        """The slide embedding the head sees (B x D): the mean of the K slot tokens (METHOD.md), or
+        attention over the occupied ones (``head="attention"``)."""
+        if self.slot_pool is None:
+            return out.tokens.mean(dim=1)
+        return self.slot_pool(out.tokens, out.slot_counts > 0)
+
+    def initialise_from_patches(self, patches: Tensor, seed: int) -> None:
+        """``gate_init="kmeans"``: the gate becomes nearest-centroid routing over K k-means centroids
+        of ``patches`` (M x D, pooled from the training slides); otherwise nothing changes."""
+        if self.gate_init != "kmeans":
+            return
+        centroids, spread = centroid_gate.kmeans_centroids(patches, self.num_tokens, seed)
+        temperature = spread if self.gate_temperature == "auto" else float(self.gate_temperature)
+        if not temperature > 0:  # every sampled patch on a centroid: any T ranks them the same
+            temperature = 1.0
+        centroid_gate.set_nearest_centroid_gate(self.compressor.gate, centroids, temperature)
 
     def routing(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
         """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; use in eval mode."""

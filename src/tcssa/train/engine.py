@@ -63,7 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tcssa.data import collate_bags
+from tcssa.data import collate_bags, pooled_patches
 from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
 from tcssa.io.runs import RESUME_STATE, append_metrics_log, write_metrics_log
 from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
@@ -369,6 +369,12 @@ def fit(
         best_weights = saved.get("best_model")
         if best_weights is None and state["best_epoch"] == state["epoch"]:
             best_weights = copy.deepcopy(model.state_dict())
+    elif model.init_patches > 0:
+        # Data-dependent initialisation (k-means gate init) on a fresh start only: a resumed run has
+        # its weights already. Every process draws the same sample, so the models agree.
+        init_seed = derived_seed(config.seed, fold, 7)
+        sample = pooled_patches(train_set, model.init_patches, init_seed, progress=verbose and process.is_main_process)
+        model.initialise_from_patches(sample.to(device), init_seed)
     if write:
         # The log lists exactly the epochs the state covers: lines from an epoch cut short go.
         write_metrics_log(out_dir, state["history"])
