@@ -24,7 +24,7 @@ def test_the_gate_routes_each_patch_to_its_nearest_centroid_from_the_start():
     nearest = torch.cdist(x.double(), centroids.double()).argmin(dim=1)
     assert torch.equal(gate(x).argmax(dim=1), nearest)
     # softmax(z) = softmax(-|x - c|^2 / T): the gate is the distance, not only its order.
-    expected = (-torch.cdist(x.double(), centroids.double()) ** 2 / 2.5).softmax(dim=1)
+    expected = (-(torch.cdist(x.double(), centroids.double()) ** 2) / 2.5).softmax(dim=1)
     assert torch.allclose(gate(x.double().float()).softmax(dim=1).double(), expected, atol=1e-4)
 
 

@@ -77,7 +77,8 @@ def test_shapes_and_interface(name):
     single, _ = model(x_one, coords=coords_one)  # N x D means one slide
     assert single.shape == (1, C)
     # mean and max pooling hand the head one token; attention models see the whole bag (None)
-    expected_tokens = K if name.startswith("tcssa") or name.endswith("-k") else 1 if name in ("mean", "max") else None
+    budget = name.startswith("tcssa") or name.endswith("-k")
+    expected_tokens = K if budget else 1 if name in ("mean", "max") else None
     assert model.num_tokens == expected_tokens
 
 

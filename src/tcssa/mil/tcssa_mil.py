@@ -81,7 +81,9 @@ class TCSSAMIL(MILModel):
         if gate_temperature != "auto" and not (
             isinstance(gate_temperature, int | float) and 0 < gate_temperature < float("inf")
         ):
-            raise ValueError(f"tcssa: gate_temperature must be 'auto' or a positive number, got {gate_temperature!r}")
+            raise ValueError(
+                f"tcssa: gate_temperature must be 'auto' or a positive number, got {gate_temperature!r}"
+            )
         self.compressor = TCSSA(
             in_dim,
             num_slots=num_slots,

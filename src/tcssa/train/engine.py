@@ -373,7 +373,8 @@ def fit(
         # Data-dependent initialisation (k-means gate init) on a fresh start only: a resumed run has
         # its weights already. Every process draws the same sample, so the models agree.
         init_seed = derived_seed(config.seed, fold, 7)
-        sample = pooled_patches(train_set, model.init_patches, init_seed, progress=verbose and process.is_main_process)
+        show = verbose and process.is_main_process
+        sample = pooled_patches(train_set, model.init_patches, init_seed, progress=show)
         model.initialise_from_patches(sample.to(device), init_seed)
     if write:
         # The log lists exactly the epochs the state covers: lines from an epoch cut short go.
