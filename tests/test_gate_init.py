@@ -46,6 +46,8 @@ def test_kmeans_centroids_are_deterministic_and_bad_samples_are_refused():
     a, spread_a = kmeans_centroids(x, 4, seed=9)
     b, spread_b = kmeans_centroids(x, 4, seed=9)
     assert torch.equal(a, b) and spread_a == spread_b > 0 and a.shape == (4, 5)
+    nearest_two = torch.cdist(x.double(), a).square().topk(2, dim=1, largest=False).values
+    assert spread_a == pytest.approx(float((nearest_two[:, 1] - nearest_two[:, 0]).median()) / 4.0)
     with pytest.raises(ValueError, match="at least K = 8 patches.*got 5"):
         kmeans_centroids(x[:5], 8, seed=0)
     bad = x.clone()

@@ -80,3 +80,41 @@ def test_mean_std_over_folds():
     assert all(math.isnan(v) for v in mean_std([]))
     rows = [{"auc": 0.8, "acc": 0.5}, {"auc": 1.0, "acc": 0.7}]
     assert summarize_folds(rows, ["auc"]) == pytest.approx({"auc_mean": 0.9, "auc_std": math.sqrt(0.02)})
+
+
+def test_slot_utilisation_reads_even_use_as_1_and_collapse_as_0():
+    from tcssa.io.runs import SlotUse
+    from tcssa.train.metrics import slot_utilisation, suggested_aux_weight
+
+    even = slot_utilisation(SlotUse([10, 10, 10, 10], num_patches=20))
+    assert even["slot_entropy"] == pytest.approx(1.0) and even["slot_gini"] == pytest.approx(0.0)
+    assert even["top_slot_share"] == pytest.approx(0.5) and even["slots_used"] == 4
+    one = slot_utilisation(SlotUse([0, 40, 0, 0], num_patches=20))
+    assert one["slot_entropy"] == pytest.approx(0.0) and one["slot_gini"] == pytest.approx(0.75)
+    assert one["top_slot_share"] == pytest.approx(2.0) and one["slots_used"] == 1
+    assert suggested_aux_weight(0.0) == 0.1 and suggested_aux_weight(0.1) == pytest.approx(1.0)
+
+
+def test_each_epoch_logs_slot_use_and_a_collapse_warns_once_with_a_lambda(tmp_path):
+    import json
+
+    import torch
+
+    from tcssa.mil import build_model
+    from tcssa.train.config import TrainConfig
+    from tcssa.train.engine import fit
+    from tcssa.train.metrics import SlotCollapseWarning
+    from train_fixtures import make_bags, pad_collate
+
+    items = make_bags(24, dim=8, seed=1)
+    model = build_model("tcssa", 8, 2, num_slots=4, expert_hidden=8, head_hidden=8, aux_weight=0.0)
+    with torch.no_grad():  # every patch to slot 0 first: a collapsed router
+        model.compressor.gate.weight.zero_()
+        model.compressor.gate.bias.copy_(torch.tensor([20.0, 10.0, 0.0, 0.0]))
+    config = TrainConfig(epochs=3, lr=1e-4)
+    with pytest.warns(SlotCollapseWarning, match=r"aux_weight = 0.1 \(now 0\)") as caught:
+        fit(model, items[:16], items[16:], config, collate=pad_collate, out_dir=tmp_path, verbose=False)
+    assert sum(issubclass(w.category, SlotCollapseWarning) for w in caught) == 1
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(0 <= line["slot_entropy"] <= 1 for line in lines)
+    assert lines[0]["top_slot_share"] == pytest.approx(1.0) and lines[0]["slots_used"] == 2

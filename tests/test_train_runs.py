@@ -126,7 +126,7 @@ def test_train_writes_the_run_directory_contract(cohort, tmp_path, capsys):
                  "--labels", str(test_labels), "--out", str(tmp_path / "eval_collapsed")]  # fmt: skip
     assert main(eval_args) == 0
     err = capsys.readouterr().err
-    assert "slot collapse" in err and "slot 2 receives 100% of the test-set patches" in err
+    assert "slot collapse" in err and "slot 2 receives 100% of the patches" in err
     use = _rows(tmp_path / "eval_collapsed" / "slot_utilisation.csv")
     assert float(use[2]["patch_share"]) == 1.0 and float(use[2]["share"]) == 0.5
 

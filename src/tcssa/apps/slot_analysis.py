@@ -304,3 +304,55 @@ def _embedding_plot(
         embedded.axis_notes,
         sample_note=sample_note,
     )
+
+
+def phenotype_agreement(
+    run: ModelRun, features_dir: str | Path | None = None, lesion: str = "lesion"
+) -> dict[str, float]:
+    """How well a trained model's top-1 slots follow the ground-truth phenotype of the test patches.
+
+    Per fold, over the fold's test slides only (its checkpoint never saw them): the NMI and ARI
+    (scikit-learn) between each patch's top-1 slot and its phenotype, and the same with the top-1
+    slots shuffled among the patches (``*_shuffled``: chance at the same slot sizes). For the
+    ``lesion`` phenotype, the slot that takes most lesion patches: ``lesion_purity`` (the share of
+    that slot's patches that are lesion) and ``lesion_recall`` (the share of lesion patches it takes).
+    Returns the means over the folds. Needs feature files with a ``phenotype`` dataset (``tcssa synth``).
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    features_dir = Path(features_dir) if features_dir is not None else features_dir_of(run)
+    if features_dir is None or not features_dir.is_dir():
+        raise FileNotFoundError(f"{run.name}: the features folder is not known or not found ({features_dir})")
+    per_fold: list[dict[str, float]] = []
+    for fold, slide_ids in sorted(run.prediction_slide_ids.items()):
+        checkpoint = run.fold_checkpoint(fold)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run.name}: fold {fold} has no checkpoint in {run.path}")
+        model, _ = load_checkpoint(checkpoint)
+        found, _ = resolve_feature_files(features_dir, list(slide_ids))
+        slots, phenotypes, names = [], [], None
+        for slide_id in slide_ids:
+            bag = read_bag(found[slide_id], extras=(PHENOTYPE,))
+            with torch.no_grad():
+                slots.append(top1_slots(model, bag.features))
+            phenotypes.append(np.asarray(bag.extras[PHENOTYPE]))
+            names = names or [str(n) for n in bag.attrs.get("phenotype_names", [])]
+        top1, truth = np.concatenate(slots), np.concatenate(phenotypes)
+        shuffled = np.random.default_rng(fold).permutation(top1)
+        row = {
+            "nmi": normalized_mutual_info_score(truth, top1),
+            "ari": adjusted_rand_score(truth, top1),
+            "nmi_shuffled": normalized_mutual_info_score(truth, shuffled),
+            "ari_shuffled": adjusted_rand_score(truth, shuffled),
+        }
+        if names and lesion in names and np.any(truth == names.index(lesion)):
+            is_lesion = truth == names.index(lesion)
+            slot_ids, counts = np.unique(top1[is_lesion], return_counts=True)
+            main = slot_ids[np.argmax(counts)]
+            row["lesion_purity"] = float(is_lesion[top1 == main].mean())
+            row["lesion_recall"] = float(counts.max() / is_lesion.sum())
+        per_fold.append(row)
+    if not per_fold:
+        raise ValueError(f"{run.name}: no fold predictions in {run.path}")
+    keys = sorted({k for row in per_fold for k in row})
+    return {k: float(np.mean([row[k] for row in per_fold if k in row])) for k in keys}

@@ -131,10 +131,8 @@ class TCSSAMIL(MILModel):
         of ``patches`` (M x D, pooled from the training slides); otherwise nothing changes."""
         if self.gate_init != "kmeans":
             return
-        centroids, spread = centroid_gate.kmeans_centroids(patches, self.num_tokens, seed)
-        temperature = spread if self.gate_temperature == "auto" else float(self.gate_temperature)
-        if not temperature > 0:  # every sampled patch on a centroid: any T ranks them the same
-            temperature = 1.0
+        centroids, auto = centroid_gate.kmeans_centroids(patches, self.num_tokens, seed)
+        temperature = auto if self.gate_temperature == "auto" else float(self.gate_temperature)
         centroid_gate.set_nearest_centroid_gate(self.compressor.gate, centroids, temperature)
 
     def routing(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:

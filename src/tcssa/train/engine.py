@@ -65,11 +65,16 @@ from tqdm.auto import tqdm
 
 from tcssa.data import collate_bags, pooled_patches
 from tcssa.io.checkpoints import load_training_state, save_model, save_training_state
-from tcssa.io.runs import RESUME_STATE, append_metrics_log, write_metrics_log
+from tcssa.io.runs import RESUME_STATE, SlotUse, append_metrics_log, write_metrics_log
 from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_objective
 from tcssa.runtime import process_state
 from tcssa.train.config import TrainConfig
-from tcssa.train.metrics import MissingClassWarning, classification_metrics
+from tcssa.train.metrics import (
+    MissingClassWarning,
+    classification_metrics,
+    slot_utilisation,
+    warn_if_collapsed,
+)
 
 
 class NonFiniteLossError(ValueError):
@@ -391,6 +396,7 @@ def fit(
         train_loss = DistributedDataParallel(train_loss, device_ids=device_ids)
 
     stopped_early = state["bad_epochs"] >= config.early_stopping_patience
+    collapse_warned = False
     while state["epoch"] < config.epochs and not stopped_early:
         epoch = state["epoch"] + 1
         started = time.perf_counter()
@@ -408,6 +414,7 @@ def fit(
                     batch_size=config.eval_batch_size,
                     device=device,
                     num_workers=config.num_workers,
+                    with_routing=True,
                 )
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(
@@ -415,6 +422,14 @@ def fit(
                     "the last complete epoch is kept (resume state and best model)."
                 ) from err
             record["val_loss"] = val.loss
+            if val.slot_counts is not None:
+                # Collapse control (issue 15): how evenly the validation patches use the slots, each
+                # epoch, and one warning per fit when a slot takes over (not every epoch after).
+                use = SlotUse(val.slot_counts.tolist(), val.num_patches)
+                record.update(slot_utilisation(use))
+                if not collapse_warned and process.is_main_process:
+                    where = f"fold {fold} validation set, epoch {epoch}"
+                    collapse_warned = warn_if_collapsed(use, where, getattr(model, "aux_weight", None))
             with _quiet_metric_warnings():
                 record.update({f"val_{k}": v for k, v in val.metrics(class_names).items()})
             scheduler.step(val.loss)

@@ -154,17 +154,50 @@ def collapse_threshold(of_patches: bool, top_k: int = 2) -> float:
     return COLLAPSE_SHARE if of_patches else COLLAPSE_SHARE / top_k
 
 
-def warn_if_collapsed(use: SlotUse, where: str) -> None:
-    """Warn (SlotCollapseWarning) when one slot receives more than COLLAPSE_SHARE of the patches."""
+def slot_utilisation(use: SlotUse) -> dict[str, float]:
+    """How evenly the slots are used (issue 15, collapse control), from one set of slot counts.
+
+    ``slot_entropy``: the entropy of the slots' shares of all assignments over log K (1 = every slot
+    alike, 0 = one slot takes everything); ``slot_gini``: the Gini coefficient of the counts (0 =
+    even, (K-1)/K = one slot); ``top_slot_share``: the largest slot's share of the patches (the
+    collapse rule compares it with ``COLLAPSE_SHARE``); ``slots_used``: slots that got a patch.
+    """
+    counts = np.asarray(use.counts, dtype=np.float64)
+    k = len(counts)
+    total = counts.sum()
+    if k == 0 or total == 0:
+        return {"slot_entropy": float("nan"), "slot_gini": float("nan"), "top_slot_share": 0.0,
+                "slots_used": 0}  # fmt: skip
+    shares = counts / total
+    nonzero = shares[shares > 0]
+    entropy = float(-(nonzero * np.log(nonzero)).sum() / np.log(k)) if k > 1 else 1.0
+    ordered = np.sort(counts)
+    gini = float((2 * np.arange(1, k + 1) - k - 1).dot(ordered) / (k * total))
+    return {"slot_entropy": entropy, "slot_gini": gini, "top_slot_share": float(max(use.patch_shares)),
+            "slots_used": int((counts > 0).sum())}  # fmt: skip
+
+
+def suggested_aux_weight(current: float | None) -> float:
+    """A lambda to try after a collapse: ten times the current one, and at least the paper's 0.1."""
+    return max(0.1, 10 * current) if current else 0.1
+
+
+def warn_if_collapsed(use: SlotUse, where: str, aux_weight: float | None = None) -> bool:
+    """Warn (SlotCollapseWarning) when one slot receives more than COLLAPSE_SHARE of the patches,
+    suggesting a lambda (``suggested_aux_weight`` of the model's ``aux_weight`` when known). Returns
+    whether it warned."""
     patch_shares = use.patch_shares
     top = int(np.argmax(patch_shares))
     if patch_shares[top] > COLLAPSE_SHARE:
         used = sum(c > 0 for c in use.counts)
+        now = f" (now {aux_weight:g})" if aux_weight is not None else ""
         warnings.warn(
-            f"slot collapse on {where}: slot {top} receives {patch_shares[top]:.0%} of the test-set "
+            f"slot collapse on {where}: slot {top} receives {patch_shares[top]:.0%} of the "
             f"patches ({use.shares[top]:.0%} of all routing assignments; {used} of {len(use.counts)} "
-            "slots used). The paper sees this when the auxiliary loss weight lambda is too low; try a "
-            "larger model option aux_weight.",
+            "slots used). The paper sees this when the auxiliary loss weight lambda is too low; try "
+            f"the model option aux_weight = {suggested_aux_weight(aux_weight):g}{now}.",
             SlotCollapseWarning,
             stacklevel=2,
         )
+        return True
+    return False

@@ -416,7 +416,7 @@ def _run_folds(
         if preds.slot_counts is not None:
             slot_use[fold] = SlotUse(preds.slot_counts.tolist(), preds.num_patches)
             if process.is_main_process:
-                warn_if_collapsed(slot_use[fold], f"fold {fold}")
+                warn_if_collapsed(slot_use[fold], f"fold {fold} test set", getattr(model, "aux_weight", None))
         if process.is_main_process and fold_folder is not None:
             write_text(out_dir / fold_predictions_file(fold), predictions_csv(preds))
             write_json(
