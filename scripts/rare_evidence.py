@@ -122,7 +122,7 @@ def main() -> None:
     for (share, seed), folder in folders.items():
         for model, values in semantic(folder, models).items():
             sem_rows.append({"share": share, "seed": seed, "model": model, **values})
-    keys = ["nmi", "nmi_shuffled", "ari", "lesion_purity", "lesion_recall"]
+    keys = ["nmi", "nmi_shuffled", "ari", "lesion_purity", "lesion_recall", "effective_k"]
     lines += ["", "| lesion share | model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for share in args.shares:
         for model in [m for m in models if m.startswith("tcssa")]:

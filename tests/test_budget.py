@@ -258,3 +258,15 @@ def test_kmeans_pools_share_one_initialisation_and_match_each_k_alone():
             np.testing.assert_allclose(out.tokens[b].numpy(), expected, atol=1e-9)
     with pytest.raises(ValueError, match="at least one K"):
         budget.kmeans_pools(x, mask, [])
+
+
+def test_effective_slots_count_the_slots_with_a_real_share_of_the_routing_mass():
+    from tcssa.method.budget import effective_slots
+
+    # slide 0: slots 0 and 1 share the mass, slot 2 has 0.5% of it; slide 1: padding only adds -1/0.
+    weight = torch.tensor([[[0.6, 0.395], [0.5, 0.005]], [[0.9, 0.1], [0.0, 0.0]]])
+    index = torch.tensor([[[0, 1], [1, 2]], [[3, 0], [-1, -1]]])
+    assert effective_slots(weight, index, num_slots=4).tolist() == [2, 2]
+    assert effective_slots(weight, index, num_slots=4, min_share=0.0).tolist() == [3, 2]
+    with pytest.raises(ValueError, match="min_share"):
+        effective_slots(weight, index, num_slots=4, min_share=1.0)

@@ -123,3 +123,23 @@ def test_rare_phenotypes_are_kept_in_the_embedding_sample():
     embedded = embed_patches(features, "pca", max_points=100, keep=keep)
     assert len(embedded.index) == 100 and set(range(5)) <= set(embedded.index.tolist())
     assert len(rare_patches(np.zeros(50, dtype=np.int64), 100)) == 0
+
+
+def test_phenotype_agreement_scores_top1_slots_against_the_true_phenotype(tmp_path):
+    from tcssa.apps.slot_analysis import phenotype_agreement
+
+    root = write_compare_run(tmp_path / "cmp", models=("tcssa",), folds=2, num_slots=8)
+    run = load_compare_run(root).models["tcssa"]
+    features_dir = tmp_path / "features"
+    features_dir.mkdir()
+    for fold, slide_ids in run.prediction_slide_ids.items():
+        _save_checkpoint(root / "tcssa" / f"fold_{fold}", num_slots=8, seed=fold)
+        for slide_id in slide_ids:
+            _write_slide(features_dir, slide_id)
+    result = phenotype_agreement(run, features_dir)
+    assert set(result) == {"nmi", "ari", "nmi_shuffled", "ari_shuffled", "effective_k", "lesion_purity",
+                           "lesion_recall"}  # fmt: skip
+    assert 0 <= result["nmi_shuffled"] < result["nmi"] <= 1  # three separated phenotypes: slots follow
+    assert 1 <= result["effective_k"] <= 8 and 0 < result["lesion_purity"] <= 1
+    with pytest.raises(FileNotFoundError, match="features folder"):
+        phenotype_agreement(run, tmp_path / "nowhere")

@@ -26,6 +26,7 @@ from tcssa.data import resolve_feature_files
 from tcssa.io.bag import Bag
 from tcssa.io.features import peek_shape, read_bag
 from tcssa.io.runs import CompareRun, ModelRun, fold_dir
+from tcssa.method.budget import effective_slots
 from tcssa.train.runs import load_checkpoint
 from tcssa.viz.plots import Plot, slot_embedding, slot_map
 from tcssa.viz.report import SlideFigures
@@ -315,7 +316,9 @@ def phenotype_agreement(
     (scikit-learn) between each patch's top-1 slot and its phenotype, and the same with the top-1
     slots shuffled among the patches (``*_shuffled``: chance at the same slot sizes). For the
     ``lesion`` phenotype, the slot that takes most lesion patches: ``lesion_purity`` (the share of
-    that slot's patches that are lesion) and ``lesion_recall`` (the share of lesion patches it takes).
+    that slot's patches that are lesion) and ``lesion_recall`` (the share of lesion patches it takes);
+    ``effective_k``, the mean over slides of the slots with a non-negligible share of the slide's
+    routing mass (``tcssa.method.budget.effective_slots``).
     Returns the means over the folds. Needs feature files with a ``phenotype`` dataset (``tcssa synth``).
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -330,11 +333,13 @@ def phenotype_agreement(
             raise FileNotFoundError(f"{run.name}: fold {fold} has no checkpoint in {run.path}")
         model, _ = load_checkpoint(checkpoint)
         found, _ = resolve_feature_files(features_dir, list(slide_ids))
-        slots, phenotypes, names = [], [], None
+        slots, phenotypes, names, used = [], [], None, []
         for slide_id in slide_ids:
             bag = read_bag(found[slide_id], extras=(PHENOTYPE,))
             with torch.no_grad():
-                slots.append(top1_slots(model, bag.features))
+                routed = compress_slide(model, bag.features)
+            slots.append(routed.probs[0].argmax(dim=-1).numpy())
+            used.append(int(effective_slots(routed.topk_weight, routed.topk_index, model.num_tokens)[0]))
             phenotypes.append(np.asarray(bag.extras[PHENOTYPE]))
             names = names or [str(n) for n in bag.attrs.get("phenotype_names", [])]
         top1, truth = np.concatenate(slots), np.concatenate(phenotypes)
@@ -344,6 +349,7 @@ def phenotype_agreement(
             "ari": adjusted_rand_score(truth, top1),
             "nmi_shuffled": normalized_mutual_info_score(truth, shuffled),
             "ari_shuffled": adjusted_rand_score(truth, shuffled),
+            "effective_k": float(np.mean(used)),
         }
         if names and lesion in names and np.any(truth == names.index(lesion)):
             is_lesion = truth == names.index(lesion)

@@ -280,3 +280,25 @@ def grid_pool(x: Tensor, coords: Tensor | None, mask: Tensor | None, k: int) -> 
                 assignment[b, real] = _kd_cells(coords[b, real], k)
     tokens, counts = pool_by_assignment(x, assignment, k)
     return BudgetTokens(tokens, counts > 0, assignment)
+
+
+# ------------------------------------------------------------------ effective K (issue 15)
+#: A slot with less than this share of a slide's routing mass (sum of its truncated weights P~) is
+#: negligible: dropping its token would change the slide's tokens by almost nothing.
+NEGLIGIBLE_SLOT_MASS = 0.01
+
+
+def effective_slots(
+    topk_weight: Tensor, topk_index: Tensor, num_slots: int, min_share: float = NEGLIGIBLE_SLOT_MASS
+) -> Tensor:
+    """Per slide (B), the slots holding at least ``min_share`` of its routing mass: the K a slide
+    really uses. ``topk_weight``/``topk_index`` (B x N x top_k) are the compressor's, 0 and -1 at
+    padding (padding adds no mass)."""
+    if not 0 <= min_share < 1:
+        raise ValueError(f"min_share must be in [0, 1), got {min_share}")
+    weight = topk_weight.clamp(min=0).to(torch.float64)
+    index = topk_index.clamp(min=0)
+    mass = torch.zeros(weight.shape[0], num_slots, dtype=torch.float64, device=weight.device)
+    mass.scatter_add_(1, index.flatten(1), weight.flatten(1))
+    share = mass / mass.sum(dim=1, keepdim=True).clamp(min=1e-300)
+    return ((share >= min_share) & (mass > 0)).sum(dim=1)
