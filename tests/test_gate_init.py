@@ -131,3 +131,11 @@ def test_fit_initialises_the_gate_once_on_a_fresh_start_and_not_on_resume(tmp_pa
     plain = build_model("tcssa", 8, 2, num_slots=4, expert_hidden=8, head_hidden=8)
     fit(plain, items, None, config, collate=pad_collate, verbose=False)
     assert len(calls) == 1  # the paper's model asks for no patches: its gate stays as drawn
+
+
+def test_slot_counts_from_routing_alone_equal_the_full_pass():
+    model = build_model("tcssa", 6, 2, num_slots=5, expert_hidden=8, head_hidden=8).eval()
+    x = torch.randn(2, 30, 6)
+    mask = torch.arange(30)[None].expand(2, -1) < torch.tensor([[30], [17]])
+    assert torch.equal(model.slot_counts(x, mask), model.routing(x, mask).slot_counts)
+    assert torch.equal(model.slot_counts(x[0]), model.routing(x[0]).slot_counts)

@@ -42,6 +42,14 @@ class SlotSums:
         return SlotSums(*(torch.cat([getattr(p, name) for p in parts]) for name in fields))
 
 
+def count_assignments(topk_index: Tensor, mask: Tensor | None, num_slots: int) -> Tensor:
+    """B x K: the real patches assigned to each slot by top-k routing (``topk_index`` B x N x top_k)."""
+    # Counting from indices (not from weights > 0) so that an underflowed P still counts.
+    real = torch.ones_like(topk_index) if mask is None else mask.unsqueeze(-1).expand_as(topk_index)
+    counts = torch.zeros(topk_index.shape[0], num_slots, dtype=torch.long, device=topk_index.device)
+    return counts.scatter_add_(1, topk_index.flatten(1), real.flatten(1).long())
+
+
 def sum_slots(x: Tensor, mask: Tensor | None, routing: Routing, num_slots: int) -> SlotSums:
     """The sums over patches that step 5 and the routing loss need.
 
@@ -58,10 +66,7 @@ def sum_slots(x: Tensor, mask: Tensor | None, routing: Routing, num_slots: int) 
     # matmul: on CPU this beats index_add and torch.sparse (docs/RESULTS.md, "Speed and memory").
     weights = torch.zeros_like(probs).scatter_(-1, index, routing.topk_weight)  # P~, B x N x K
     lse = routing.lse
-    # Counting from indices (not from weights > 0) so that an underflowed P still counts.
-    real_assignments = torch.ones_like(index) if mask is None else mask.unsqueeze(-1).expand_as(index)
-    slot_counts = torch.zeros(probs.shape[0], num_slots, dtype=torch.long, device=probs.device)
-    slot_counts.scatter_add_(1, index.flatten(1), real_assignments.flatten(1).long())
+    slot_counts = count_assignments(index, mask, num_slots)
     if mask is None:
         prob_sum, lse_sum = probs.sum(dim=1, dtype=acc), lse.sum(dim=-1, dtype=acc)
         num_real = torch.full_like(lse_sum, probs.shape[1])

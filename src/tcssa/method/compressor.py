@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tcssa import runtime
 from tcssa.method import routing_loss
-from tcssa.method.aggregation import SlotSums, slot_means, sum_slots
+from tcssa.method.aggregation import SlotSums, count_assignments, slot_means, sum_slots
 from tcssa.method.experts import SlotExperts
 from tcssa.method.routing import Routing, route
 
@@ -114,6 +114,13 @@ class TCSSA(nn.Module):
             probs=routing.probs,
             slots=slots,
         )
+
+    @torch.no_grad()
+    def slot_counts(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """B x K patches assigned to each slot, as ``forward(x, mask).slot_counts``, from steps 1-4
+        only: the per-epoch slot-use log needs no aggregation or experts."""
+        x, mask = self._check_input(x, mask)
+        return count_assignments(self._route(x, mask).topk_index, mask, self.num_slots)
 
     # ---------------------------------------------------------- streaming
     @torch.inference_mode()

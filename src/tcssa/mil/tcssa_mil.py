@@ -135,6 +135,12 @@ class TCSSAMIL(MILModel):
         temperature = auto if self.gate_temperature == "auto" else float(self.gate_temperature)
         centroid_gate.set_nearest_centroid_gate(self.compressor.gate, centroids, temperature)
 
+    def slot_counts(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """B x K patches assigned to each slot (``routing(x, mask).slot_counts`` at a fraction of the
+        cost: routing only); use in eval mode."""
+        x, mask, _ = self.check_input(x, mask, None)
+        return self.compressor.slot_counts(x, mask)
+
     def routing(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
         """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; use in eval mode."""
         x, mask, _ = self.check_input(x, mask, None)

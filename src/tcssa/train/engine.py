@@ -270,7 +270,9 @@ def evaluate(
         try:
             logits, losses = model.compute_loss(labels, x, mask=mask, coords=coords, reduction="none")
             if route:
-                counts = model.routing(x, mask).slot_counts.sum(dim=0).cpu()
+                counter = getattr(model, "slot_counts", None)  # routing only, when the model has it
+                per_slide = counter(x, mask) if counter is not None else model.routing(x, mask).slot_counts
+                counts = per_slide.sum(dim=0).cpu()
                 slot_counts = counts if slot_counts is None else slot_counts + counts
         except (RuntimeError, MemoryError) as err:
             if _is_out_of_memory(err):
