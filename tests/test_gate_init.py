@@ -139,3 +139,18 @@ def test_slot_counts_from_routing_alone_equal_the_full_pass():
     mask = torch.arange(30)[None].expand(2, -1) < torch.tensor([[30], [17]])
     assert torch.equal(model.slot_counts(x, mask), model.routing(x, mask).slot_counts)
     assert torch.equal(model.slot_counts(x[0]), model.routing(x[0]).slot_counts)
+
+
+def test_a_centred_model_ignores_a_shift_shared_by_every_patch_of_a_slide():
+    centred = build_model("tcssa-centred-kmeans", 6, 2, num_slots=4, expert_hidden=8, head_hidden=8)
+    plain = build_model("tcssa-kmeans", 6, 2, num_slots=4, expert_hidden=8, head_hidden=8)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(6))
+    shift = torch.tensor([2.0, -1.0, 0.5, 0.0, 3.0, 1.0])  # a stain shift: the same for every patch
+    for model in (centred, plain):
+        model.initialise_from_patches(x, seed=0)
+        model.eval()
+    assert torch.allclose(centred.predict(x), centred.predict(x + shift), atol=1e-5)
+    assert not torch.allclose(plain.predict(x), plain.predict(x + shift), atol=1e-3)
+    # The init's pooled patches are centred per slide the same way.
+    assert torch.allclose(centred.patch_transform(x + shift), centred.patch_transform(x), atol=1e-5)
+    assert torch.equal(plain.patch_transform(x), x)

@@ -12,6 +12,8 @@ TINY = {
     "tcssa-kmeans": dict(expert_hidden=8, head_hidden=8),
     "tcssa-attn": dict(expert_hidden=8, head_hidden=8),
     "tcssa-kmeans-attn": dict(expert_hidden=8, head_hidden=8),
+    "tcssa-centred-kmeans": dict(expert_hidden=8, head_hidden=8),
+    "tcssa-centred-kmeans-attn": dict(expert_hidden=8, head_hidden=8),
     "abmil": dict(embed_dims=(8,), attention_dim=4),
     "abmil-gated": dict(embed_dims=(8,), attention_dim=4),
     "transmil": dict(dim=16, heads=2, num_landmarks=4, residual_kernel=5),

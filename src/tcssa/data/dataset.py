@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,10 +166,17 @@ def collate_bags(items: list[tuple[Bag, int]]) -> BagBatch:
     return BagBatch(features, mask, coords, labels, [bag.slide_id for bag in bags])
 
 
-def pooled_patches(dataset: Dataset, total: int, seed: int, progress: bool = True) -> Tensor:
+def pooled_patches(
+    dataset: Dataset,
+    total: int,
+    seed: int,
+    progress: bool = True,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """About ``total`` patch features (M x D float32) pooled from every slide of ``dataset`` (items
     ``(Bag, label)``): the same number drawn at random from each slide (all of a smaller slide), so
     each slide counts alike whatever its size. The same ``seed`` and slides give the same sample.
+    ``transform`` maps each whole slide's N x D features first (e.g. centring on the slide's mean).
     """
     if total < 1:
         raise ValueError(f"pooled_patches: total must be >= 1, got {total}")
@@ -179,7 +187,9 @@ def pooled_patches(dataset: Dataset, total: int, seed: int, progress: bool = Tru
     parts = []
     for index in tqdm(range(count), desc="pooling training patches", disable=None if progress else True):
         bag = dataset[index][0]
-        features = bag.features
+        features = bag.features.float()
+        if transform is not None:
+            features = transform(features)
         n = features.shape[0]
         if n > per_slide:
             rng = np.random.default_rng([seed, zlib.crc32(bag.slide_id.encode())])

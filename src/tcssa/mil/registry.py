@@ -23,6 +23,11 @@ _REGISTRY: dict[str, Callable[..., MILModel]] = {
     "tcssa-kmeans": functools.partial(TCSSAMIL, gate_init="kmeans"),
     "tcssa-attn": functools.partial(TCSSAMIL, head="attention"),
     "tcssa-kmeans-attn": functools.partial(TCSSAMIL, gate_init="kmeans", head="attention"),
+    # ... and with every slide centred on its mean patch first (stain and batch shifts cancel).
+    "tcssa-centred-kmeans": functools.partial(TCSSAMIL, gate_init="kmeans", center=True),
+    "tcssa-centred-kmeans-attn": functools.partial(
+        TCSSAMIL, gate_init="kmeans", head="attention", center=True
+    ),
     "abmil": AttentionMIL,
     "abmil-gated": GatedAttentionMIL,
     "transmil": TransMIL,

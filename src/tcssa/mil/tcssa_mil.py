@@ -5,11 +5,13 @@ The three routing terms come back as separate named losses, each already
 multiplied by lambda = 0.1 (and the entropy term by its 0.5), so that
 ``task + sum(losses.values()) = task + lambda * L_aux``.
 
-Two options go beyond the paper (issue 15; the defaults are the paper's method exactly):
+Three options go beyond the paper (issue 15; the defaults are the paper's method exactly):
 ``gate_init="kmeans"`` starts the gate as nearest-centroid routing over k-means centroids of
-training patches (``tcssa.method.gate_init``), and ``head="attention"`` pools the slot tokens with
+training patches (``tcssa.method.gate_init``); ``head="attention"`` pools the slot tokens with
 gated attention over the occupied slots instead of their mean, so that one slot holding a rare
-lesion is not 1/K of what the head sees.
+lesion is not 1/K of what the head sees; ``center=True`` subtracts each slide's mean patch feature
+before the compressor, so that a shift shared by every patch of a slide (stain, scanner, batch)
+moves neither the routing nor the tokens, and the k-means centroids are drawn from centred patches.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from tcssa.method import gate_init as centroid_gate
 from tcssa.method import routing_loss
 from tcssa.method.compressor import TCSSA, CompressorOutput
-from tcssa.mil.base import ClassifierHead, MILModel
+from tcssa.mil.base import ClassifierHead, MILModel, masked_mean
 
 #: How the K slot tokens become one slide embedding: METHOD.md's mean, or attention over slots.
 SLOT_HEADS = ("mean", "attention")
@@ -70,6 +72,7 @@ class TCSSAMIL(MILModel):
         gate_init: str = "random",
         gate_temperature: float | str = "auto",
         head: str = "mean",
+        center: bool = False,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if aux_weight < 0:
@@ -99,6 +102,7 @@ class TCSSAMIL(MILModel):
         self.gate_init = gate_init
         self.gate_temperature = gate_temperature
         self.init_patches = KMEANS_INIT_PATCHES if gate_init == "kmeans" else 0
+        self.center = bool(center)
         # Weight of each named routing term in the objective: lambda * (1, 0.5, 1).
         self.loss_weights = {
             "switch": aux_weight,
@@ -135,13 +139,24 @@ class TCSSAMIL(MILModel):
         temperature = auto if self.gate_temperature == "auto" else float(self.gate_temperature)
         centroid_gate.set_nearest_centroid_gate(self.compressor.gate, centroids, temperature)
 
+    def patch_transform(self, features: Tensor) -> Tensor:
+        """One slide's N x D features as the compressor sees them (centred with ``center``); the
+        trainer draws the k-means init's patches through it."""
+        return features - features.mean(dim=0, keepdim=True) if self.center else features
+
+    def _centred(self, x: Tensor, mask: Tensor) -> Tensor:
+        if not self.center:
+            return x
+        # The mean over real patches only: padding never changes a result.
+        return x - masked_mean(x, mask).to(x.dtype).unsqueeze(1)
+
     def slot_counts(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """B x K patches assigned to each slot (``routing(x, mask).slot_counts`` at a fraction of the
         cost: routing only); use in eval mode."""
         x, mask, _ = self.check_input(x, mask, None)
-        return self.compressor.slot_counts(x, mask)
+        return self.compressor.slot_counts(self._centred(x, mask), mask)
 
     def routing(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
         """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; use in eval mode."""
         x, mask, _ = self.check_input(x, mask, None)
-        return self.compressor(x, mask)
+        return self.compressor(self._centred(x, mask), mask)

@@ -381,7 +381,8 @@ def fit(
         # its weights already. Every process draws the same sample, so the models agree.
         init_seed = derived_seed(config.seed, fold, 7)
         show = verbose and process.is_main_process
-        sample = pooled_patches(train_set, model.init_patches, init_seed, progress=show)
+        transform = getattr(model, "patch_transform", None)
+        sample = pooled_patches(train_set, model.init_patches, init_seed, progress=show, transform=transform)
         model.initialise_from_patches(sample.to(device), init_seed)
     if write:
         # The log lists exactly the epochs the state covers: lines from an epoch cut short go.
