@@ -131,6 +131,36 @@ def test_train_writes_the_run_directory_contract(cohort, tmp_path, capsys):
     assert float(use[2]["patch_share"]) == 1.0 and float(use[2]["share"]) == 0.5
 
 
+def test_compare_takes_models_with_options_for_a_sweep(cohort, tmp_path):
+    import json
+
+    from tcssa.mil import parse_model_spec
+
+    features, labels = cohort
+    out = tmp_path / "sweep"
+    args = ["compare", "--features", str(features), "--labels", str(labels), "--out", str(out),
+            "--models", "tcssa:aux_weight=0:expert_hidden=8,tcssa:aux_weight=1:expert_hidden=8",
+            "--folds", "3", "--epochs", "1", "--num-slots", "4"]  # fmt: skip
+    assert main(args) == 0
+    rows = _rows(out / "comparison.csv")
+    assert [r["model"] for r in rows] == [
+        "tcssa:aux_weight=0:expert_hidden=8",
+        "tcssa:aux_weight=1:expert_hidden=8",
+    ]
+    for row, weight in zip(rows, (0, 1), strict=True):
+        saved = json.loads((out / row["model"] / "fold_0" / "model_config.json").read_text())
+        assert saved["model"]["name"] == "tcssa" and saved["model"]["aux_weight"] == weight
+    assert parse_model_spec("abmil:embed_dims=[64]:dropout=0.1") == (
+        "abmil",
+        {"embed_dims": [64], "dropout": 0.1},
+    )
+    assert parse_model_spec("tcssa:head=attention") == ("tcssa", {"head": "attention"})
+    with pytest.raises(ValueError, match="unknown model 'clam'"):
+        parse_model_spec("clam:x=1")
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_model_spec("tcssa:aux_weight")
+
+
 def test_compare_runs_every_model_on_the_same_folds(cohort, tmp_path, capsys):
     features, labels = cohort
     out = tmp_path / "cmp"

@@ -191,7 +191,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     comparison.add_argument(
         "--models",
         required=True,
-        help="comma-separated model names, e.g. tcssa,random-k,abmil,mean",
+        help="comma-separated model names, e.g. tcssa,random-k,abmil,mean; a model with options as "
+        "NAME:KEY=VALUE[:KEY=VALUE], e.g. a lambda sweep tcssa:aux_weight=0,tcssa,tcssa:aux_weight=1",
     )
     _add_training_options(comparison, skip=("model",))  # --models names them
     comparison.set_defaults(func=_cmd_compare)

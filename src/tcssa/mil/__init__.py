@@ -8,6 +8,13 @@ probabilities. Names: see ``MODEL_NAMES``.
 """
 
 from tcssa.mil.base import ClassifierHead, MILModel, training_objective
-from tcssa.mil.registry import MODEL_NAMES, build_model
+from tcssa.mil.registry import MODEL_NAMES, build_model, parse_model_spec
 
-__all__ = ["MILModel", "ClassifierHead", "MODEL_NAMES", "build_model", "training_objective"]
+__all__ = [
+    "MILModel",
+    "ClassifierHead",
+    "MODEL_NAMES",
+    "build_model",
+    "parse_model_spec",
+    "training_objective",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,30 @@ _REGISTRY: dict[str, Callable[..., MILModel]] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"tcssa:aux_weight=0.01:noise_std=0"`` -> ``("tcssa", {"aux_weight": 0.01, "noise_std": 0})``.
+
+    A model of ``tcssa compare --models`` with constructor options, so that one comparison can hold a
+    sweep (lambda in {0, 0.01, 0.1, 1}). Values are read as JSON (numbers, true/false, null, lists),
+    anything else as a string. The name must be registered; the options are checked when the model
+    is built.
+    """
+    name, *parts = spec.strip().split(":")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r} in {spec!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, sep, text = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model option {part!r} in {spec!r} is not KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options[key.strip()] = value
+    return name, options
 
 
 def build_model(

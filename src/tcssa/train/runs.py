@@ -62,7 +62,7 @@ from tcssa.io.runs import (
     write_eval_slot_use,
     write_summary,
 )
-from tcssa.mil import MODEL_NAMES, build_model
+from tcssa.mil import build_model, parse_model_spec
 from tcssa.runtime import process_state
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import derived_seed, evaluate, fit, process_device
@@ -530,9 +530,7 @@ def compare(
     models = list(dict.fromkeys(models))
     if not models:
         raise ValueError("no models to compare")
-    unknown = [m for m in models if m not in MODEL_NAMES]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from: {', '.join(MODEL_NAMES)}")
+    specs = {spec: parse_model_spec(spec) for spec in models}  # "tcssa:aux_weight=0.01" too
     out_dir = Path(out_dir)
     # headers and values read once, for all models, before anything is written
     cohort = Cohort.from_folder(features_dir, labels_csv, skip_missing=skip_missing, check_files=False)
@@ -543,21 +541,22 @@ def compare(
         if process.is_main_process:
             save_splits(splits, out_dir / SPLITS_FILE)
         rows = []
-        for name in models:
+        for spec, (name, options) in specs.items():
             if process.is_main_process:
-                print(f"== {name} ==", flush=True)
+                print(f"== {spec} ==", flush=True)
+            run_config = config.override(model=name, model_options={**config.model_options, **options})
             result = train_run(
                 features_dir,
                 labels_csv,
-                out_dir / name,
-                config.override(model=name),
+                out_dir / spec,
+                run_config,
                 split_csv=split_csv,
                 splits=splits,
                 skip_missing=skip_missing,
                 resume=resume,
                 check_values=False,
             )
-            rows.append(comparison_row(result))
+            rows.append({**comparison_row(result), "model": spec})
             if process.is_main_process:
                 write_comparison(out_dir, rows)
         return rows
