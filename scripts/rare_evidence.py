@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODELS = "tcssa,tcssa-kmeans,tcssa-kmeans-attn,kmeans-k,abmil,random-k"
+DEFAULT_MODELS = "tcssa,tcssa:center=true,tcssa-centred-kmeans,tcssa-centred-kmeans-attn,kmeans-k,abmil"
 
 
 def run(command: list[str], log: Path) -> None:
