@@ -250,3 +250,19 @@ def test_damaged_mil_checkpoints_and_run_folders_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=match) as err:
             load_run(run)
         assert "slidelm.json" in str(err.value)
+
+
+def test_a_variant_checkpoint_gives_its_compressor_and_a_centred_one_is_refused(tmp_path):
+    from tcssa.io.checkpoints import save_model
+    from tcssa.mil import build_model
+
+    for name, refused in (("tcssa-kmeans-attn", False), ("tcssa-centred-kmeans", True)):
+        folder = tmp_path / name
+        model = build_model(name, D, 2, num_slots=4, expert_hidden=6)
+        save_model(folder, model, {"model": model.config, "fold": 0})
+        if refused:
+            with pytest.raises(ValueError, match="center=true"):
+                load_compressor(folder)
+        else:
+            loaded = load_compressor(folder)
+            assert torch.equal(loaded.gate.weight, model.compressor.gate.weight)

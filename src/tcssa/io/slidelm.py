@@ -125,8 +125,15 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
     config_file = path.parent / MODEL_CONFIG
     if config_file.is_file():
         saved = _read_compressor_config(config_file)
-        if saved.get("name", "tcssa") != "tcssa":
-            raise ValueError(f"{path}: a {saved['name']!r} MIL model has no TC-SSA compressor")
+        name = saved.get("name", "tcssa")
+        if not name.startswith("tcssa"):  # tcssa and its variants (tcssa-kmeans, ...) have one
+            raise ValueError(f"{path}: a {name!r} MIL model has no TC-SSA compressor")
+        if saved.get("center"):
+            raise ValueError(
+                f"{path}: a slide-centred {name!r} model (center=true) routes each slide minus its mean "
+                "patch; the slide-language model feeds its compressor uncentred features. Train the "
+                "MIL model without center for use here."
+            )
         options = _saved_compressor_options(saved, config_file)
     compressor = TCSSA(dim, num_slots=num_slots, expert_hidden=hidden, **{**options, **overrides})
     try:

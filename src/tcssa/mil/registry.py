@@ -103,6 +103,11 @@ def build_model(
         "num_classes": num_classes,
         "num_slots": num_slots,
         "seed": seed,
-        **{key: list(value) if isinstance(value, tuple) else value for key, value in options.items()},
+        # A variant's fixed options (``tcssa-kmeans``: gate_init) are written out too, so that a
+        # reader of model_config.json sees them without knowing the registry.
+        **{
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in {**getattr(cls, "keywords", {}), **options}.items()
+        },
     }
     return model
