@@ -51,7 +51,9 @@ def one_cohort(args: argparse.Namespace, share: float, seed: int) -> Path:
             log,
         )  # fmt: skip
     compare = folder / "compare"
-    if not (compare / "comparison.csv").is_file():
+    done = read_aucs(folder) if (compare / "comparison.csv").is_file() else {}
+    if any(model not in done for model in args.models.split(",")):
+        # --resume keeps every model and fold already trained there and trains the rest.
         resume = ["--resume"] if compare.is_dir() else []
         run(
             [*tcssa, "compare", "--models", args.models, "--features", str(folder / "features"),
