@@ -110,7 +110,11 @@ def main() -> None:
         cells_here = [aucs[(share, seed)] for seed in args.seeds]
         row = [f"{100 * share:g}%"]
         for model in models:
-            values = np.array([cell[model] for cell in cells_here])
+            values = np.array([cell.get(model, np.nan) for cell in cells_here])
+            values = values[~np.isnan(values)]
+            if len(values) == 0:
+                row.append("n/a")
+                continue
             rows.append({"share": share, "model": model, "auc_mean": values.mean(),
                          "auc_std": values.std(ddof=1) if len(values) > 1 else float("nan"),
                          "seeds": " ".join(str(s) for s in args.seeds),
