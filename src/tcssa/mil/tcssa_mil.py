@@ -53,7 +53,8 @@ class SlotAttentionPool(nn.Module):
 
 
 class TCSSAMIL(MILModel):
-    """TC-SSA compressor followed by the mean of the K slot tokens and the classifier head."""
+    """TC-SSA compressor followed by the mean of the K slot tokens and the classifier head; with the
+    defaults, exactly the paper's model (``gate_init``, ``head`` and ``center``: the module docstring)."""
 
     name = "tcssa"
 
