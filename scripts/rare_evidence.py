@@ -38,8 +38,12 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {log}")
 
 
+def cell_folder(args: argparse.Namespace, share: float, seed: int) -> Path:
+    return Path(args.out) / f"share_{share:g}" / f"seed_{seed}"
+
+
 def one_cohort(args: argparse.Namespace, share: float, seed: int) -> Path:
-    folder = Path(args.out) / f"share_{share:g}" / f"seed_{seed}"
+    folder = cell_folder(args, share, seed)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "log.txt"
     tcssa = [sys.executable, "-m", "tcssa"]
@@ -77,7 +81,7 @@ def semantic(folder: Path, models: list[str]) -> dict[str, dict[str, float]]:
     return {
         m: phenotype_agreement(load_model_run(folder / "compare" / m), folder / "features")
         for m in models
-        if m.startswith("tcssa")
+        if m.startswith("tcssa") and (folder / "compare" / m / "summary.csv").is_file()
     }
 
 
@@ -94,12 +98,20 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--no-run", action="store_true", help="only tabulate the comparisons already there")
     args = parser.parse_args()
     models = args.models.split(",")
 
     cells = [(share, seed) for share in args.shares for seed in args.seeds]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        folders = dict(zip(cells, pool.map(lambda cell: one_cohort(args, *cell), cells), strict=True))
+    if args.no_run:  # tabulate what is there: cells without a comparison are left out, and said so
+        folders = {c: cell_folder(args, *c) for c in cells}
+        missing = [c for c, f in folders.items() if not (f / "compare" / "comparison.csv").is_file()]
+        for cell in missing:
+            print(f"not run: lesion share {cell[0]:g}, seed {cell[1]}", file=sys.stderr)
+            del folders[cell]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            folders = dict(zip(cells, pool.map(lambda cell: one_cohort(args, *cell), cells), strict=True))
 
     out = Path(args.out)
     rows, lines = [], []
@@ -107,8 +119,9 @@ def main() -> None:
     lines += [header, "|---" * (len(models) + 1) + "|"]
     aucs = {cell: read_aucs(folder) for cell, folder in folders.items()}
     for share in args.shares:
-        cells_here = [aucs[(share, seed)] for seed in args.seeds]
-        row = [f"{100 * share:g}%"]
+        seeds_here = [seed for seed in args.seeds if (share, seed) in aucs]
+        cells_here = [aucs[(share, seed)] for seed in seeds_here]
+        row = [f"{100 * share:g}% (seeds {', '.join(map(str, seeds_here))})"]
         for model in models:
             values = np.array([cell.get(model, np.nan) for cell in cells_here])
             values = values[~np.isnan(values)]
@@ -117,12 +130,12 @@ def main() -> None:
                 continue
             rows.append({"share": share, "model": model, "auc_mean": values.mean(),
                          "auc_std": values.std(ddof=1) if len(values) > 1 else float("nan"),
-                         "seeds": " ".join(str(s) for s in args.seeds),
+                         "seeds": " ".join(str(s) for s in seeds_here),
                          "per_seed": " ".join(f"{v:.3f}" for v in values)})  # fmt: skip
             spread = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
             row.append(f"{values.mean():.3f}{spread}")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"AUC, mean ± sd over cohort seeds {args.seeds} (each the mean over {args.folds} folds)."]
+    lines += ["", f"AUC, mean ± sd over the cohort seeds named (each the mean over {args.folds} folds)."]
 
     sem_rows = []
     for (share, seed), folder in folders.items():
