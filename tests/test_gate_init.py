@@ -154,3 +154,28 @@ def test_a_centred_model_ignores_a_shift_shared_by_every_patch_of_a_slide():
     # The init's pooled patches are centred per slide the same way.
     assert torch.allclose(centred.patch_transform(x + shift), centred.patch_transform(x), atol=1e-5)
     assert torch.equal(plain.patch_transform(x), x)
+
+
+def test_pooling_for_the_init_leaves_the_feature_cache_as_training_would_find_it(tmp_path):
+    from tcssa.data import BagDataset, Cohort
+    from tcssa.io.features import write_h5
+
+    features_dir = tmp_path / "features"
+    features_dir.mkdir()
+    rows = ["slide_id,label"]
+    for i in range(4):
+        write_h5(features_dir / f"s{i}.h5", torch.randn(40, 6).numpy(), None)
+        rows.append(f"s{i},{i % 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cohort = Cohort.from_folder(features_dir, tmp_path / "labels.csv")
+    dataset = BagDataset(cohort, cohort.slide_ids, cache_bytes=2**20)
+    pooled_patches(dataset, total=64, seed=0, progress=False)
+    assert dataset.cached_bytes == 0 and dataset.cache_bytes == 2**20
+    dataset[0]
+    assert dataset.cached_bytes > 0  # the cache still works after the pass
+
+
+def test_one_slot_needs_no_temperature():
+    model = build_model("tcssa-kmeans", 4, 2, num_slots=1, expert_hidden=8, head_hidden=8)
+    model.initialise_from_patches(torch.randn(20, 4), seed=0)
+    assert torch.isfinite(model.compressor.gate.weight).all()

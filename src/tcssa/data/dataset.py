@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,16 @@ class BagDataset(Dataset):
     @property
     def cached_bytes(self) -> int:
         return self._cached_bytes
+
+    @contextlib.contextmanager
+    def caching_paused(self):
+        """Reads inside add nothing to the cache: a one-off pass over the slides (the k-means init's
+        sample) leaves training to read, and cache, exactly what it would have without it."""
+        budget, self.cache_bytes = self.cache_bytes, 0
+        try:
+            yield self
+        finally:
+            self.cache_bytes = budget
 
     def _load(self, slide_id: str) -> Bag:
         bag = self._cache.get(slide_id)
@@ -185,14 +196,16 @@ def pooled_patches(
         raise ValueError("pooled_patches: the dataset holds no slide")
     per_slide = -(-total // count)
     parts = []
-    for index in tqdm(range(count), desc="pooling training patches", disable=None if progress else True):
-        bag = dataset[index][0]
-        features = bag.features.float()
-        if transform is not None:
-            features = transform(features)
-        n = features.shape[0]
-        if n > per_slide:
-            rng = np.random.default_rng([seed, zlib.crc32(bag.slide_id.encode())])
-            features = features[torch.from_numpy(np.sort(rng.choice(n, per_slide, replace=False)))]
-        parts.append(features.float())
+    paused = getattr(dataset, "caching_paused", None)
+    with paused() if paused is not None else contextlib.nullcontext():
+        for index in tqdm(range(count), desc="pooling training patches", disable=None if progress else True):
+            bag = dataset[index][0]
+            features = bag.features.float()
+            if transform is not None:
+                features = transform(features)
+            n = features.shape[0]
+            if n > per_slide:
+                rng = np.random.default_rng([seed, zlib.crc32(bag.slide_id.encode())])
+                features = features[torch.from_numpy(np.sort(rng.choice(n, per_slide, replace=False)))]
+            parts.append(features)
     return torch.cat(parts)

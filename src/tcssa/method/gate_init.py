@@ -60,6 +60,8 @@ def kmeans_centroids(patches: Tensor, k: int, seed: int) -> tuple[Tensor, float]
 def auto_temperature(patches: Tensor, centroids: Tensor) -> float:
     """T = the median gap between the squared distances to the second and the first nearest centroid,
     over ``GATE_MARGIN``; 1.0 when that gap is 0 (every patch on a centroid)."""
+    if centroids.shape[0] < 2:  # one slot: every patch goes to it, whatever T
+        return 1.0
     nearest_two = torch.cdist(patches, centroids).square().topk(2, dim=1, largest=False).values
     gap = float((nearest_two[:, 1] - nearest_two[:, 0]).median())
     return gap / GATE_MARGIN if gap > 0 else 1.0

@@ -70,6 +70,7 @@ from tcssa.mil.base import TASK_LOSS, MILModel, class_probabilities, training_ob
 from tcssa.runtime import process_state
 from tcssa.train.config import TrainConfig
 from tcssa.train.metrics import (
+    COLLAPSE_SHARE,
     MissingClassWarning,
     classification_metrics,
     slot_utilisation,
@@ -399,7 +400,8 @@ def fit(
         train_loss = DistributedDataParallel(train_loss, device_ids=device_ids)
 
     stopped_early = state["bad_epochs"] >= config.early_stopping_patience
-    collapse_warned = False
+    # A resumed fit that already warned (an earlier epoch of its log crossed the line) stays quiet.
+    collapse_warned = any(r.get("top_slot_share", 0.0) > COLLAPSE_SHARE for r in state["history"])
     while state["epoch"] < config.epochs and not stopped_early:
         epoch = state["epoch"] + 1
         started = time.perf_counter()
