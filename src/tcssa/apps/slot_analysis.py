@@ -89,14 +89,21 @@ def routing_facts(
     present, sizes = np.unique(phenotype, return_counts=True)
     rare = int(present[np.argmin(sizes)])
     rare_name = names[rare] if names and rare < len(names) else f"phenotype {rare}"
-    rare_slots, rare_counts = np.unique(top1[phenotype == rare], return_counts=True)
-    main = int(rare_slots[np.argmax(rare_counts)])
-    purity = float(np.mean(phenotype[top1 == main] == rare))
+    main, taken, purity, num_slots = dominant_slot(top1, phenotype == rare)
     return (
-        f"{text} Its rarest phenotype ({rare_name}, {int(sizes.min()):,} patches) has {len(rare_slots)} "
-        f"top-1 slot(s); slot {main} takes {int(rare_counts.max()):,} of them and is "
+        f"{text} Its rarest phenotype ({rare_name}, {int(sizes.min()):,} patches) has {num_slots} "
+        f"top-1 slot(s); slot {main} takes {taken:,} of them and is "
         f"{100 * purity:.0f}% {rare_name} among its top-1 patches."
     )
+
+
+def dominant_slot(top1: np.ndarray, members: np.ndarray) -> tuple[int, int, float, int]:
+    """Where a group of patches (``members``, a boolean mask over ``top1``'s patches) went: the slot
+    taking most of them as top-1, how many it takes, its purity (the share of that slot's patches
+    in the group) and the number of slots the group is spread over."""
+    slots, counts = np.unique(top1[members], return_counts=True)
+    main = int(slots[np.argmax(counts)])
+    return main, int(counts.max()), float(np.mean(members[top1 == main])), len(slots)
 
 
 @dataclass
@@ -353,10 +360,9 @@ def phenotype_agreement(
         }
         if names and lesion in names and np.any(truth == names.index(lesion)):
             is_lesion = truth == names.index(lesion)
-            slot_ids, counts = np.unique(top1[is_lesion], return_counts=True)
-            main = slot_ids[np.argmax(counts)]
-            row["lesion_purity"] = float(is_lesion[top1 == main].mean())
-            row["lesion_recall"] = float(counts.max() / is_lesion.sum())
+            _, taken, purity, _ = dominant_slot(top1, is_lesion)
+            row["lesion_purity"] = purity
+            row["lesion_recall"] = taken / float(is_lesion.sum())
         per_fold.append(row)
     if not per_fold:
         raise ValueError(f"{run.name}: no fold predictions in {run.path}")

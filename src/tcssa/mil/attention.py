@@ -16,6 +16,15 @@ from torch import Tensor, nn
 from tcssa.mil.base import MILModel
 
 
+def attention_scores(h: Tensor, v: nn.Linear, u: nn.Linear | None, w: nn.Linear) -> Tensor:
+    """B x N scores a_j = w^T tanh(V h_j), or w^T (tanh(V h_j) * sigmoid(U h_j)) with ``u`` (gated),
+    before the softmax; ABMIL's over patches and TC-SSA's attention head over slot tokens."""
+    hidden = torch.tanh(v(h))
+    if u is not None:
+        hidden = hidden * torch.sigmoid(u(h))
+    return w(hidden).squeeze(-1)
+
+
 class AttentionMIL(MILModel):
     """ABMIL with tanh attention; the subclass below switches on the gate."""
 
@@ -55,11 +64,8 @@ class AttentionMIL(MILModel):
 
     def _attend(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         h = self.embed(x)
-        hidden = torch.tanh(self.attention_v(h))
-        if self.attention_u is not None:
-            hidden = hidden * torch.sigmoid(self.attention_u(h))
-        scores = self.attention_w(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))
-        return h, scores.softmax(dim=1)
+        scores = attention_scores(h, self.attention_v, self.attention_u, self.attention_w)
+        return h, scores.masked_fill(~mask, float("-inf")).softmax(dim=1)
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None

@@ -16,12 +16,12 @@ moves neither the routing nor the tokens, and the k-means centroids are drawn fr
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from tcssa.method import gate_init as centroid_gate
 from tcssa.method import routing_loss
 from tcssa.method.compressor import TCSSA, CompressorOutput
+from tcssa.mil.attention import attention_scores
 from tcssa.mil.base import ClassifierHead, MILModel, masked_mean
 
 #: How the K slot tokens become one slide embedding: METHOD.md's mean, or attention over slots.
@@ -43,8 +43,7 @@ class SlotAttentionPool(nn.Module):
 
     def weights(self, tokens: Tensor, occupied: Tensor) -> Tensor:
         """B x K attention weights, 0 at empty slots (``occupied`` False), summing to 1."""
-        hidden = torch.tanh(self.attention_v(tokens)) * torch.sigmoid(self.attention_u(tokens))
-        scores = self.attention_w(hidden).squeeze(-1).float()
+        scores = attention_scores(tokens, self.attention_v, self.attention_u, self.attention_w).float()
         # A slide always has a patch, so some slot is occupied and the softmax is defined.
         return scores.masked_fill(~occupied, float("-inf")).softmax(dim=-1).to(tokens.dtype)
 

@@ -168,7 +168,7 @@ def slot_utilisation(use: SlotUse) -> dict[str, float]:
     if k == 0 or total == 0:
         return {"slot_entropy": float("nan"), "slot_gini": float("nan"), "top_slot_share": 0.0,
                 "slots_used": 0}  # fmt: skip
-    shares = counts / total
+    shares = np.asarray(use.shares)
     nonzero = shares[shares > 0]
     entropy = float(-(nonzero * np.log(nonzero)).sum() / np.log(k)) if k > 1 else 1.0
     ordered = np.sort(counts)
