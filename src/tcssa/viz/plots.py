@@ -620,3 +620,46 @@ def slot_embedding(
     if sample_note:
         caption += " " + sample_note
     return _finish(figure, f"Semantic slots: {method} of {len(points):,} patch features", caption)
+
+
+# --- slide question answering --------------------------------------------------------------------------
+
+
+def vqa_accuracy(rows: Sequence[Mapping], caption: str = "") -> Plot:
+    """Grouped bars: accuracy per category (overall, then each broad and narrow one) for each variant,
+    with the Wilson 95% interval as error bars. ``rows``: vqa_results.csv rows (variant, category,
+    accuracy, n, ci95_low, ci95_high); rows without an interval (uniform random) are drawn as a line."""
+    if not rows:
+        raise ValueError("vqa_accuracy needs at least one row")
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "uniform-random"]
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    value = {(r["variant"], r["category"]): r for r in rows}
+    figure = _new_figure(max(8.0, 1.2 * len(categories) + 2), 4.6)
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(variants))
+    for index, variant in enumerate(variants):
+        x, heights, below, above = [], [], [], []
+        for position, category in enumerate(categories):
+            row = value.get((variant, category))
+            if row is None:
+                continue
+            accuracy = float(row["accuracy"])
+            x.append(position - 0.4 + width * (index + 0.5))
+            heights.append(accuracy)
+            low, high = row.get("ci95_low", ""), row.get("ci95_high", "")
+            below.append(accuracy - float(low) if low != "" else 0.0)
+            above.append(float(high) - accuracy if high != "" else 0.0)
+        ax.bar(x, heights, width * 0.92, yerr=[below, above], capsize=2, label=variant,
+               color=model_colour(variant, variants), alpha=0.85)  # fmt: skip
+    for position, category in enumerate(categories):
+        chance = value.get(("uniform-random", category))
+        if chance is not None:
+            ax.hlines(float(chance["accuracy"]), position - 0.45, position + 0.45, **CHANCE_STYLE)
+    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy (Wilson 95% interval)")
+    ax.set_xlabel("question category")
+    ax.legend(fontsize=8, ncol=min(4, len(variants)), loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    how = "Dotted lines: uniform random choice. Bars whose intervals overlap are not told apart."
+    return _finish(figure, "Slide VQA: accuracy per question category", f"{caption}. {how}".strip())
