@@ -312,6 +312,8 @@ def effective_slots(
 
 #: ``token_budget="auto"``: keep the fewest slots whose routing mass covers this share of a slide's.
 AUTO_COVERAGE = 0.99
+#: Shares of a slide's routing mass closer than this count as equal (float32 rounding of the weights).
+COVERAGE_TOLERANCE = 1e-6
 
 
 def coverage_mask(mass: Tensor, coverage: float) -> Tensor:
@@ -328,9 +330,9 @@ def coverage_mask(mass: Tensor, coverage: float) -> Tensor:
     order = torch.sort(mass, dim=1, descending=True, stable=True)
     total = order.values.sum(dim=1, keepdim=True)
     before = order.values.cumsum(dim=1) - order.values  # mass of the heavier slots
-    # A slot is needed while the heavier ones fall short of the target (a relative tolerance keeps
-    # coverage 1 from asking for slots whose mass is below the sum's rounding).
-    needed = before < coverage * total * (1 - 1e-12)
+    # A slot is needed while the heavier ones fall short of the target by more than float32 rounding
+    # (masses come from float32 weights; coverage 1 does not ask for a slot below the sum's rounding).
+    needed = before < (coverage - COVERAGE_TOLERANCE) * total
     needed &= order.values > 0
     needed[:, 0] = True
     return torch.zeros_like(needed).scatter_(1, order.indices, needed)
