@@ -229,3 +229,13 @@ def test_the_slide_language_model_refuses_a_spatial_compressor(tmp_path):
     save_model(tmp_path, model, {"model": model.config, "class_names": ["a", "b"], "fold": 0})
     with pytest.raises(ValueError, match="spatial=true"):
         load_compressor(tmp_path)
+
+
+def test_tokens_vs_auc_draws_one_line_per_model():
+    from tcssa.viz import SweepPoint, tokens_vs_auc
+
+    points = [SweepPoint("tcssa", x, 0.6 + x / 100, 0.05) for x in (3.2, 11.0, 30.5, 32.0)]
+    points += [SweepPoint("tcssa:spatial=true", x, 0.7, float("nan")) for x in (4.0, 32.0)]
+    plot = tokens_vs_auc(points, {("tcssa", 3.2): "c=0.5"})
+    assert "tokens" in plot.figure.axes[0].get_xlabel() and plot.to_png()[:4] == b"\x89PNG"
+    assert [t.get_text() for t in plot.figure.axes[0].texts] == ["c=0.5"]
