@@ -612,8 +612,10 @@ def write_h5_in_blocks(
 
 
 #: ``tcssa compress``'s h5 of one slide's slot tokens: K x D ``tokens`` (float32), N x top-k
-#: ``topk_index`` (int64) and ``topk_weight`` (float32), K ``slot_counts`` (int64).
-SLOT_TOKEN_DATASETS = ("tokens", "topk_index", "topk_weight", "slot_counts")
+#: ``topk_index`` (int64) and ``topk_weight`` (float32), K ``slot_counts`` (int64), K ``slot_mass``
+#: (float32, each slot's routing mass sum_j P~_jk) and K ``token_mask`` (bool: the tokens a consumer
+#: should use; all True unless a token budget dropped slots, issue 15).
+SLOT_TOKEN_DATASETS = ("tokens", "topk_index", "topk_weight", "slot_counts", "slot_mass", "token_mask")
 
 
 def write_slot_tokens(path: str | Path, arrays: Mapping[str, np.ndarray], attrs: Mapping) -> Path:

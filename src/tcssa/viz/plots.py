@@ -351,6 +351,30 @@ def token_budget_sweep(
     )
 
 
+def tokens_vs_auc(
+    points: Sequence[SweepPoint], labels: Mapping[tuple[str, float], str] | None = None, caption: str = ""
+) -> Plot:
+    """Test AUC against the tokens a slide really uses (mean per slide, log2 x axis): one point per
+    routing-coverage threshold of an adaptive budget (``token_budget``), one line per model.
+    ``labels`` names a point ((model, x) -> text, e.g. "c=0.9")."""
+    figure, ax = _sweep_axes(points)
+    for (model, x), text in (labels or {}).items():
+        match = [p for p in points if p.model == model and p.x == x]
+        if match:
+            ax.annotate(text, (x, match[0].auc_mean), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    low, high = min(p.x for p in points), max(p.x for p in points)
+    ticks = [2**e for e in range(int(np.floor(np.log2(low))), int(np.ceil(np.log2(high))) + 1)]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("tokens the head sees (mean per slide, log2 scale)")
+    ax.set_ylabel("test ROC AUC (mean ± std over folds)")
+    how = (
+        "Each point: the fewest slots covering a share c of each slide's routing mass; error bars: fold std."
+    )
+    return _finish(figure, "Adaptive budget: AUC vs tokens used per slide", f"{caption} {how}".strip())
+
+
 def lesion_fraction_sweep(points: Sequence[SweepPoint], num_tokens: int = 32, caption: str = "") -> Plot:
     """Test AUC against the fraction of lesion patches in positive slides (%, log x axis)."""
     figure, ax = _sweep_axes(points)
