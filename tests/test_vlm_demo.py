@@ -11,6 +11,7 @@ from tcssa.apps.vqa_demo import (
     lesion_quadrant,
     questions_for_slide,
     run_vqa_demo,
+    slide_conversations,
 )
 from tcssa.cli import main
 from tcssa.vlm.evaluate import QuestionResult, paired_differences, wilson_interval
@@ -131,3 +132,19 @@ def test_wilson_interval_and_paired_bootstrap():
     assert same["difference"] == same["ci95_low"] == same["ci95_high"] == 0.0
     with pytest.raises(ValueError, match="different questions"):
         paired_differences(better, worse[:-1], "slots", "blind")
+
+
+def test_packed_conversations_hold_each_question_once_and_the_slide_once():
+    rng = random.Random(0)
+    items = questions_for_slide("a", "rare", TRUTH, rng) + questions_for_slide("b", "rare", TRUTH, rng)
+    conversations = slide_conversations(items, "letter", random.Random(1))
+    assert [c.slide_id for c in conversations] == ["a", "b"]
+    for conversation in conversations:
+        humans = [text for role, text in conversation.turns if role == "human"]
+        replies = [text for role, text in conversation.turns if role == "gpt"]
+        assert sum(text.count("<image>") for text in humans) == 1 and humans[0].startswith("<image>")
+        own = [i for i in items if i.slide_id == conversation.slide_id]
+        assert sorted(replies) == sorted(i.answer for i in own)  # every answer, as its letter
+        assert {h.splitlines()[-len(i.options) - 2] for h, i in zip(humans, own, strict=False)} <= {
+            i.question for i in own
+        }

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,10 @@ from tcssa.vlm.evaluate import (
     prior_baseline_rows,
     wilson_interval,
 )
-from tcssa.vlm.formats import Conversation, VQAItem
+from tcssa.vlm.formats import IMAGE_PLACEHOLDER, Conversation, VQAItem
 from tcssa.vlm.language_models import DEFAULT_LM, TINY_LM, resolve_lm
 from tcssa.vlm.pipeline import sample_text
+from tcssa.vlm.prompts import to_conversation
 from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
 from tcssa.vlm.train import prepare_stage, train_stage
 
@@ -83,20 +85,21 @@ class DemoSize:
     stage2_lr: float = 5e-3
     mil_epochs: int = 10  # TC-SSA MIL pretraining of the compressor (0: train it jointly in stage 1)
     projector_hidden: int = 2048
+    pack_questions: bool = False  # stage 2: a slide's questions in one conversation (see slide_conversations)
 
 
 # Sizes for the real pretrained LM (SmolLM2-135M): its forward and backward passes, not the slides,
 # are the cost, so the budgets fix how many questions fit (docs/RESULTS.md, "Slide VQA on SmolLM2").
 # lm_hidden, lm_layers and warm_up_steps apply to the tiny LM only.
 QUICK = DemoSize(
-    rare_slides=60, subtype_slides=0, min_patches=300, max_patches=1500, dim=64, lm_hidden=64, lm_layers=2,
+    rare_slides=40, subtype_slides=0, min_patches=300, max_patches=1500, dim=64, lm_hidden=64, lm_layers=2,
     warm_up_steps=150, stage1_epochs=1, stage2_epochs=2, batch_size=8, stage1_lr=1e-3, stage2_lr=2e-4,
-    mil_epochs=6,
+    mil_epochs=6, pack_questions=True,
 )  # fmt: skip
 FULL = DemoSize(
     rare_slides=160, subtype_slides=40, min_patches=300, max_patches=2000, dim=64, lm_hidden=64,
     lm_layers=2, warm_up_steps=300, stage1_epochs=1, stage2_epochs=2, batch_size=8, stage1_lr=1e-3,
-    stage2_lr=2e-4, mil_epochs=10,
+    stage2_lr=2e-4, mil_epochs=10, pack_questions=True,
 )  # fmt: skip
 # The tiny LM trained from scratch (``--lm tiny``, no wheel needed): more epochs, a higher rate.
 QUICK_TINY_LM = DemoSize(
@@ -289,6 +292,28 @@ def majority_answer_baseline(train_q: list[VQAItem], test_q: list[VQAItem]):
     return results
 
 
+def slide_conversations(items: list[VQAItem], mc_reply: str, rng: random.Random) -> list[Conversation]:
+    """Each slide's questions as one multi-turn conversation, in a random order: the slide tokens and
+    the chat template's system prompt are paid once per slide instead of once per question (about 0.6x
+    the tokens for four questions on SmolLM2). Only the first question carries the slide placeholder;
+    every answer is supervised."""
+    by_slide: dict[str, list[VQAItem]] = {}
+    for item in items:
+        by_slide.setdefault(item.slide_id, []).append(item)
+    conversations = []
+    for slide_id, questions in by_slide.items():
+        questions = list(questions)
+        rng.shuffle(questions)
+        turns: list[tuple[str, str]] = []
+        for index, question in enumerate(questions):
+            (_, human), (_, reply) = to_conversation(question, mc_reply).turns
+            if index:
+                human = human.replace(IMAGE_PLACEHOLDER + "\n", "", 1)
+            turns += [("human", human), ("gpt", reply)]
+        conversations.append(Conversation(f"{slide_id}:questions", slide_id, tuple(turns)))
+    return conversations
+
+
 def write_questions_csv(items: list[VQAItem], path: Path) -> None:
     """The demo's questions in the SlideBench-VQA layout (readable by ``tcssa vqa eval``)."""
     header = [
@@ -430,10 +455,19 @@ def _run_demo(out_dir, quick, seed, size, variants, lm, tiny, progress, report) 
         stage2 = SlideLMTrainConfig(stage=2, epochs=size.stage2_epochs, batch_size=size.batch_size,
                              lr=size.stage2_lr, seed=seed, progress=progress, log_every=5)  # fmt: skip
         model, tok, info = prepare_stage(2, init=run_dir / "stage1", train_config=stage2)
+        if size.pack_questions:
+            # One packed pass per epoch, each with its own question order, so an answer is not always
+            # learnt after the same earlier ones.
+            passes = max(1, math.ceil(size.stage2_epochs))
+            order = random.Random(seed)
+            samples = [c for _ in range(passes) for c in slide_conversations(train_q, reply, order)]
+            stage2 = replace(stage2, epochs=size.stage2_epochs / passes)
+        else:
+            samples = train_q
         train_stage(
             model,
             tok,
-            ConversationDataset(train_q, memory, tok, seed=seed, mc_reply=reply),
+            ConversationDataset(samples, memory, tok, seed=seed, mc_reply=reply),
             stage2,
             run_dir / "stage2",
             info,
