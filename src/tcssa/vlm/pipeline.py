@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -134,6 +135,8 @@ def blind_eval_from_files(
     prior_from: str | Path | None = None,
     limit: int | None = None,
     device: str | None = None,
+    sample: int | None = None,
+    seed: int = 0,
     report=print,
 ) -> list[dict]:
     """The language model alone, untrained for the task and shown no slide, on a question file: how
@@ -149,6 +152,11 @@ def blind_eval_from_files(
     if num_open:
         report(f"left out {num_open} open question(s): multiple-choice evaluation only")
     items = items[:limit] if limit else items
+    if sample and sample < len(items):
+        # A random subset, in file order: the files are sorted by organ, so a prefix would not do.
+        keep = sorted(random.Random(seed).sample(range(len(items)), sample))
+        items = [items[i] for i in keep]
+        report(f"a random {sample} of the questions (seed {seed})")
     if not items:
         raise ValueError(f"{questions}: no multiple-choice question to evaluate")
     folder = resolve_lm(lm, report)
@@ -170,8 +178,14 @@ def blind_eval_from_files(
         rows += accuracy_rows(results, f"{name} slide-blind ({score} log-likelihood)")
         write_predictions(results, out_dir / f"predictions_blind_{score}.csv")
     write_table(rows, out_dir / "accuracy.csv")
-    summary = {"lm": str(folder), "questions": str(questions), "n_questions": len(items),
-               "n_open_left_out": num_open, "n_skipped_records": len(result.skipped)}  # fmt: skip
+    summary = {
+        "lm": str(folder),
+        "questions": str(questions),
+        "n_questions": len(items),
+        "sample_seed": seed if sample else None,
+        "n_open_left_out": num_open,
+        "n_skipped_records": len(result.skipped),
+    }
     (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
     report(format_accuracy_table(rows))
     return rows
