@@ -266,3 +266,20 @@ def test_a_variant_checkpoint_gives_its_compressor_and_a_centred_one_is_refused(
         else:
             loaded = load_compressor(folder)
             assert torch.equal(loaded.gate.weight, model.compressor.gate.weight)
+
+
+def test_blind_evaluation_needs_no_features_and_reports_per_category(workspace, tmp_path):
+    root = workspace
+    out = tmp_path / "blind"
+    assert vqa(f"blind --lm {root}/lm --questions {root}/test.csv --out {out} --score both") == 0
+    rows = list(csv.DictReader(open(out / "accuracy.csv")))
+    methods = {r["method"] for r in rows}
+    assert {"lm slide-blind (letter log-likelihood)", "lm slide-blind (text log-likelihood)"} <= methods
+    overall = [r for r in rows if r["category"] == "overall"]
+    # every question is answered, the one whose slide has no features too: the LM never sees a slide
+    assert len({r["n"] for r in overall}) == 1 and all(r["n_missing"] == "0" for r in overall)
+    predictions = list(csv.DictReader(open(out / "predictions_blind_text.csv")))
+    assert len(predictions) == int(overall[0]["n"]) and all(p["prediction"] for p in predictions)
+    sampled = tmp_path / "sampled"
+    assert vqa(f"blind --lm {root}/lm --questions {root}/test.csv --out {sampled} --sample 2") == 0
+    assert len(list(csv.DictReader(open(sampled / "predictions_blind_letter.csv")))) == 2
