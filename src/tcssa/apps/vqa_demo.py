@@ -18,10 +18,10 @@ never from the question text; options are shuffled per question:
 
 Slides are split by case (70% train, 30% test). Stage 1 trains the projector on captions written from
 the same ground truth (LM frozen), stage 2 LoRA (r 16, alpha 32, dropout 0.05) and the projector on
-the training questions. With a real instruct LM the reply is the option's letter and a test question
-is scored by the log-probability of each letter after the prompt (one pass); the tiny LM, trained from
-scratch on a few hundred questions, cannot learn to point from slide evidence to a shuffled letter,
-so it answers and is scored with the option's text. The same LM folder, schedule and seed serve every
+the training questions. Replies are the correct option's text and a test question is scored by
+the log-likelihood of each option's text: neither LM here learnt from a few hundred questions to point
+from slide evidence to a shuffled letter (``DemoSize.reply="letter"`` keeps SlideBench's letter path).
+The same LM folder, schedule and seed serve every
 variant; only the slide tokens differ. ``blind`` skips stage 1, which trains only the slide side.
 Accuracies come with Wilson 95% intervals, and slots minus each other variant with a paired
 bootstrap interval over the same test questions.
@@ -92,6 +92,7 @@ class DemoSize:
     mil_epochs: int = 10  # TC-SSA MIL pretraining of the compressor (0: train it jointly in stage 1)
     projector_hidden: int = 2048
     pack_questions: bool = False  # stage 2: a slide's questions in one conversation (see slide_conversations)
+    reply: str = "text"  # multiple-choice replies and scoring: the option's text, or its letter
 
 
 # Sizes for the real pretrained LM (SmolLM2-135M): its forward and backward passes, not the slides,
@@ -412,10 +413,11 @@ def _run_demo(out_dir, quick, seed, size, variants, lm, tiny, progress, report) 
         f"{len(captions)} captions, {len(train_q)} training and {len(test_q)} test questions"
     )
     memory = MemoryFeatures(features)
-    # A real instruct LM answers with the option's letter (SlideBench style), read from one pass over
-    # the prompt. A two-layer LM trained from scratch on a few hundred questions cannot learn to point
-    # from the slide evidence to a shuffled letter, so it answers with the option's text.
-    reply = "text" if tiny else "letter"
+    # Answering with the option's text, scored by each option's log-likelihood: neither the tiny LM
+    # nor SmolLM2-135M learnt from a few hundred questions to point from slide evidence to a shuffled
+    # letter (SmolLM2 with letter replies: 23.9% on 46 test questions, docs/RESULTS.md); SlideBench's
+    # letter path (reply="letter", one pass per question) is there for larger models.
+    reply = size.reply
     if tiny:
         lm_dir = _prepare_tiny_lm(out_dir, size, sample_text(captions + train_q), seed, progress)
     else:
