@@ -189,6 +189,87 @@ class TCSSA(nn.Module):
             tokens.append(self._finish(SlotSums.cat(sums))[1])
         return torch.cat(tokens) if tokens else self.gate.weight.new_zeros(0, self.num_slots, self.dim)
 
+    def forward_slides(
+        self,
+        slides: Sequence[Tensor] | Tensor,
+        lengths: Sequence[int] | None = None,
+        *,
+        keep_probs: bool = False,
+    ) -> CompressorOutput:
+        """A batch of slides without padding, in training or eval mode (autograd as ``forward``).
+
+        ``slides``: a list of n_i x D slides, or one packed N_total x D tensor (the slides one after
+        another) with their ``lengths``. Routing runs per patch (for a list: slide by slide, so
+        nothing is copied; packed: one gate product over all patches), step 5 and the routing loss
+        come from per-(slide, slot) sums over each slide's own rows, and the experts run once over
+        the B x K slot tokens. Per slide, tokens, losses and gradients equal ``forward`` on that
+        slide alone (or on a padded, masked batch) to float tolerance; the loss terms are averaged
+        over the slides, as ``forward`` averages over a batch.
+
+        Returns a ``CompressorOutput`` whose ``tokens`` and ``slot_counts`` are B x K (x D), but
+        whose ``topk_index`` and ``topk_weight`` are packed, N_total x top_k (the slides' patches
+        in order; ``lengths`` splits them back), and ``probs`` is N_total x K or None.
+        """
+        parts = self._packed_parts(slides, lengths)
+        sums, indices, weights, probs = [], [], [], []
+        for i, (x, routing) in enumerate(parts):
+            if routing is None:
+                routing = self._route(x, None, where=f" of slide {i}")
+            sums.append(self._sum_slide(x, None, routing))
+            indices.append(routing.topk_index[0])
+            weights.append(routing.topk_weight[0])
+            if keep_probs:
+                probs.append(routing.probs[0])
+        slots, tokens, losses, aux = self._finish(SlotSums.cat(sums))
+        return CompressorOutput(
+            tokens=tokens,
+            aux_loss=aux,
+            losses=losses,
+            topk_index=torch.cat(indices),
+            topk_weight=torch.cat(weights),
+            slot_counts=torch.cat([s.slot_counts for s in sums]),
+            probs=torch.cat(probs) if keep_probs else None,
+            slots=slots,
+        )
+
+    def _packed_parts(
+        self, slides: Sequence[Tensor] | Tensor, lengths: Sequence[int] | None
+    ) -> list[tuple[Tensor, Routing | None]]:
+        """(1 x n_i x D slide, its routing or None: route it) for each slide of ``forward_slides``."""
+        if isinstance(slides, Tensor):
+            if lengths is None:
+                raise ValueError("forward_slides: a packed N_total x D tensor needs the slides' lengths")
+            if slides.dim() != 2:
+                raise ValueError(
+                    f"forward_slides: packed slides must be N_total x D, got {tuple(slides.shape)}"
+                )
+            lengths = [int(n) for n in lengths]
+            if not lengths or min(lengths) < 1 or sum(lengths) != slides.shape[0]:
+                raise ValueError(
+                    f"forward_slides: lengths must be >= 1 each and add up to the {slides.shape[0]} packed "
+                    f"patches, got {lengths}"
+                )
+            x, _ = self._check_input(slides, None)
+            routing = self._route(x, None, where=" of the packed slides")
+            parts, start = [], 0
+            for n in lengths:
+                rows = slice(start, start + n)
+                part = Routing(*(getattr(routing, f)[:, rows] for f in Routing.__dataclass_fields__))
+                parts.append((x[:, rows], part))
+                start += n
+            return parts
+        if lengths is not None:
+            raise ValueError("forward_slides: lengths go with a packed tensor, not with a list of slides")
+        if len(slides) == 0:
+            raise ValueError("forward_slides: no slides")
+        parts = []
+        for i, slide in enumerate(slides):
+            x, _ = self._check_input(slide, None)
+            if x.shape[0] != 1:
+                raise ValueError(f"slide {i}: expected n x D patches of one slide, got {tuple(slide.shape)}")
+            parts.append((x, None))
+        return parts
+
     def _route(self, x: Tensor, mask: Tensor | None, where: str = "", patch_offset: int = 0) -> Routing:
         """Steps 1-4 (``tcssa.method.routing``)."""
         return route(

@@ -16,6 +16,8 @@ moves neither the routing nor the tokens, and the k-means centroids are drawn fr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from tcssa.method import gate_init as centroid_gate
@@ -111,9 +113,10 @@ class TCSSAMIL(MILModel):
         }
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+        self, x: Tensor | Sequence[Tensor], mask: Tensor | None = None, coords: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and the weighted routing terms ``switch``, ``entropy``, ``z``.
+        """Logits and the weighted routing terms ``switch``, ``entropy``, ``z``; ``x`` a B x N x D
+        batch (``mask``) or a list of n_i x D slides, compressed without padding (``routing``).
 
         The terms are returned in eval mode too (then computed without
         exploration noise), so validation can report them; coords are ignored.
@@ -156,7 +159,15 @@ class TCSSAMIL(MILModel):
         x, mask, _ = self.check_input(x, mask, None)
         return self.compressor.slot_counts(self._centred(x, mask), mask)
 
-    def routing(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
-        """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; use in eval mode."""
+    def routing(self, x: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> CompressorOutput:
+        """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; use in eval mode.
+
+        ``x`` may also be a list of n_i x D slides (no mask): then they go through the compressor's
+        unpadded ``forward_slides``, in training too, and the top-2 outputs are packed."""
+        if isinstance(x, list | tuple):
+            if mask is not None:
+                raise ValueError(f"{self.name}: a list of slides takes no mask")
+            slides = [self.patch_transform(self.check_input(s, None, None)[0][0]) for s in x]
+            return self.compressor.forward_slides(slides)
         x, mask, _ = self.check_input(x, mask, None)
         return self.compressor(self._centred(x, mask), mask)

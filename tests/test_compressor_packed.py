@@ -1,0 +1,122 @@
+"""The unpadded batch path (``TCSSA.forward_slides``, issue 17): per slide, the same tokens,
+losses and gradients as the one-slide and the padded, masked ``forward``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tcssa.data.batching import pad_slides
+from tcssa.method.compressor import TCSSA
+from tcssa.mil import build_model
+from tcssa.mil.base import training_objective
+
+LENGTHS = (5, 17, 3, 11)
+
+
+def _slides(dim: int = 12, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, dim, generator=gen, dtype=torch.float64) for n in LENGTHS]
+
+
+def _model(**kwargs) -> TCSSA:
+    torch.manual_seed(0)
+    # no routing noise and no dropout: both draw differently on different paths
+    return TCSSA(12, num_slots=6, expert_dropout=0.0, noise_std=0.0, **kwargs).double().train()
+
+
+def _objective(out) -> torch.Tensor:
+    # a loss that weights every slide's tokens differently, plus the routing loss
+    scale = torch.arange(1, out.tokens.shape[0] + 1, dtype=out.tokens.dtype).view(-1, 1, 1)
+    return (scale * out.tokens.square()).sum() + out.aux_loss
+
+
+def _grads(model: TCSSA, loss: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_slides_equals_padded_forward_tokens_losses_and_gradients(packed):
+    model, slides = _model(), _slides()
+    x, mask = pad_slides(slides)
+    padded = model(x, mask)
+    out = model.forward_slides(torch.cat(slides), LENGTHS) if packed else model.forward_slides(slides)
+    torch.testing.assert_close(out.tokens, padded.tokens)
+    torch.testing.assert_close(out.slot_counts, padded.slot_counts)
+    for name in ("switch", "entropy", "z"):
+        torch.testing.assert_close(out.losses[name], padded.losses[name])
+    torch.testing.assert_close(out.aux_loss, padded.aux_loss)
+    assert out.aux_loss > 0  # training mode: the routing loss is on
+    # the packed top-2 outputs are the padded ones without the padding
+    torch.testing.assert_close(out.topk_index, padded.topk_index[mask])
+    torch.testing.assert_close(out.topk_weight, padded.topk_weight[mask])
+    for got, expected in zip(_grads(model, _objective(out)), _grads(model, _objective(padded)), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_forward_slides_equals_each_slide_alone():
+    model, slides = _model(), _slides(seed=1)
+    out = model.forward_slides(slides)
+    alone = [model(s) for s in slides]
+    for i, one in enumerate(alone):
+        torch.testing.assert_close(out.tokens[i], one.tokens[0])
+    # the routing loss of the batch is the mean of the slides' own routing losses
+    torch.testing.assert_close(out.aux_loss, torch.stack([o.aux_loss for o in alone]).mean())
+    # gradients of a sum of per-slide objectives: the same whichever path
+    expected = sum(o.tokens.square().sum() for o in alone)
+    for got, want in zip(_grads(model, out.tokens.square().sum()), _grads(model, expected), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_forward_slides_eval_matches_compress_slides_and_keeps_probs():
+    model, slides = _model(), _slides(seed=2)
+    model.eval()
+    out = model.forward_slides(slides, keep_probs=True)
+    torch.testing.assert_close(out.tokens, model.compress_slides(slides, batch_size=2))
+    assert out.probs.shape == (sum(LENGTHS), 6)
+    assert model.forward_slides(slides).probs is None
+    assert out.aux_loss == 0
+
+
+def test_forward_slides_rejects_bad_input():
+    model, slides = _model(), _slides()
+    with pytest.raises(ValueError, match="lengths"):
+        model.forward_slides(torch.cat(slides))
+    with pytest.raises(ValueError, match="add up"):
+        model.forward_slides(torch.cat(slides), [5, 5])
+    with pytest.raises(ValueError, match="add up"):
+        model.forward_slides(torch.cat(slides), [0, *LENGTHS])
+    with pytest.raises(ValueError, match="not with a list"):
+        model.forward_slides(slides, LENGTHS)
+    with pytest.raises(ValueError, match="no slides"):
+        model.forward_slides([])
+    with pytest.raises(ValueError, match="slide 1"):
+        model.forward_slides([slides[0], torch.stack([slides[1], slides[1]])])
+    bad = slides[2].clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.forward_slides([slides[0], bad])
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_mil_list_of_slides_equals_padded_batch(center):
+    torch.manual_seed(0)
+    model = build_model(
+        "tcssa", 12, 2, num_slots=6, expert_dropout=0.0, noise_std=0.0, head_dropout=0.0, center=center
+    )
+    model = model.double().train()
+    slides, labels = _slides(seed=3), torch.tensor([0, 1, 1, 0])
+    x, mask = pad_slides(slides)
+    logits, losses = model.compute_loss(labels, slides)
+    padded_logits, padded_losses = model.compute_loss(labels, x, mask)
+    torch.testing.assert_close(logits, padded_logits)
+    for name, value in padded_losses.items():
+        torch.testing.assert_close(losses[name], value)
+    params = list(model.parameters())
+    got = torch.autograd.grad(training_objective(losses), params)
+    expected = torch.autograd.grad(training_objective(padded_losses), params)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(model.predict(slides), model.predict(x, mask))
+    with pytest.raises(ValueError, match="no mask"):
+        model.routing(slides, mask)
