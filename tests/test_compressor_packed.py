@@ -120,3 +120,63 @@ def test_mil_list_of_slides_equals_padded_batch(center):
     torch.testing.assert_close(model.predict(slides), model.predict(x, mask))
     with pytest.raises(ValueError, match="no mask"):
         model.routing(slides, mask)
+
+
+# ---------------------------------------------------------------- mixed precision (issue 17)
+def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, dim, generator=gen) * 2.0
+    return torch.randn(n, dim, generator=gen) + centres[torch.randint(0, 8, (n,), generator=gen)]
+
+
+def _agreement(a, b) -> float:
+    return float((a.topk_index.sort(-1).values == b.topk_index.sort(-1).values).all(-1).float().mean())
+
+
+@pytest.mark.filterwarnings("ignore:TCSSA is running in bfloat16")
+@pytest.mark.parametrize("mode", ["bf16-gate", "bf16-aggregate"])
+def test_mixed_precision_keeps_the_top2_choice_and_the_tokens(mode):
+    torch.manual_seed(0)
+    model = TCSSA(256, num_slots=16).eval()
+    x = _clustered(4_000, 256, seed=1)
+    with torch.inference_mode():
+        full, full_listed = model(x), model.forward_slides([x[:1_000], x[1_000:]])
+        low = model.set_mixed_precision(mode)(x)
+        chunked = model.compress_chunks(x.split(1_500))
+        listed = model.forward_slides([x[:1_000], x[1_000:]])
+    assert model.mixed_precision == mode and low.tokens.dtype == torch.float32
+    assert _agreement(full, low) >= 0.995
+    if mode == "bf16-aggregate":  # the gate is float32: the same choice exactly
+        assert torch.equal(full.topk_index, low.topk_index)
+    rel = ((low.tokens - full.tokens).norm() / full.tokens.norm()).item()
+    assert 0 < rel < 1e-2  # bfloat16 did run, and stayed within 1e-2
+    # the bfloat16 product's output is rounded per chunk, so chunks agree to bfloat16 precision
+    for got, expected in ((chunked.tokens, full.tokens), (listed.tokens, full_listed.tokens)):
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    assert listed.topk_index.shape == (4_000, 2)
+    model.set_mixed_precision(None)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x).tokens, full.tokens, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:TCSSA is running in bfloat16")
+def test_bf16_gate_refines_every_patch_with_an_infinite_margin():
+    torch.manual_seed(0)
+    model = TCSSA(64, num_slots=8).eval()
+    x = _clustered(500, 64, seed=2)
+    with torch.inference_mode():
+        full = model(x)
+        refined = model.set_mixed_precision("bf16-gate", tie_margin=float("inf"))(x)
+    assert torch.equal(full.topk_index, refined.topk_index)  # every gate product redone in float32
+    torch.testing.assert_close(refined.topk_weight, full.topk_weight)
+    assert model.tie_margin == float("inf")
+
+
+def test_mixed_precision_rejects_bad_settings():
+    model = TCSSA(8, num_slots=4)
+    with pytest.raises(ValueError, match="one of"):
+        model.set_mixed_precision("fp8")
+    with pytest.raises(ValueError, match="tie_margin"):
+        model.set_mixed_precision("bf16-gate", tie_margin=-1)
+    with pytest.raises(ValueError, match="float32 model"):
+        model.bfloat16().set_mixed_precision("bf16-gate")

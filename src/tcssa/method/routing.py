@@ -34,9 +34,12 @@ def route(
     training: bool,
     where: str = "",
     patch_offset: int = 0,
+    logits: Tensor | None = None,
 ) -> Routing:
-    """Steps 1-4 for B x N x D features (mask None: every patch is real)."""
-    logits = gate(x)  # 1. z_j = W_g x_j + b
+    """Steps 1-4 for B x N x D features (mask None: every patch is real); ``logits``: step 1 done
+    already (``tcssa.method.mixed``)."""
+    if logits is None:
+        logits = gate(x)  # 1. z_j = W_g x_j + b
     check_finite(logits, where, patch_offset)
     if training and noise_std > 0:  # 2. exploration noise, training only
         logits = logits + torch.randn_like(logits) * noise_std
