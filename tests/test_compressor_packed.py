@@ -10,6 +10,9 @@ from tcssa.data.batching import pad_slides
 from tcssa.method.compressor import TCSSA
 from tcssa.mil import build_model
 from tcssa.mil.base import training_objective
+from tcssa.train.config import TrainConfig
+from tcssa.train.engine import fit
+from train_fixtures import make_bags, pad_collate
 
 LENGTHS = (5, 17, 3, 11)
 
@@ -180,3 +183,43 @@ def test_mixed_precision_rejects_bad_settings():
         model.set_mixed_precision("bf16-gate", tie_margin=-1)
     with pytest.raises(ValueError, match="float32 model"):
         model.bfloat16().set_mixed_precision("bf16-gate")
+
+
+# ---------------------------------------------------------------- TCSSAMIL(unpadded=True) in the trainer
+def _mil(unpadded: bool, **kwargs):
+    torch.manual_seed(0)
+    options = dict(num_slots=4, expert_dropout=0.0, noise_std=0.0, head_dropout=0.0, unpadded=unpadded)
+    return build_model("tcssa", 8, 2, **options, **kwargs)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_unpadded_option_gives_the_padded_numbers(center):
+    padded, unpadded = _mil(False, center=center).double(), _mil(True, center=center).double()
+    gen = torch.Generator().manual_seed(4)
+    slides = [torch.randn(n, 8, generator=gen, dtype=torch.float64) for n in (7, 2, 5)]
+    x, mask = pad_slides(slides)
+    labels = torch.tensor([1, 0, 1])
+    grads = []
+    for model in (padded, unpadded):
+        logits, losses = model.compute_loss(labels, x, mask)
+        grads.append((logits, torch.autograd.grad(training_objective(losses), list(model.parameters()))))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+    # a mask that is not a prefix takes the padded path: the same numbers still
+    shuffled = torch.tensor([[True, False, True, True, True, True, True]] + [[True] * 7] * 2)
+    torch.testing.assert_close(padded(x, shuffled)[0], unpadded(x, shuffled)[0])
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.filterwarnings("ignore::tcssa.train.metrics.SlotCollapseWarning")
+def test_trainer_fits_the_unpadded_model_to_the_padded_weights():
+    items = make_bags(20, dim=8)
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=4)
+    weights = []
+    for unpadded in (False, True):
+        model = _mil(unpadded)
+        fit(model, items[:14], items[14:], config, collate=pad_collate)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5, msg=name)

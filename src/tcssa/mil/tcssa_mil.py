@@ -12,12 +12,17 @@ gated attention over the occupied slots instead of their mean, so that one slot 
 lesion is not 1/K of what the head sees; ``center=True`` subtracts each slide's mean patch feature
 before the compressor, so that a shift shared by every patch of a slide (stain, scanner, batch)
 moves neither the routing nor the tokens, and the k-means centroids are drawn from centred patches.
+
+One option changes only the speed (issue 17): ``unpadded=True`` compresses a padded, masked batch
+slide by slide from views of its real rows (``TCSSA.forward_slides``): the same tokens, losses and
+gradients, with the routing noise drawn per slide. A list of slides is always compressed that way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from tcssa.method import gate_init as centroid_gate
@@ -75,6 +80,7 @@ class TCSSAMIL(MILModel):
         gate_temperature: float | str = "auto",
         head: str = "mean",
         center: bool = False,
+        unpadded: bool = False,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if aux_weight < 0:
@@ -105,6 +111,9 @@ class TCSSAMIL(MILModel):
         self.gate_temperature = gate_temperature
         self.init_patches = KMEANS_INIT_PATCHES if gate_init == "kmeans" else 0
         self.center = bool(center)
+        # Issue 17: a padded, masked batch goes through the compressor slide by slide, as views
+        # of its rows (forward_slides), never touching the padding; same numbers, other noise draws.
+        self.unpadded = bool(unpadded)
         # Weight of each named routing term in the objective: lambda * (1, 0.5, 1).
         self.loss_weights = {
             "switch": aux_weight,
@@ -121,7 +130,7 @@ class TCSSAMIL(MILModel):
         The terms are returned in eval mode too (then computed without
         exploration noise), so validation can report them; coords are ignored.
         """
-        out = self.routing(x, mask)
+        out = self._unpadded(x, mask) if self.unpadded and mask is not None else self.routing(x, mask)
         logits = self.head(self.pool(out))
         losses = {name: weight * out.losses[name] for name, weight in self.loss_weights.items()}
         return logits, losses
@@ -171,3 +180,17 @@ class TCSSAMIL(MILModel):
             return self.compressor.forward_slides(slides)
         x, mask, _ = self.check_input(x, mask, None)
         return self.compressor(self._centred(x, mask), mask)
+
+    def _unpadded(self, x: Tensor, mask: Tensor) -> CompressorOutput:
+        """``unpadded``: the slides of a batch whose mask is a prefix (real patches first, as
+        ``tcssa.data`` pads) as views of their real rows, through ``forward_slides``; another mask
+        takes the padded path."""
+        if isinstance(x, list | tuple):
+            return self.routing(x, mask)  # rejects the mask
+        x, mask, _ = self.check_input(x, mask, None)
+        lengths = mask.sum(dim=1)
+        prefix = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+        if not torch.equal(prefix, mask):
+            return self.compressor(self._centred(x, mask), mask)
+        slides = [self.patch_transform(x[i, :n]) for i, n in enumerate(lengths.tolist())]
+        return self.compressor.forward_slides(slides)
