@@ -279,15 +279,21 @@ class _Bench:
             c.dim, 2, c.num_slots, c.seed, c.train_batch_size
         )
         _, _, packed, packed_opt = build_classifiers(c.dim, 2, c.num_slots, c.seed, c.train_batch_size)
+        _, _, views, views_opt = build_classifiers(c.dim, 2, c.num_slots, c.seed, c.train_batch_size)
+        views.unpadded = True  # the trainer's padded batches, compressed from views of their rows
         sampler = LengthBucketSampler([len(s) for s in slides], c.train_batch_size, seed=c.seed)
         order = list(range(len(slides)))
         warmup = batched_warmup(opt, round(c.train_warmup_epochs * len(sampler)))  # as in the AUC runs
         packed_warmup = batched_warmup(packed_opt, round(c.train_warmup_epochs * len(sampler)))
+        views_warmup = batched_warmup(views_opt, round(c.train_warmup_epochs * len(sampler)))
         calls = {
             "train-reference": lambda: train_epoch_reference(reference, ref_opt, slides, labels, order),
             "train-batched": lambda: train_epoch_batched(batched, opt, slides, labels, sampler, warmup),
             "train-packed": lambda: train_epoch_packed(
                 packed, packed_opt, slides, labels, sampler, packed_warmup
+            ),
+            "train-unpadded": lambda: train_epoch_batched(
+                views, views_opt, slides, labels, sampler, views_warmup
             ),
         }
         cpu = {}
@@ -299,7 +305,10 @@ class _Bench:
             row["slides_per_s"] = len(slides) / s
             row["speedup_vs_reference"] = seconds["train-reference"] / s
             row["cpu_speedup_vs_reference"] = cpu["train-reference"] / cpu[m]
-            how = "lists of slides, no padding (forward_slides)" if m == "train-packed" else "masked"
+            how = {
+                "train-packed": "lists of slides, no padding (forward_slides)",
+                "train-unpadded": "padded and masked, compressed from views of the real rows (unpadded=True)",
+            }.get(m, "masked")
             row["note"] = (
                 "one slide per step, AdamW default (per-parameter loop)"
                 if m == "train-reference"
