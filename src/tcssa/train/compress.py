@@ -10,19 +10,36 @@ One h5 per slide in the output folder, named like the feature file
 
 with attributes naming the source file, the checkpoint and K. Eval mode: the
 output is deterministic.
+
+Under torchrun (issue 17) each process takes its share of the slides (``shard``: rank r of W takes
+every W-th file of the sorted list from the r-th), so that the processes together write each
+output once. A rerun resumes: an output that is complete and from the same checkpoint
+(``tcssa.io.features.slot_tokens_complete``) is kept; an incomplete or stale one is written again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
-from tcssa.io.features import FEATURE_EXTENSIONS, read_bag, write_slot_tokens
+from tcssa.io.features import FEATURE_EXTENSIONS, read_bag, slot_tokens_complete, write_slot_tokens
 from tcssa.runtime import process_state
 from tcssa.train.engine import process_device
 from tcssa.train.runs import load_checkpoint
+
+T = TypeVar("T")
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s share of ``items`` among ``world_size`` processes: every ``world_size``-th from
+    the ``rank``-th. The shares of ranks 0..W-1 are disjoint and together hold every item once."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+    return list(items[rank::world_size])
 
 
 def compress_folder(
@@ -32,8 +49,11 @@ def compress_folder(
     *,
     device: str = "auto",
     overwrite: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> list[Path]:
-    """Compress every feature file of ``features_dir``; returns the h5 paths this process wrote."""
+    """Compress every feature file of ``features_dir`` (this process's ``shard`` of them: ``rank`` of
+    ``world_size``, torchrun's RANK and WORLD_SIZE when not given); returns the h5 paths it wrote."""
     model, model_config = load_checkpoint(checkpoint)
     if not hasattr(model, "routing"):
         raise ValueError(
@@ -52,15 +72,20 @@ def compress_folder(
     model.to(torch_device)
     # Under torchrun each process compresses its share of the slides (one output file per slide);
     # one process compresses them all.
-    process = process_state(device)
-    mine = files[process.process_index :: process.num_processes]
-    written, skipped = [], 0
-    bar_off = None if process.is_main_process else True
+    if rank is None or world_size is None:
+        process = process_state(device)
+        rank, world_size = process.process_index, process.num_processes
+    mine = shard(files, rank, world_size)
+    written, skipped, redone = [], 0, 0
+    bar_off = None if rank == 0 else True
+    num_slots = model.compressor.num_slots
     for path in tqdm(mine, desc="compressing", unit="slide", disable=bar_off):
         target = out_dir / f"{path.stem}.h5"
         if target.exists() and not overwrite:
-            skipped += 1
-            continue
+            if slot_tokens_complete(target, num_slots, model.in_dim, checkpoint):
+                skipped += 1
+                continue
+            redone += 1
         bag = read_bag(path)
         if bag.dim != model.in_dim:
             raise ValueError(
@@ -85,4 +110,9 @@ def compress_folder(
         written.append(target)
     if skipped:
         print(f"note: {skipped} slide(s) already compressed in {out_dir} were left as they are (--overwrite)")
+    if redone:
+        print(
+            f"note: {redone} incomplete or stale output(s) in {out_dir} (another checkpoint?) "
+            "were written again"
+        )
     return written
