@@ -223,3 +223,12 @@ def test_trainer_fits_the_unpadded_model_to_the_padded_weights():
         weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # compiling takes a minute or more on a CPU
+def test_compiled_compressor_gives_the_eager_tokens():
+    model = _model().float().eval()
+    compiled = torch.compile(model, dynamic=True)
+    x = _clustered(300, 12, seed=5)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x).tokens, model(x).tokens, rtol=1e-4, atol=1e-5)
