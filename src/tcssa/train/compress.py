@@ -19,6 +19,7 @@ output once. A rerun resumes: an output that is complete and from the same check
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -76,7 +77,8 @@ def compress_folder(
         process = process_state(device)
         rank, world_size = process.process_index, process.num_processes
     mine = shard(files, rank, world_size)
-    written, skipped, redone = [], 0, 0
+    written, skipped, redone, patches = [], 0, 0, 0
+    started = time.perf_counter()
     bar_off = None if rank == 0 else True
     num_slots = model.compressor.num_slots
     for path in tqdm(mine, desc="compressing", unit="slide", disable=bar_off):
@@ -108,6 +110,14 @@ def compress_folder(
         }
         write_slot_tokens(target, arrays, attrs)
         written.append(target)
+        patches += bag.num_patches
+    if written:
+        seconds = time.perf_counter() - started
+        print(
+            f"process {rank} of {world_size}: {len(written)} slide(s), {patches:,} patches "
+            f"in {seconds:.1f} s "
+            f"({len(written) / seconds:.2f} slides/s)"
+        )
     if skipped:
         print(f"note: {skipped} slide(s) already compressed in {out_dir} were left as they are (--overwrite)")
     if redone:
