@@ -232,3 +232,16 @@ def test_compiled_compressor_gives_the_eager_tokens():
     x = _clustered(300, 12, seed=5)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x).tokens, model(x).tokens, rtol=1e-4, atol=1e-5)
+
+
+def test_token_budget_and_spatial_take_the_padded_path():
+    # token_budget needs the B x N top-2 outputs, spatial the coordinates: a list is padded first
+    model = _mil(True, token_budget=0.9).double()
+    gen = torch.Generator().manual_seed(6)
+    slides = [torch.randn(n, 8, generator=gen, dtype=torch.float64) for n in (6, 3)]
+    x, mask = pad_slides(slides)
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(model.compute_loss(labels, slides)[0], model.compute_loss(labels, x, mask)[0])
+    assert model.routing(slides).topk_index.shape == (2, 6, 2)
+    with pytest.raises(ValueError, match="coordinates"):
+        _mil(True, spatial=True).double()(slides)

@@ -76,3 +76,14 @@ def test_outputs_of_another_checkpoint_are_stale(tmp_path):
     (out / "broken.h5").write_bytes(b"not an h5 file")
     assert not slot_tokens_complete(out / "broken.h5", 3, 6)
     assert not slot_tokens_complete(out / "missing.h5", 3, 6)
+
+
+def test_a_rerun_with_another_token_budget_writes_again(tmp_path):
+    checkpoint, features = _folder(tmp_path, slides=2)
+    out = tmp_path / "slots"
+    compress_folder(checkpoint, features, out, device="cpu", rank=0, world_size=1)
+    assert compress_folder(checkpoint, features, out, device="cpu", rank=0, world_size=1) == []
+    again = compress_folder(checkpoint, features, out, device="cpu", token_budget=0.9, rank=0, world_size=1)
+    assert len(again) == 2
+    with h5py.File(again[0]) as f:
+        assert f.attrs["coverage"] == 0.9

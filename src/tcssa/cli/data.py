@@ -77,10 +77,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument(
         "--task",
-        choices=("rare", "subtype", "composition"),
+        choices=("rare", "subtype", "composition", "margin"),
         default="rare",
         help="rare: a lesion in a few %% of positive slides; subtype: 2-3 classes with a subtle tumour "
-        "shift; composition: immune-to-tumour ratio (default rare)",
+        "shift; composition: immune-to-tumour ratio; margin: every slide has a lesion, positive when it "
+        "lies at the tissue margin, negative when it lies inside (default rare)",
     )
     synth.add_argument("--slides", type=int, default=200, help="number of slides (default 200)")
     synth.add_argument("--dim", type=int, default=512, help="feature dimension D (default 512)")
@@ -97,7 +98,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[0.002, 0.05],
         metavar="F",
-        help="rare task: share of a positive slide's patches that are lesion: one value (fixed) or "
+        help="rare (and margin) task: share of a positive (margin: every) slide's patches that are "
+        "lesion: one value (fixed) or "
         "LOW HIGH (drawn log-uniform per slide; default 0.002 0.05)",
     )
     synth.add_argument(

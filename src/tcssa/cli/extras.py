@@ -9,6 +9,7 @@ OPTIONAL_PACKAGES = {
     "transformers": "vlm",
     "peft": "vlm",
     "tokenizers": "vlm",
+    "gguf": "vlm",
     "mil": "classic-mil",
 }
 

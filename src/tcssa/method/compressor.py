@@ -115,10 +115,19 @@ class TCSSA(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> CompressorOutput:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, logit_offset: Tensor | None = None
+    ) -> CompressorOutput:
+        """``logit_offset`` (B x N x K, default None: the paper's gate) is added to the gate logits
+        (``tcssa.method.routing.route``)."""
         x, mask = self._check_input(x, mask)
+        if logit_offset is not None and tuple(logit_offset.shape) != (*x.shape[:2], self.num_slots):
+            raise ValueError(
+                f"logit_offset must be B x N x K = {(*x.shape[:2], self.num_slots)}, "
+                f"got {tuple(logit_offset.shape)}"
+            )
         low = self._low(x)
-        routing = self._route(x, mask, x_low=low)
+        routing = self._route(x, mask, logit_offset=logit_offset, x_low=low)
         sums = self._sum_slide(x, mask, routing, low)
         slots, tokens, losses, aux = self._finish(sums)
         index = routing.topk_index
@@ -134,11 +143,14 @@ class TCSSA(nn.Module):
         )
 
     @torch.no_grad()
-    def slot_counts(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def slot_counts(
+        self, x: Tensor, mask: Tensor | None = None, logit_offset: Tensor | None = None
+    ) -> Tensor:
         """B x K patches assigned to each slot, as ``forward(x, mask).slot_counts``, from steps 1-4
         only: the per-epoch slot-use log needs no aggregation or experts."""
         x, mask = self._check_input(x, mask)
-        return count_assignments(self._route(x, mask).topk_index, mask, self.num_slots)
+        routing = self._route(x, mask, logit_offset=logit_offset)
+        return count_assignments(routing.topk_index, mask, self.num_slots)
 
     # ---------------------------------------------------------- streaming
     @torch.inference_mode()
@@ -308,6 +320,7 @@ class TCSSA(nn.Module):
         mask: Tensor | None,
         where: str = "",
         patch_offset: int = 0,
+        logit_offset: Tensor | None = None,
         x_low: Tensor | None = None,
     ) -> Routing:
         """Steps 1-4 (``tcssa.method.routing``); with ``x_low`` and ``"bf16-gate"``, step 1 in
@@ -324,6 +337,7 @@ class TCSSA(nn.Module):
             training=self.training,
             where=where,
             patch_offset=patch_offset,
+            logit_offset=logit_offset,
             logits=logits,
         )
 

@@ -13,13 +13,23 @@ lesion is not 1/K of what the head sees; ``center=True`` subtracts each slide's 
 before the compressor, so that a shift shared by every patch of a slide (stain, scanner, batch)
 moves neither the routing nor the tokens, and the k-means centroids are drawn from centred patches.
 
+Two more (issue 15, items 3 and 4), also off by default: ``token_budget`` ("auto", or a coverage
+share in (0, 1]) keeps, per slide, the fewest slots whose routing mass covers that share of the
+slide's (``tcssa.method.budget.coverage_mask``; "auto" = 0.99) and hides the others from the head;
+``spatial=True`` adds a gate on Fourier features of the slide-normalised patch coordinates to the
+gate logits (zero-initialised) and a zero-initialised linear map of each slot's spatial summary
+(centroid, spread, mean radius: ``tcssa.method.spatial``) to its token, so that training starts
+from the plain method and learns where to use position.
+
 One option changes only the speed (issue 17): ``unpadded=True`` compresses a padded, masked batch
 slide by slide from views of its real rows (``TCSSA.forward_slides``): the same tokens, losses and
-gradients, with the routing noise drawn per slide. A list of slides is always compressed that way.
+gradients, with the routing noise drawn per slide. A list of slides is always compressed that way
+(padded first with ``spatial`` or ``token_budget``, whose outputs are per padded batch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +37,8 @@ from torch import Tensor, nn
 
 from tcssa.method import gate_init as centroid_gate
 from tcssa.method import routing_loss
+from tcssa.method import spatial as spatial_cues
+from tcssa.method.budget import AUTO_COVERAGE, coverage_mask, slot_mass
 from tcssa.method.compressor import TCSSA, CompressorOutput
 from tcssa.mil.attention import attention_scores
 from tcssa.mil.base import ClassifierHead, MILModel, masked_mean
@@ -36,6 +48,25 @@ SLOT_HEADS = ("mean", "attention")
 #: Training patches pooled for the k-means gate init: enough for every phenotype above ~0.1% of
 #: the pooled patches to be sampled tens of times, few enough for k-means to take seconds.
 KMEANS_INIT_PATCHES = 32_768
+#: Octaves of the Fourier features of the patch coordinates fed to the spatial gate: the finest
+#: wavelength is 2/2^(F-1) of the slide's radius, a few patches on a slide of a few thousand.
+SPATIAL_FREQUENCIES = 6
+
+
+def budget_coverage(token_budget: float | str | None) -> float | None:
+    """The routing coverage a ``token_budget`` option asks for: None (every one of the K tokens, the
+    paper), "auto" (``AUTO_COVERAGE``) or a share in (0, 1]; anything else raises ValueError."""
+    if token_budget is None or token_budget == "all":
+        return None
+    if token_budget == "auto":
+        return AUTO_COVERAGE
+    if isinstance(token_budget, int | float) and not isinstance(token_budget, bool):
+        if 0 < token_budget <= 1:
+            return float(token_budget)
+    raise ValueError(
+        f"tcssa: token_budget must be null (all K tokens), 'auto' (routing coverage {AUTO_COVERAGE}) "
+        f"or a routing coverage in (0, 1], got {token_budget!r}"
+    )
 
 
 class SlotAttentionPool(nn.Module):
@@ -80,6 +111,9 @@ class TCSSAMIL(MILModel):
         gate_temperature: float | str = "auto",
         head: str = "mean",
         center: bool = False,
+        token_budget: float | str | None = None,
+        spatial: bool = False,
+        spatial_frequencies: int = SPATIAL_FREQUENCIES,
         unpadded: bool = False,
     ) -> None:
         super().__init__(in_dim, num_classes)
@@ -111,9 +145,23 @@ class TCSSAMIL(MILModel):
         self.gate_temperature = gate_temperature
         self.init_patches = KMEANS_INIT_PATCHES if gate_init == "kmeans" else 0
         self.center = bool(center)
+        self.coverage = budget_coverage(token_budget)
         # Issue 17: a padded, masked batch goes through the compressor slide by slide, as views
         # of its rows (forward_slides), never touching the padding; same numbers, other noise draws.
         self.unpadded = bool(unpadded)
+        self.spatial = bool(spatial)
+        self.requires_coords = self.spatial
+        self.spatial_gate = self.spatial_token = None
+        if self.spatial:
+            if spatial_frequencies < 1:
+                raise ValueError(f"tcssa: spatial_frequencies must be >= 1, got {spatial_frequencies}")
+            self.spatial_frequencies = int(spatial_frequencies)
+            # Built last, so every other parameter is drawn as without spatial; both start at zero,
+            # so the untrained model computes exactly what the plain one does.
+            self.spatial_gate = nn.Linear(4 * self.spatial_frequencies, num_slots, bias=False)
+            self.spatial_token = nn.Linear(spatial_cues.SUMMARY_SIZE, in_dim)
+            for param in (*self.spatial_gate.parameters(), *self.spatial_token.parameters()):
+                nn.init.zeros_(param)
         # Weight of each named routing term in the objective: lambda * (1, 0.5, 1).
         self.loss_weights = {
             "switch": aux_weight,
@@ -128,19 +176,36 @@ class TCSSAMIL(MILModel):
         batch (``mask``) or a list of n_i x D slides, compressed without padding (``routing``).
 
         The terms are returned in eval mode too (then computed without
-        exploration noise), so validation can report them; coords are ignored.
+        exploration noise), so validation can report them; coords are used only with ``spatial``.
         """
-        out = self._unpadded(x, mask) if self.unpadded and mask is not None else self.routing(x, mask)
+        if self.unpadded and mask is not None and self._can_unpad():
+            out = self._unpadded(x, mask)
+        else:
+            out = self.routing(x, mask, coords)
         logits = self.head(self.pool(out))
         losses = {name: weight * out.losses[name] for name, weight in self.loss_weights.items()}
         return logits, losses
 
+    def token_mask(self, out: CompressorOutput) -> Tensor | None:
+        """B x K: the slot tokens the head sees under ``token_budget`` (the fewest slots covering the
+        asked share of each slide's routing mass); None without a budget (all K, the paper)."""
+        if self.coverage is None:
+            return None
+        mass = slot_mass(out.topk_weight, out.topk_index, self.num_tokens)
+        return coverage_mask(mass, self.coverage)
+
     def pool(self, out: CompressorOutput) -> Tensor:
         """The slide embedding the head sees (B x D): the mean of the K slot tokens (METHOD.md), or
-        attention over the occupied ones (``head="attention"``)."""
+        attention over the occupied ones (``head="attention"``); with ``token_budget``, over the
+        kept tokens only."""
+        keep = self.token_mask(out)
         if self.slot_pool is None:
-            return out.tokens.mean(dim=1)
-        return self.slot_pool(out.tokens, out.slot_counts > 0)
+            if keep is None:
+                return out.tokens.mean(dim=1)
+            weights = keep.to(out.tokens.dtype).unsqueeze(-1)
+            return (out.tokens * weights).sum(dim=1) / weights.sum(dim=1)
+        occupied = out.slot_counts > 0
+        return self.slot_pool(out.tokens, occupied if keep is None else occupied & keep)
 
     def initialise_from_patches(self, patches: Tensor, seed: int) -> None:
         """``gate_init="kmeans"``: the gate becomes nearest-centroid routing over K k-means centroids
@@ -162,24 +227,61 @@ class TCSSAMIL(MILModel):
         # The mean over real patches only: padding never changes a result.
         return x - masked_mean(x, mask).to(x.dtype).unsqueeze(1)
 
-    def slot_counts(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """B x K patches assigned to each slot (``routing(x, mask).slot_counts`` at a fraction of the
-        cost: routing only); use in eval mode."""
-        x, mask, _ = self.check_input(x, mask, None)
-        return self.compressor.slot_counts(self._centred(x, mask), mask)
+    def _spatial_unit(self, coords: Tensor | None, mask: Tensor) -> Tensor | None:
+        """The slide-normalised coordinates (B x N x 2) with ``spatial``; None without."""
+        if not self.spatial:
+            return None
+        return spatial_cues.normalise_coords(coords, mask).to(self.parameter_dtype())
 
-    def routing(self, x: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> CompressorOutput:
-        """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; use in eval mode.
+    def _check(self, x: Tensor, mask: Tensor | None, coords: Tensor | None):
+        if self.spatial and coords is None:
+            raise ValueError(
+                f"{self.name}: spatial=True routes with the patch coordinates, but none were given "
+                "(coords, B x N x 2); use feature files that store coords (e.g. TRIDENT/CLAM h5), or "
+                "a model without spatial"
+            )
+        return self.check_input(x, mask, coords)
 
-        ``x`` may also be a list of n_i x D slides (no mask): then they go through the compressor's
-        unpadded ``forward_slides``, in training too, and the top-2 outputs are packed."""
+    def _gate_offset(self, unit: Tensor | None) -> Tensor | None:
+        if unit is None:
+            return None
+        return self.spatial_gate(spatial_cues.fourier_features(unit, self.spatial_frequencies))
+
+    def slot_counts(self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None) -> Tensor:
+        """B x K patches assigned to each slot (``routing(x, mask, coords).slot_counts`` at a fraction
+        of the cost: routing only); use in eval mode."""
+        x, mask, coords = self._check(x, mask, coords)
+        offset = self._gate_offset(self._spatial_unit(coords, mask))
+        return self.compressor.slot_counts(self._centred(x, mask), mask, logit_offset=offset)
+
+    def routing(
+        self, x: Tensor | Sequence[Tensor], mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> CompressorOutput:
+        """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; with
+        ``spatial``, the tokens include their spatial summary (what the head sees). Use in eval mode.
+
+        ``x`` may also be a list of n_i x D slides (no mask, no coords): then they go through the
+        compressor's unpadded ``forward_slides``, in training too, and the top-2 outputs are packed
+        (N_total x top_k); with ``spatial`` or ``token_budget`` the list is padded first."""
         if isinstance(x, list | tuple):
-            if mask is not None:
-                raise ValueError(f"{self.name}: a list of slides takes no mask")
-            slides = [self.patch_transform(self.check_input(s, None, None)[0][0]) for s in x]
-            return self.compressor.forward_slides(slides)
-        x, mask, _ = self.check_input(x, mask, None)
-        return self.compressor(self._centred(x, mask), mask)
+            if mask is not None or coords is not None:
+                raise ValueError(f"{self.name}: a list of slides takes no mask or coords")
+            slides = [self.check_input(s, None, None)[0][0] for s in x]
+            if not self._can_unpad():
+                return self.routing(*_padded(slides))
+            return self.compressor.forward_slides([self.patch_transform(s) for s in slides])
+        x, mask, coords = self._check(x, mask, coords)
+        unit = self._spatial_unit(coords, mask)
+        out = self.compressor(self._centred(x, mask), mask, logit_offset=self._gate_offset(unit))
+        if unit is None:
+            return out
+        summary = spatial_cues.slot_spatial_summary(unit, out.topk_weight, out.topk_index, self.num_tokens)
+        return dataclasses.replace(out, tokens=out.tokens + self.spatial_token(summary.to(out.tokens.dtype)))
+
+    def _can_unpad(self) -> bool:
+        """Whether ``forward_slides`` gives what the head needs: not with ``spatial`` (coordinates
+        per patch) or ``token_budget`` (slot masses from B x N top-2 outputs)."""
+        return not self.spatial and self.coverage is None
 
     def _unpadded(self, x: Tensor, mask: Tensor) -> CompressorOutput:
         """``unpadded``: the slides of a batch whose mask is a prefix (real patches first, as
@@ -194,3 +296,10 @@ class TCSSAMIL(MILModel):
             return self.compressor(self._centred(x, mask), mask)
         slides = [self.patch_transform(x[i, :n]) for i, n in enumerate(lengths.tolist())]
         return self.compressor.forward_slides(slides)
+
+
+def _padded(slides: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """n_i x D slides as a zero-padded B x max(n) x D batch and its B x max(n) mask."""
+    x = nn.utils.rnn.pad_sequence(list(slides), batch_first=True)
+    lengths = torch.tensor([len(s) for s in slides], device=x.device)
+    return x, torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)

@@ -272,7 +272,12 @@ def evaluate(
             logits, losses = model.compute_loss(labels, x, mask=mask, coords=coords, reduction="none")
             if route:
                 counter = getattr(model, "slot_counts", None)  # routing only, when the model has it
-                per_slide = counter(x, mask) if counter is not None else model.routing(x, mask).slot_counts
+                # coords only to a model that routes with them (tcssa with spatial=True)
+                where = (coords,) if getattr(model, "requires_coords", False) else ()
+                if counter is not None:
+                    per_slide = counter(x, mask, *where)
+                else:
+                    per_slide = model.routing(x, mask, *where).slot_counts
                 counts = per_slide.sum(dim=0).cpu()
                 slot_counts = counts if slot_counts is None else slot_counts + counts
         except (RuntimeError, MemoryError) as err:

@@ -15,6 +15,7 @@ from tcssa.viz.plots import (
     slot_palette,
     slot_utilisation,
     token_budget_sweep,
+    tokens_vs_auc,
 )
 from tcssa.viz.report import build_report
 
@@ -31,4 +32,5 @@ __all__ = [
     "slot_palette",
     "slot_utilisation",
     "token_budget_sweep",
+    "tokens_vs_auc",
 ]

@@ -351,6 +351,30 @@ def token_budget_sweep(
     )
 
 
+def tokens_vs_auc(
+    points: Sequence[SweepPoint], labels: Mapping[tuple[str, float], str] | None = None, caption: str = ""
+) -> Plot:
+    """Test AUC against the tokens a slide really uses (mean per slide, log2 x axis): one point per
+    routing-coverage threshold of an adaptive budget (``token_budget``), one line per model.
+    ``labels`` names a point ((model, x) -> text, e.g. "c=0.9")."""
+    figure, ax = _sweep_axes(points)
+    for (model, x), text in (labels or {}).items():
+        match = [p for p in points if p.model == model and p.x == x]
+        if match:
+            ax.annotate(text, (x, match[0].auc_mean), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    low, high = min(p.x for p in points), max(p.x for p in points)
+    ticks = [2**e for e in range(int(np.floor(np.log2(low))), int(np.ceil(np.log2(high))) + 1)]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("tokens the head sees (mean per slide, log2 scale)")
+    ax.set_ylabel("test ROC AUC (mean ± std over folds)")
+    how = (
+        "Each point: the fewest slots covering a share c of each slide's routing mass; error bars: fold std."
+    )
+    return _finish(figure, "Adaptive budget: AUC vs tokens used per slide", f"{caption} {how}".strip())
+
+
 def lesion_fraction_sweep(points: Sequence[SweepPoint], num_tokens: int = 32, caption: str = "") -> Plot:
     """Test AUC against the fraction of lesion patches in positive slides (%, log x axis)."""
     figure, ax = _sweep_axes(points)
@@ -620,3 +644,46 @@ def slot_embedding(
     if sample_note:
         caption += " " + sample_note
     return _finish(figure, f"Semantic slots: {method} of {len(points):,} patch features", caption)
+
+
+# --- slide question answering --------------------------------------------------------------------------
+
+
+def vqa_accuracy(rows: Sequence[Mapping], caption: str = "") -> Plot:
+    """Grouped bars: accuracy per category (overall, then each broad and narrow one) for each variant,
+    with the Wilson 95% interval as error bars. ``rows``: vqa_results.csv rows (variant, category,
+    accuracy, n, ci95_low, ci95_high); rows without an interval (uniform random) are drawn as a line."""
+    if not rows:
+        raise ValueError("vqa_accuracy needs at least one row")
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "uniform-random"]
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    value = {(r["variant"], r["category"]): r for r in rows}
+    figure = _new_figure(max(8.0, 1.2 * len(categories) + 2), 4.6)
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(variants))
+    for index, variant in enumerate(variants):
+        x, heights, below, above = [], [], [], []
+        for position, category in enumerate(categories):
+            row = value.get((variant, category))
+            if row is None:
+                continue
+            accuracy = float(row["accuracy"])
+            x.append(position - 0.4 + width * (index + 0.5))
+            heights.append(accuracy)
+            low, high = row.get("ci95_low", ""), row.get("ci95_high", "")
+            below.append(accuracy - float(low) if low != "" else 0.0)
+            above.append(float(high) - accuracy if high != "" else 0.0)
+        ax.bar(x, heights, width * 0.92, yerr=[below, above], capsize=2, label=variant,
+               color=model_colour(variant, variants), alpha=0.85)  # fmt: skip
+    for position, category in enumerate(categories):
+        chance = value.get(("uniform-random", category))
+        if chance is not None:
+            ax.hlines(float(chance["accuracy"]), position - 0.45, position + 0.45, **CHANCE_STYLE)
+    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy (Wilson 95% interval)")
+    ax.set_xlabel("question category")
+    ax.legend(fontsize=8, ncol=min(4, len(variants)), loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    how = "Dotted lines: uniform random choice. Bars whose intervals overlap are not told apart."
+    return _finish(figure, "Slide VQA: accuracy per question category", f"{caption}. {how}".strip())

@@ -12,8 +12,10 @@ from typing import Literal
 STAGE_LEARNING_RATES = {1: 1e-3, 2: 2e-4}
 
 
-#: How a slide enters the LM: K slot tokens, K randomly sampled patches, or one mean token.
-SLIDE_TOKEN_VARIANTS = ("slots", "random-k", "mean")
+#: How a slide enters the LM: K slot tokens, K randomly sampled patches, one mean token, or not at all
+#: ("blind": the same prompt with an empty slide span, the baseline that tells what the LM answers from
+#: the question text alone).
+SLIDE_TOKEN_VARIANTS = ("slots", "random-k", "mean", "blind")
 
 
 @dataclass

@@ -64,6 +64,19 @@ class MemoryFeatures:
         return self.features[slide_id]
 
 
+class NoFeatures:
+    """Every slide "present" with one placeholder patch: for the slide-blind variant, which reads no
+    slide, so that questions about slides nobody has features for can still be put to the LM."""
+
+    missing: list[str] = []
+
+    def __contains__(self, slide_id: str) -> bool:
+        return True
+
+    def load(self, slide_id: str) -> Tensor:
+        return torch.zeros(1, 1)
+
+
 class ConversationDataset(Dataset):
     """Training samples: tokenized conversations (tokenized once) with their slide's features.
 

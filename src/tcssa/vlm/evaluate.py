@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -143,6 +144,9 @@ def _option_replies(tokenizer, turns, item: VQAItem, score: str) -> list[tuple[i
 
 
 def _predict_by_likelihood(model, tokenizer, items, slides, score, device) -> list[str]:
+    replies = [_option_replies(tokenizer, _prompt_turns(item), item, score) for item in items]
+    if all(len(reply) == 1 for per_item in replies for reply in per_item):
+        return _predict_by_next_token(model, tokenizer, items, slides, replies, device)
     samples, rows, lengths, owners = [], [], [], []
     for slide_index, (item, slide) in enumerate(zip(items, slides, strict=True)):
         turns = _prompt_turns(item)
@@ -151,9 +155,7 @@ def _predict_by_likelihood(model, tokenizer, items, slides, score, device) -> li
             model.config.num_slide_tokens(slide.shape[0]),
             tokenizer.pad_token_id,
         )
-        for (letter, _), reply in zip(
-            item.options, _option_replies(tokenizer, turns, item, score), strict=True
-        ):
+        for (letter, _), reply in zip(item.options, replies[slide_index], strict=True):
             samples.append(
                 EncodedSample(
                     prompt.input_ids + list(reply),
@@ -173,6 +175,30 @@ def _predict_by_likelihood(model, tokenizer, items, slides, score, device) -> li
         if slide_index not in best or value > best[slide_index][0]:  # ties: the first option wins
             best[slide_index] = (value, letter)
     return [best[i][1] for i in range(len(items))]
+
+
+def _predict_by_next_token(model, tokenizer, items, slides, replies, device) -> list[str]:
+    """``_predict_by_likelihood`` when every option's reply is one token (a letter, for most
+    tokenizers): one pass over the prompt alone, reading each option token's log-probability at its
+    end, instead of one pass per option. The same numbers, a quarter of the work for four options."""
+    samples = [
+        assemble(
+            tokenize_conversation(tokenizer, _prompt_turns(item), add_generation_prompt=True),
+            model.config.num_slide_tokens(slide.shape[0]),
+            tokenizer.pad_token_id,
+        )
+        for item, slide in zip(items, slides, strict=True)
+    ]
+    batch = collate(samples, slides, [i.slide_id for i in items], tokenizer.pad_token_id, "left").to(device)
+    if not bool(batch.attention_mask[:, -1].all()):
+        raise ValueError("scoring needs left-padded sequences")
+    logits = model(**batch.model_inputs(), logits_to_keep=1).logits[:, -1].float()
+    logprobs = logits.log_softmax(-1).cpu()
+    predictions = []
+    for row, (item, per_option) in enumerate(zip(items, replies, strict=True)):
+        values = [float(logprobs[row, reply[0]]) for reply in per_option]
+        predictions.append(item.options[values.index(max(values))][0])  # ties: the first option wins
+    return predictions
 
 
 def _generate_replies(model, tokenizer, items, slides, max_new_tokens, device) -> list[str]:
@@ -223,6 +249,51 @@ def accuracy_rows(results: list[QuestionResult], method: str) -> list[dict]:
             }
         )
     return _sorted(rows)
+
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``n`` (scipy's binomtest)."""
+    from scipy.stats import binomtest  # scipy comes with scikit-learn
+
+    if n == 0:
+        return (0.0, 1.0)
+    interval = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def paired_differences(
+    results: list[QuestionResult],
+    others: list[QuestionResult],
+    name: str,
+    other_name: str,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> list[dict]:
+    """Accuracy of ``results`` minus ``others`` on the same questions, overall and per category, with a
+    paired bootstrap 95% interval (questions resampled, both answers of a question kept together)."""
+    if [r.question_id for r in results] != [r.question_id for r in others]:
+        raise ValueError(f"{name} and {other_name} answered different questions; no paired comparison")
+    first = _groups(results, "broad_category", "narrow_category")
+    second = _groups(others, "broad_category", "narrow_category")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (level, category), group in first.items():
+        a = np.array([r.correct for r in group], dtype=float)
+        b = np.array([r.correct for r in second[(level, category)]], dtype=float)
+        draws = rng.integers(0, len(a), size=(resamples, len(a)))
+        boot = (a[draws] - b[draws]).mean(1)
+        rows.append(
+            {
+                "variant": name,
+                "against": other_name,
+                "category": category,
+                "difference": float(a.mean() - b.mean()),
+                "ci95_low": float(np.quantile(boot, 0.025)),
+                "ci95_high": float(np.quantile(boot, 0.975)),
+                "n": len(a),
+            }
+        )
+    return rows
 
 
 def prior_baseline_rows(items: list[VQAItem], prior_answers: list[str] | None = None) -> list[dict]:

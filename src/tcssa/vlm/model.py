@@ -5,7 +5,8 @@ through ``inputs_embeds``. Three ways to make the slide tokens, all through the 
 
 - ``slots``: the K TC-SSA slot tokens (every patch feeds its top-2 slots),
 - ``random-k``: K patch features sampled at random (all of them when a slide has fewer than K),
-- ``mean``: one mean-pooled token.
+- ``mean``: one mean-pooled token,
+- ``blind``: no slide token at all (the slide span is empty), the slide-blind baseline.
 
 Padding is handled by masks everywhere: padded patches take no part in the slide tokens, padded text
 positions take no part in attention or the loss, and position ids count real tokens only, so a
@@ -54,6 +55,8 @@ class SlideLMConfig:
         """How many tokens a slide of ``num_patches`` real patches becomes."""
         if self.slide_tokens == "mean":
             return 1
+        if self.slide_tokens == "blind":
+            return 0
         if self.slide_tokens == "random-k":
             return min(self.num_tokens, num_patches)
         return self.num_tokens
@@ -238,6 +241,9 @@ class SlideLM(nn.Module):
             out = self.compressor(features, feature_mask)
             token_mask = torch.ones(out.tokens.shape[:2], dtype=torch.bool, device=features.device)
             return out.tokens, token_mask, out.aux_loss
+        if self.config.slide_tokens == "blind":
+            empty = features.new_zeros(batch, 0, features.shape[-1])
+            return empty, torch.zeros(batch, 0, dtype=torch.bool, device=features.device), aux
         real = feature_mask.to(dtype).unsqueeze(-1)
         if self.config.slide_tokens == "mean":
             if bool((feature_mask.sum(1) == 0).any()):
@@ -297,9 +303,10 @@ class SlideLM(nn.Module):
         feature_mask: Tensor,
         sample_seeds: Tensor | None = None,
         slide_rows: Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | Tensor = 0,
     ) -> SlideLMOutput:
-        """The LM's logits (of the last ``logits_to_keep`` positions; 0: all) and the routing loss."""
+        """The LM's logits (of the last ``logits_to_keep`` positions, 0: all; or of the positions a 1-d
+        index tensor names) and the routing loss."""
         embeds, aux = self.inputs_embeds(
             input_ids, image_mask, features, feature_mask, sample_seeds, slide_rows
         )
@@ -318,8 +325,11 @@ class SlideLM(nn.Module):
         ``aux_loss_weight``. The training objective is their sum."""
         if batch.labels is None:
             raise ValueError("compute_loss needs a batch with labels (a training batch)")
-        out = self(**batch.model_inputs())
-        lm_loss = causal_lm_loss(out.logits, batch.labels)
+        # Logits only where a supervised token is predicted: the vocabulary projection of every other
+        # position (49k x 576 multiply-adds per position for SmolLM2) would be computed and thrown away.
+        positions = supervised_positions(batch.labels)
+        out = self(**batch.model_inputs(), logits_to_keep=positions)
+        lm_loss = causal_lm_loss(out.logits, batch.labels, positions)
         return out, {"lm": lm_loss, "aux": self.config.aux_loss_weight * out.aux_loss}
 
     @torch.no_grad()
@@ -354,12 +364,26 @@ class SlideLM(nn.Module):
         return self.lm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, **options)
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over supervised positions (labels != IGNORE_INDEX)."""
-    shifted = logits[:, :-1].float()
+def supervised_positions(labels: Tensor) -> Tensor:
+    """The sequence positions whose next token is supervised in some row of the batch (1-d, sorted)."""
     targets = labels[:, 1:]
     if not bool((targets != IGNORE_INDEX).any()):
         raise ValueError("a training batch has no supervised token (every label is ignored)")
+    return (targets != IGNORE_INDEX).any(0).nonzero().flatten()
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy over supervised positions (labels != IGNORE_INDEX).
+
+    ``logits``: B x L x V for every position, or B x P x V for the ``positions`` given (those of
+    ``supervised_positions``); both give the same loss.
+    """
+    if positions is None:
+        positions = supervised_positions(labels)
+        logits = logits[:, positions]
+    if logits.shape[1] != len(positions):
+        raise ValueError(f"{logits.shape[1]} logit positions for {len(positions)} supervised positions")
+    targets = labels[:, positions + 1]
     return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )

@@ -13,7 +13,7 @@ import torch
 from tcssa.io.features import peek_shape
 from tcssa.vlm.checkpoint import load_run
 from tcssa.vlm.config import SlideLMTrainConfig
-from tcssa.vlm.data import ConversationDataset, FolderFeatures, drop_missing
+from tcssa.vlm.data import ConversationDataset, FolderFeatures, NoFeatures, drop_missing
 from tcssa.vlm.evaluate import (
     accuracy_rows,
     evaluate_multiple_choice,
@@ -123,6 +123,58 @@ def train_from_files(
     result = train_stage(model, tokenizer, dataset, train_config, out_dir, info)
     report(f"trained {result['steps']} steps in {result['seconds']:.0f} s; run folder: {out_dir}")
     return result
+
+
+def blind_eval_from_files(
+    questions: str | Path,
+    out_dir: str | Path,
+    lm: str | Path | None = None,
+    scores: tuple[str, ...] = ("letter",),
+    batch_size: int = 8,
+    prior_from: str | Path | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    report=print,
+) -> list[dict]:
+    """The language model alone, untrained for the task and shown no slide, on a question file: how
+    much of a benchmark an LM answers from the question text (the floor every slide-token method must
+    clear), beside the answer-prior baselines; writes accuracy.csv and predictions_blind_{score}.csv."""
+    from tcssa.vlm.checkpoint import load_base_lm
+    from tcssa.vlm.language_models import DEFAULT_LM, resolve_lm
+    from tcssa.vlm.model import SlideLM, SlideLMConfig
+
+    result = load_questions(questions)
+    report(result.summary())
+    items, num_open = multiple_choice_only(result.items)
+    if num_open:
+        report(f"left out {num_open} open question(s): multiple-choice evaluation only")
+    items = items[:limit] if limit else items
+    if not items:
+        raise ValueError(f"{questions}: no multiple-choice question to evaluate")
+    folder = resolve_lm(lm, report)
+    name = Path(str(lm)).name if lm is not None else DEFAULT_LM
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base, tokenizer = load_base_lm(folder, lm_dtype("auto") if device.type == "cuda" else torch.float32)
+    config = SlideLMConfig(feature_dim=1, lm_hidden=base.config.hidden_size, slide_tokens="blind")
+    model = SlideLM(base, config).to(device).eval()
+    prior = None
+    if prior_from:
+        prior_items = [i for i in load_questions(prior_from).items if isinstance(i, VQAItem)]
+        prior = [i.answer for i in multiple_choice_only(prior_items)[0]]
+    rows = prior_baseline_rows(items, prior)
+    out_dir = Path(out_dir)
+    for score in scores:
+        results = evaluate_multiple_choice(
+            model, tokenizer, items, NoFeatures(), "loglik", score, batch_size, device=device
+        )
+        rows += accuracy_rows(results, f"{name} slide-blind ({score} log-likelihood)")
+        write_predictions(results, out_dir / f"predictions_blind_{score}.csv")
+    write_table(rows, out_dir / "accuracy.csv")
+    summary = {"lm": str(folder), "questions": str(questions), "n_questions": len(items),
+               "n_open_left_out": num_open, "n_skipped_records": len(result.skipped)}  # fmt: skip
+    (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
+    report(format_accuracy_table(rows))
+    return rows
 
 
 def eval_from_files(

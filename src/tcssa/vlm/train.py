@@ -29,6 +29,7 @@ from tcssa.io.slidelm import load_compressor, write_train_config
 from tcssa.vlm.checkpoint import load_base_lm, load_run, save_run
 from tcssa.vlm.config import SlideLMTrainConfig
 from tcssa.vlm.data import TrainCollator
+from tcssa.vlm.language_models import resolve_lm
 from tcssa.vlm.model import SlideLM, SlideLMConfig
 
 log = logging.getLogger(__name__)
@@ -276,10 +277,14 @@ def prepare_stage(
         if init is not None:
             model, tokenizer, info = load_run(init, lm_dtype(config.precision))
         else:
-            if lm is None:
-                raise ValueError("stage 1 needs --lm (a local causal LM folder) or --init (a run folder)")
             model, tokenizer, info = build_stage1_model(
-                lm, slide_tokens, num_tokens, feature_dim, projector_hidden, mil_checkpoint, config.precision
+                resolve_lm(lm),
+                slide_tokens,
+                num_tokens,
+                feature_dim,
+                projector_hidden,
+                mil_checkpoint,
+                config.precision,
             )
         return model, tokenizer, info
     if init is None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tcssa.wsi.encoders.base import EncodedBatch, PatchEncoder, cache_root
+from tcssa.runtime import cache_root
+from tcssa.wsi.encoders.base import EncodedBatch, PatchEncoder
 from tcssa.wsi.encoders.capricorn import NAME as CAPRICORN
 from tcssa.wsi.encoders.capricorn import build_capricorn
 from tcssa.wsi.encoders.handcrafted import NAME as HANDCRAFTED

@@ -15,26 +15,16 @@ A ``PatchEncoder`` is a frozen torch module that turns tiles into features:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Where converted weights and downloaded weight files are looked for (``$TCSSA_CACHE`` overrides).
-CACHE_ENV = "TCSSA_CACHE"
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def cache_root() -> Path:
-    """``$TCSSA_CACHE``, else ``~/.cache/tcssa``."""
-    value = os.environ.get(CACHE_ENV)
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "tcssa"
 
 
 def as_tile_batch(tiles: torch.Tensor | np.ndarray) -> torch.Tensor:

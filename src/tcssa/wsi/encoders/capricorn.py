@@ -29,7 +29,8 @@ from torch import nn
 from tcssa.io.checkpoints import MODEL_CONFIG, MODEL_WEIGHTS, load_weights, save_model
 from tcssa.io.files import read_json
 from tcssa.io.keras_weights import KerasArchive, file_sha256, read_keras_archive
-from tcssa.wsi.encoders.base import PatchEncoder, as_tile_batch, cache_root, resize_tiles
+from tcssa.runtime import cache_root
+from tcssa.wsi.encoders.base import PatchEncoder, as_tile_batch, resize_tiles
 from tcssa.wsi.encoders.densenet import DenseNet, DenseNetConfig, keras_layer_names
 
 NAME = "capricorn-densenet121"

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from tcssa.io.checkpoints import read_state_dict
-from tcssa.wsi.encoders.base import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, cache_root
+from tcssa.runtime import cache_root
+from tcssa.wsi.encoders.base import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
