@@ -31,7 +31,19 @@ def test_quick_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert set(payload) == {"meta", "targets", "rows"}
     assert payload["meta"]["config"]["quick"] is True
     assert payload["meta"]["machine"]["cores"] >= 1
-    assert [t["item"] for t in payload["targets"]] == ["1", "2", "3", "4", "5", "6", "7", "8"]
+    assert [t["item"] for t in payload["targets"]] == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+        "7",
+        "9",
+        "10",
+        "11",
+        "8",
+    ]
     # quick-size numbers are figures, never verdicts
     assert all(t["met"] is None for t in payload["targets"])
     assert "MET]" not in printed and "[figure only, quick size]" in printed

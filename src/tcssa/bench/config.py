@@ -85,6 +85,14 @@ class BenchConfig:
     probe_time_budget_s: float = field(
         default=300.0, metadata={"help": "seconds: a method whose call took longer skips the larger sizes"}
     )
+    mixed_precision: tuple[str, ...] = field(
+        default=("bf16-gate", "bf16-aggregate"),
+        metadata={"help": "mixed bfloat16 modes of the compressor measured beside float32 (issue 17)"},
+    )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "also time the compressor under torch.compile (compiling takes a minute or more)"},
+    )
     threads: int | None = field(default=None, metadata={"help": "torch threads, torch's default when unset"})
     seed: int = field(default=0, metadata={"help": "seed for the synthetic slides and the models"})
     quick: bool = field(
@@ -135,6 +143,11 @@ METHODS = {
     "tcssa": "tcssa.TCSSA forward, float32",
     "tcssa-bf16": "tcssa.TCSSA forward, features and model in bfloat16",
     "tcssa-h5": "tcssa.io.chunks.compress_h5: float16 h5 file streamed in chunks, float32 model",
+    "tcssa-bf16-gate": "tcssa.TCSSA, float32 model, gate and aggregation products in bfloat16, "
+    "near-ties of the top-2 redone in float32 (set_mixed_precision('bf16-gate'))",
+    "tcssa-bf16-aggregate": "tcssa.TCSSA, float32 model and gate, aggregation product in bfloat16 "
+    "(set_mixed_precision('bf16-aggregate'))",
+    "tcssa-compiled": "tcssa.TCSSA forward under torch.compile (dynamic shapes), float32",
     "abmil": "ABMIL (tcssa.mil), float32, all N patches",
     "transmil": "TransMIL (tcssa.mil), float32, all N patches",
     "dense-attention": "one dense self-attention layer over all N patches (explicit N x N scores)",

@@ -138,6 +138,22 @@ def train_epoch_batched(
             scheduler.step()
 
 
+def train_epoch_packed(
+    model: MILModel, optimizer, slides, labels, sampler: LengthBucketSampler, scheduler=None
+) -> None:
+    """``train_epoch_batched``'s batches handed to the model as lists of slides: no padding, no
+    mask (``TCSSA.forward_slides``); the same steps otherwise."""
+    model.train()
+    for batch in sampler:
+        _, losses = model.compute_loss(labels[batch], [slides[i] for i in batch])
+        loss = training_objective(losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
 def batched_warmup(optimizer, steps: int):
     """Linear warm-up of the batched optimizer's learning rate over its first ``steps`` steps
     (from 1/(steps+1) of it up to all of it), constant after: the large-batch recipe of Goyal

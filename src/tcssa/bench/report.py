@@ -180,6 +180,7 @@ def evaluate_targets(result: BenchResult, config: BenchConfig) -> list[dict]:
             )
     if alternatives:
         add("7", "alternatives in the same table: where O(N^2) stops", "; ".join(alternatives), None)
+    _issue17_targets(find, rows, add, ratio)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     add(
         "8",
@@ -188,6 +189,62 @@ def evaluate_targets(result: BenchResult, config: BenchConfig) -> list[dict]:
         None,
     )
     return targets
+
+
+def _issue17_targets(find, rows, add, ratio) -> None:
+    """Issue 17's targets (items 9-12): the unpadded batch path, mixed bfloat16, torch.compile."""
+    packed = find("cohort compression", "cohort-packed")
+    if packed:
+        r = packed[0]
+        add(
+            "9",
+            f"a list of {r['slides']} slides to tokens through the training-capable path "
+            "(forward_slides): >= 1.5x slides/s",
+            f"{ratio(r)} the reference; {r['speedup_vs_one_by_one']:.2f}x tcssa's forward slide by slide",
+            r["speedup_vs_reference"] >= 1.5,
+        )
+    trained = find("cohort training", "train-packed")
+    if trained:
+        r = trained[0]
+        padded = find("cohort training", "train-batched")
+        add(
+            "10",
+            "training steps on lists of slides (no padding): >= 3x slides/s",
+            f"{ratio(r)}" + (f"; the padded, masked steps {ratio(padded[0])}" if padded else ""),
+            r["speedup_vs_reference"] >= 3,
+        )
+    mixed = [r for r in rows if r["method"].startswith("tcssa-bf16-") and r["method"].endswith("(float32)")]
+    if mixed:
+        parts, met = [], True
+        native = cpu_has_bfloat16()
+        for a in mixed:
+            name = a["method"].split(" ")[0]
+            speeds = {r["n"]: r for r in find("single slide", name) if "speedup_vs_reference" in r}
+            speed = speeds[max(speeds)]["speedup_vs_reference"] if speeds else None
+            parts.append(
+                f"{name}: "
+                + (f"N={max(speeds):,}: {speed:.2f}x; " if speed is not None else "")
+                + f"agreement {100 * a['top2_agreement']:.2f}%, tokens {a['token_rel_error']:.2e}"
+            )
+            met = met and a["top2_agreement"] >= 0.995 and a["token_rel_error"] <= 1e-2
+            met = met and speed is not None and speed >= 3
+        note = "" if native else " (this CPU has no bfloat16 instructions: torch emulates them)"
+        add(
+            "11",
+            "mixed bfloat16 at the largest N: >= 3x the float32 reference; top-2 agreement >= 99.5%; "
+            "tokens within 1e-2",
+            "; ".join(parts) + note,
+            met,
+        )
+    compiled = {r["n"]: r for r in find("single slide", "tcssa-compiled") if "time_ms" in r}
+    if compiled:
+        eager = {r["n"]: r for r in find("single slide", "tcssa") if "time_ms" in r}
+        text = ", ".join(
+            f"N={n:,}: {eager[n]['time_ms'] / r['time_ms']:.2f}x eager"
+            for n, r in compiled.items()
+            if n in eager
+        )
+        add("12", "torch.compile of the compressor: measured, kept only if it pays", text, None)
 
 
 COLUMNS = [
@@ -199,6 +256,7 @@ COLUMNS = [
     "us_per_patch",
     "speedup_vs_reference",
     "cpu_speedup_vs_reference",
+    "speedup_vs_one_by_one",
     "peak_rss_mib",
     "work_mib",
     "peak_rss_vs_reference",

@@ -32,6 +32,7 @@ from tcssa.bench.reference import (
     batched_warmup,
     build_classifiers,
     train_epoch_batched,
+    train_epoch_packed,
     train_epoch_reference,
 )
 from tcssa.bench.report import BenchResult, evaluate_targets, machine_description, write_outputs
@@ -49,6 +50,7 @@ from tcssa.io.chunks import compress_h5, iter_h5_chunks
 from tcssa.io.features import read_bag
 from tcssa.io.published import to_published
 from tcssa.method.compressor import TCSSA
+from tcssa.method.mixed import refined_share
 
 
 class _Bench:
@@ -65,7 +67,15 @@ class _Bench:
     # ------------------------------------------------------------ single slide
     def single_slide(self) -> None:
         c = self.config
-        methods = ["reference", "tcssa", "tcssa-bf16", *c.alternatives]
+        mixed = [f"tcssa-{mode}" for mode in c.mixed_precision]
+        methods = [
+            "reference",
+            "tcssa",
+            "tcssa-bf16",
+            *mixed,
+            *(["tcssa-compiled"] * c.compile),
+            *c.alternatives,
+        ]
         floors = ["gate-product", "gate-product-bf16", "expert-read", "expert-read-bf16"]
         built = {name: build_method(name, c) for name in methods + floors}
         jobs = [
@@ -152,6 +162,26 @@ class _Bench:
             }
         )
         same = (full.topk_index.sort(-1).values == low.topk_index.sort(-1).values).all(-1)
+        for mode in c.mixed_precision:  # issue 17: the float32 model, its two products in bfloat16
+            ours.set_mixed_precision(mode)
+            with torch.inference_mode():
+                mixed_out = ours(x)
+            ours.set_mixed_precision(None)
+            agree = (full.topk_index.sort(-1).values == mixed_out.topk_index.sort(-1).values).all(-1)
+            row = {
+                "section": "agreement",
+                "method": f"tcssa-{mode} vs tcssa (float32)",
+                "n": c.agreement_size,
+                "top2_agreement": agree.float().mean().item(),
+                "token_rel_error": _token_rel_error(full.tokens[0], mixed_out.tokens[0]),
+                "worst_slot_rel_error": _worst_slot_rel_error(full.tokens[0], mixed_out.tokens[0]),
+            }
+            if mode == "bf16-gate":
+                share = refined_share(ours.gate, x, ours.tie_margin)
+                row["note"] = (
+                    f"{100 * share:.1f}% of the patches decided again in float32 (margin {ours.tie_margin:g})"
+                )
+            self.result.rows.append(row)
         self.result.rows.append(
             {
                 "section": "agreement",
@@ -212,7 +242,14 @@ class _Bench:
         c = self.config
         slides = cohort_slides(c)
         total = sum(len(s) for s in slides)
-        methods = ["cohort-reference", "cohort-batched"]
+        methods = [
+            "cohort-reference",
+            "cohort-batched",
+            "cohort-packed",
+            "cohort-one-by-one",
+            "cohort-padded",
+        ]
+        probed = methods[:3]
         runs = {m: build_cohort_method(m, c) for m in methods}
         with torch.inference_mode():
             cpu = {}
@@ -220,17 +257,18 @@ class _Bench:
                 {m: (lambda m=m: runs[m](slides)) for m in methods}, c.repeats, cpu=cpu
             )
         slides = None  # the memory probes below build their own copy
-        probes = probe_many([{"method": m, "sizes": [total], "config": c} for m in methods], c.probe_workers)
-        memory = {m: rows[0] for m, rows in zip(methods, probes, strict=True)}
+        probes = probe_many([{"method": m, "sizes": [total], "config": c} for m in probed], c.probe_workers)
+        memory = {m: rows[0] for m, rows in zip(probed, probes, strict=True)}
         for m in methods:
-            row = {"section": "cohort compression", "method": m, "n": total, **_memory_fields(memory[m])}
+            row = {"section": "cohort compression", "method": m, "n": total, **_memory_fields(memory.get(m))}
             row.update(_time_fields(seconds[m], total, cpu[m]))
             row["slides"] = c.cohort_slides
             row["slides_per_s"] = c.cohort_slides / seconds[m]
             row["speedup_vs_reference"] = seconds["cohort-reference"] / seconds[m]
             row["cpu_speedup_vs_reference"] = cpu["cohort-reference"] / cpu[m]
-            if m == "cohort-batched":
+            if m in ("cohort-batched", "cohort-packed", "cohort-padded"):
                 row["batch_size"] = c.batch_size
+            row["speedup_vs_one_by_one"] = seconds["cohort-one-by-one"] / seconds[m]
             self.result.rows.append(row)
 
     def cohort_training(self) -> None:
@@ -240,12 +278,23 @@ class _Bench:
         reference, ref_opt, batched, opt = build_classifiers(
             c.dim, 2, c.num_slots, c.seed, c.train_batch_size
         )
+        _, _, packed, packed_opt = build_classifiers(c.dim, 2, c.num_slots, c.seed, c.train_batch_size)
+        _, _, views, views_opt = build_classifiers(c.dim, 2, c.num_slots, c.seed, c.train_batch_size)
+        views.unpadded = True  # the trainer's padded batches, compressed from views of their rows
         sampler = LengthBucketSampler([len(s) for s in slides], c.train_batch_size, seed=c.seed)
         order = list(range(len(slides)))
         warmup = batched_warmup(opt, round(c.train_warmup_epochs * len(sampler)))  # as in the AUC runs
+        packed_warmup = batched_warmup(packed_opt, round(c.train_warmup_epochs * len(sampler)))
+        views_warmup = batched_warmup(views_opt, round(c.train_warmup_epochs * len(sampler)))
         calls = {
             "train-reference": lambda: train_epoch_reference(reference, ref_opt, slides, labels, order),
             "train-batched": lambda: train_epoch_batched(batched, opt, slides, labels, sampler, warmup),
+            "train-packed": lambda: train_epoch_packed(
+                packed, packed_opt, slides, labels, sampler, packed_warmup
+            ),
+            "train-unpadded": lambda: train_epoch_batched(
+                views, views_opt, slides, labels, sampler, views_warmup
+            ),
         }
         cpu = {}
         seconds = interleaved_medians(calls, c.train_repeats, cpu=cpu)
@@ -256,10 +305,14 @@ class _Bench:
             row["slides_per_s"] = len(slides) / s
             row["speedup_vs_reference"] = seconds["train-reference"] / s
             row["cpu_speedup_vs_reference"] = cpu["train-reference"] / cpu[m]
+            how = {
+                "train-packed": "lists of slides, no padding (forward_slides)",
+                "train-unpadded": "padded and masked, compressed from views of the real rows (unpadded=True)",
+            }.get(m, "masked")
             row["note"] = (
                 "one slide per step, AdamW default (per-parameter loop)"
                 if m == "train-reference"
-                else f"{c.train_batch_size} slides per step (bucketed, masked), fused AdamW, "
+                else f"{c.train_batch_size} slides per step (bucketed, {how}), fused AdamW, "
                 f"model: {type(batched).__module__}.{type(batched).__name__}"
             )
             self.result.rows.append(row)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from tcssa.bench.config import METHODS, BenchConfig
 from tcssa.bench.reference import DenseSelfAttention, ReferenceTCSSA
+from tcssa.data.batching import pad_slides
 from tcssa.io.chunks import compress_h5
 from tcssa.io.features import write_h5_in_blocks
 from tcssa.method.compressor import TCSSA
@@ -44,6 +45,13 @@ def build_method(name: str, config: BenchConfig) -> Callable:
     torch.manual_seed(config.seed)
     if name == "reference":
         model = ReferenceTCSSA(dim, config.num_slots).eval()
+        return lambda x: model(x)
+    if name.startswith("tcssa-bf16-") or name == "tcssa-compiled":
+        model = TCSSA(dim, num_slots=config.num_slots).eval()
+        if name == "tcssa-compiled":
+            compiled = torch.compile(model, dynamic=True)
+            return lambda x: compiled(x)
+        model.set_mixed_precision(name.removeprefix("tcssa-"))
         return lambda x: model(x)
     if name in ("tcssa", "tcssa-bf16", "tcssa-h5", "expert-read", "expert-read-bf16"):
         model = TCSSA(dim, num_slots=config.num_slots).eval()
@@ -90,7 +98,18 @@ def build_cohort_method(name: str, config: BenchConfig) -> Callable[[list[Tensor
     if name == "cohort-reference":
         model = ReferenceTCSSA(config.dim, config.num_slots).eval()
         return lambda slides: [model(x)[0] for x in slides]
+    model = TCSSA(config.dim, num_slots=config.num_slots).eval()
+    size = config.batch_size
     if name == "cohort-batched":
-        model = TCSSA(config.dim, num_slots=config.num_slots).eval()
-        return lambda slides: model.compress_slides(slides, config.batch_size)
+        return lambda slides: model.compress_slides(slides, size)
+    if name == "cohort-packed":  # the training-capable path, batch by batch, no padding
+        return lambda slides: [
+            model.forward_slides(slides[i : i + size]).tokens for i in range(0, len(slides), size)
+        ]
+    if name == "cohort-one-by-one":
+        return lambda slides: [model(x).tokens for x in slides]
+    if name == "cohort-padded":  # padded, masked batches through forward (the padding included)
+        return lambda slides: [
+            model(*pad_slides(slides[i : i + size])).tokens for i in range(0, len(slides), size)
+        ]
     raise ValueError(f"unknown cohort method {name!r}")

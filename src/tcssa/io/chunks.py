@@ -93,4 +93,7 @@ def compress_h5(
     if model.training:
         raise ValueError("compress_chunks/compress_h5 stream in eval mode only: call model.eval() first")
     chunks = iter_h5_chunks(path, chunk_size, dtype=model.gate.weight.dtype, progress=progress)
+    device = model.gate.weight.device
+    if device.type != "cpu":  # read on the host, compressed on the model's device (a GPU)
+        chunks = (chunk.to(device, non_blocking=True) for chunk in chunks)
     return model.compress_chunks(chunks, keep_probs=keep_probs, source=str(path))

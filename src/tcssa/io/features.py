@@ -629,6 +629,33 @@ def write_slot_tokens(path: str | Path, arrays: Mapping[str, np.ndarray], attrs:
     return path
 
 
+def slot_tokens_complete(
+    path: str | Path,
+    num_slots: int,
+    dim: int,
+    checkpoint: str | Path | None = None,
+    attrs: Mapping | None = None,
+) -> bool:
+    """Whether ``path`` is a readable slot-token h5 with every dataset, K x D tokens, one top-2 row
+    per patch, (given ``checkpoint``) written from that checkpoint and with these ``attrs`` values:
+    what a resumed ``tcssa compress`` may keep. Anything else (a truncated file, another model or
+    coverage) is written again."""
+    try:
+        with h5py.File(path, "r") as f:
+            if any(name not in f for name in SLOT_TOKEN_DATASETS):
+                return False
+            if tuple(f["tokens"].shape) != (num_slots, dim) or tuple(f["slot_counts"].shape) != (num_slots,):
+                return False
+            patches = f.attrs.get("num_patches")
+            if patches is not None and f["topk_index"].shape[0] != int(patches):
+                return False
+            if checkpoint is not None and f.attrs.get("checkpoint") != str(Path(checkpoint).resolve()):
+                return False
+            return all(f.attrs.get(name) == value for name, value in (attrs or {}).items())
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+
+
 # ------------------------------------------------------------------------- streamed TRIDENT writer
 
 #: The attributes TRIDENT stores on ``coords`` (trident/IO.py, ``coords_to_h5``), all required.

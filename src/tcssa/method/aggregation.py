@@ -50,8 +50,11 @@ def count_assignments(topk_index: Tensor, mask: Tensor | None, num_slots: int) -
     return counts.scatter_add_(1, topk_index.flatten(1), real.flatten(1).long())
 
 
-def sum_slots(x: Tensor, mask: Tensor | None, routing: Routing, num_slots: int) -> SlotSums:
-    """The sums over patches that step 5 and the routing loss need.
+def sum_slots(
+    x: Tensor, mask: Tensor | None, routing: Routing, num_slots: int, x_low: Tensor | None = None
+) -> SlotSums:
+    """The sums over patches that step 5 and the routing loss need (``x_low``: ``x`` in a lower
+    dtype, for the aggregation product alone; ``tcssa.method.mixed``).
 
     Sums, not means, so that a slide streamed in chunks adds up to exactly what the whole slide
     in memory gives. They are kept in float32 (float64 for a float64 model) whatever the model's
@@ -80,7 +83,9 @@ def sum_slots(x: Tensor, mask: Tensor | None, routing: Routing, num_slots: int) 
     return SlotSums(
         # sum_j P~_jk x_j, B x K x D: the matmul in the model's dtype, kept in float32 so that
         # streamed chunks add up without a rounding per chunk
-        slot_sum=(weights.transpose(1, 2) @ x).to(acc),
+        slot_sum=(weights.transpose(1, 2) @ x).to(acc)
+        if x_low is None
+        else (weights.to(x_low.dtype).transpose(1, 2) @ x_low).to(acc),
         slot_mass=weights.sum(dim=1, dtype=acc),  # sum_j P~_jk, B x K
         slot_counts=slot_counts,
         prob_sum=prob_sum,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tcssa import runtime
-from tcssa.method import routing_loss
+from tcssa.method import mixed, routing_loss
 from tcssa.method.aggregation import SlotSums, count_assignments, slot_means, sum_slots
 from tcssa.method.experts import SlotExperts
 from tcssa.method.routing import Routing, route
@@ -92,10 +92,27 @@ class TCSSA(nn.Module):
         self.noise_std = noise_std
         self.gate = nn.Linear(dim, num_slots)
         self.experts = SlotExperts(num_slots, dim, expert_hidden, expert_dropout)
+        # How the two large products run (``set_mixed_precision``); not saved with the weights.
+        self.mixed_precision: str | None = None
+        self.tie_margin = mixed.DEFAULT_TIE_MARGIN
 
     @classmethod
     def from_config(cls, config: TCSSAConfig) -> TCSSA:
         return cls(**asdict(config))
+
+    def set_mixed_precision(self, mode: str | None, tie_margin: float | None = None) -> TCSSA:
+        """Run the gate and aggregation products of a float32 model in bfloat16 (``"bf16-gate"``:
+        near-ties of the top-2 choice redone in float32; ``"bf16-aggregate"``: the gate in float32),
+        or not (None). Every path follows it; see ``tcssa.method.mixed``. Returns the model."""
+        mixed.check_mode(mode)
+        if mode is not None and self.gate.weight.dtype != torch.float32:
+            raise ValueError(f"mixed precision is for a float32 model, this one is {self.gate.weight.dtype}")
+        if tie_margin is not None:
+            if tie_margin < 0:
+                raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
+            self.tie_margin = float(tie_margin)
+        self.mixed_precision = mode
+        return self
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -109,8 +126,9 @@ class TCSSA(nn.Module):
                 f"logit_offset must be B x N x K = {(*x.shape[:2], self.num_slots)}, "
                 f"got {tuple(logit_offset.shape)}"
             )
-        routing = self._route(x, mask, logit_offset=logit_offset)
-        sums = self._sum_slide(x, mask, routing)
+        low = self._low(x)
+        routing = self._route(x, mask, logit_offset=logit_offset, x_low=low)
+        sums = self._sum_slide(x, mask, routing, low)
         slots, tokens, losses, aux = self._finish(sums)
         index = routing.topk_index
         return CompressorOutput(
@@ -151,8 +169,9 @@ class TCSSA(nn.Module):
             x, _ = self._check_input(chunk, None)
             if x.shape[0] != 1:
                 raise ValueError(f"{source}: a chunk must be n x D (one slide), not {tuple(x.shape)}")
-            routing = self._route(x, None, where=f" of {source}", patch_offset=offset)
-            part = self._sum_slide(x, None, routing)
+            low = self._low(x)
+            routing = self._route(x, None, where=f" of {source}", patch_offset=offset, x_low=low)
+            part = self._sum_slide(x, None, routing, low)
             if sums is None:
                 sums = part
             else:
@@ -197,9 +216,103 @@ class TCSSA(nn.Module):
                     raise ValueError(
                         f"slide {i}: expected n x D patches of one slide, got {tuple(slide.shape)}"
                     )
-                sums.append(self._sum_slide(x, None, self._route(x, None, where=f" of slide {i}")))
+                low = self._low(x)
+                routing = self._route(x, None, where=f" of slide {i}", x_low=low)
+                sums.append(self._sum_slide(x, None, routing, low))
             tokens.append(self._finish(SlotSums.cat(sums))[1])
         return torch.cat(tokens) if tokens else self.gate.weight.new_zeros(0, self.num_slots, self.dim)
+
+    def forward_slides(
+        self,
+        slides: Sequence[Tensor] | Tensor,
+        lengths: Sequence[int] | None = None,
+        *,
+        keep_probs: bool = False,
+    ) -> CompressorOutput:
+        """A batch of slides without padding, in training or eval mode (autograd as ``forward``).
+
+        ``slides``: a list of n_i x D slides, or one packed N_total x D tensor (the slides one after
+        another) with their ``lengths``. Routing runs per patch (for a list: slide by slide, so
+        nothing is copied; packed: one gate product over all patches), step 5 and the routing loss
+        come from per-(slide, slot) sums over each slide's own rows, and the experts run once over
+        the B x K slot tokens. Per slide, tokens, losses and gradients equal ``forward`` on that
+        slide alone (or on a padded, masked batch) to float tolerance; the loss terms are averaged
+        over the slides, as ``forward`` averages over a batch.
+
+        Returns a ``CompressorOutput`` whose ``tokens`` and ``slot_counts`` are B x K (x D), but
+        whose ``topk_index`` and ``topk_weight`` are packed, N_total x top_k (the slides' patches
+        in order; ``lengths`` splits them back), and ``probs`` is N_total x K or None.
+        """
+        parts = self._packed_parts(slides, lengths)
+        sums, indices, weights, probs = [], [], [], []
+        for i, (x, low, routing) in enumerate(parts):
+            if routing is None:
+                low = self._low(x)
+                routing = self._route(x, None, where=f" of slide {i}", x_low=low)
+            sums.append(self._sum_slide(x, None, routing, low))
+            indices.append(routing.topk_index[0])
+            weights.append(routing.topk_weight[0])
+            if keep_probs:
+                probs.append(routing.probs[0])
+        slots, tokens, losses, aux = self._finish(SlotSums.cat(sums))
+        return CompressorOutput(
+            tokens=tokens,
+            aux_loss=aux,
+            losses=losses,
+            topk_index=torch.cat(indices),
+            topk_weight=torch.cat(weights),
+            slot_counts=torch.cat([s.slot_counts for s in sums]),
+            probs=torch.cat(probs) if keep_probs else None,
+            slots=slots,
+        )
+
+    def _packed_parts(
+        self, slides: Sequence[Tensor] | Tensor, lengths: Sequence[int] | None
+    ) -> list[tuple[Tensor, Tensor | None, Routing | None]]:
+        """(1 x n_i x D slide, its bfloat16 copy or None, its routing or None: route it) for each
+        slide of ``forward_slides``."""
+        if isinstance(slides, Tensor):
+            if lengths is None:
+                raise ValueError("forward_slides: a packed N_total x D tensor needs the slides' lengths")
+            if slides.dim() != 2:
+                raise ValueError(
+                    f"forward_slides: packed slides must be N_total x D, got {tuple(slides.shape)}"
+                )
+            lengths = [int(n) for n in lengths]
+            if not lengths or min(lengths) < 1 or sum(lengths) != slides.shape[0]:
+                raise ValueError(
+                    f"forward_slides: lengths must be >= 1 each and add up to the {slides.shape[0]} packed "
+                    f"patches, got {lengths}"
+                )
+            x, _ = self._check_input(slides, None)
+            low = self._low(x)
+            routing = self._route(x, None, where=" of the packed slides", x_low=low)
+            parts, start = [], 0
+            for n in lengths:
+                rows = slice(start, start + n)
+                part = Routing(*(getattr(routing, f)[:, rows] for f in Routing.__dataclass_fields__))
+                parts.append((x[:, rows], None if low is None else low[:, rows], part))
+                start += n
+            return parts
+        if lengths is not None:
+            raise ValueError("forward_slides: lengths go with a packed tensor, not with a list of slides")
+        if len(slides) == 0:
+            raise ValueError("forward_slides: no slides")
+        parts = []
+        for i, slide in enumerate(slides):
+            x, _ = self._check_input(slide, None)
+            if x.shape[0] != 1:
+                raise ValueError(f"slide {i}: expected n x D patches of one slide, got {tuple(slide.shape)}")
+            parts.append((x, None, None))
+        return parts
+
+    def _low(self, x: Tensor) -> Tensor | None:
+        """``x`` in bfloat16 for the mixed-precision products, or None (``set_mixed_precision``)."""
+        if self.mixed_precision is None:
+            return None
+        if x.device.type == "cpu":
+            runtime.warn_once_if_cpu_lacks_bfloat16()
+        return x.bfloat16()
 
     def _route(
         self,
@@ -208,8 +321,13 @@ class TCSSA(nn.Module):
         where: str = "",
         patch_offset: int = 0,
         logit_offset: Tensor | None = None,
+        x_low: Tensor | None = None,
     ) -> Routing:
-        """Steps 1-4 (``tcssa.method.routing``)."""
+        """Steps 1-4 (``tcssa.method.routing``); with ``x_low`` and ``"bf16-gate"``, step 1 in
+        bfloat16 (``tcssa.method.mixed``)."""
+        logits = None
+        if x_low is not None and self.mixed_precision == "bf16-gate":
+            logits = mixed.gate_logits(self.gate, x, x_low, self.tie_margin)
         return route(
             self.gate,
             x,
@@ -220,11 +338,14 @@ class TCSSA(nn.Module):
             where=where,
             patch_offset=patch_offset,
             logit_offset=logit_offset,
+            logits=logits,
         )
 
-    def _sum_slide(self, x: Tensor, mask: Tensor | None, routing: Routing) -> SlotSums:
+    def _sum_slide(
+        self, x: Tensor, mask: Tensor | None, routing: Routing, x_low: Tensor | None = None
+    ) -> SlotSums:
         """The per-slide sums of step 5 and the routing loss (``tcssa.method.aggregation``)."""
-        return sum_slots(x, mask, routing, self.num_slots)
+        return sum_slots(x, mask, routing, self.num_slots, x_low)
 
     def _finish(self, sums: SlotSums) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
         """Steps 5-6 and the routing loss from the sums: (slots, tokens, losses, aux_loss)."""

@@ -35,14 +35,17 @@ def route(
     where: str = "",
     patch_offset: int = 0,
     logit_offset: Tensor | None = None,
+    logits: Tensor | None = None,
 ) -> Routing:
     """Steps 1-4 for B x N x D features (mask None: every patch is real).
 
     ``logit_offset`` (B x N x K, beyond the paper) is added to the gate logits: the part of a gate
     whose input is the features concatenated with something else (the spatial cues of
-    ``tcssa.method.spatial``); None leaves step 1 exactly METHOD.md's.
+    ``tcssa.method.spatial``); None leaves step 1 exactly METHOD.md's. ``logits``: step 1 done
+    already (``tcssa.method.mixed``).
     """
-    logits = gate(x)  # 1. z_j = W_g x_j + b
+    if logits is None:
+        logits = gate(x)  # 1. z_j = W_g x_j + b
     if logit_offset is not None:
         logits = logits + logit_offset.to(logits.dtype)
     check_finite(logits, where, patch_offset)

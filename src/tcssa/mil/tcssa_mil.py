@@ -20,12 +20,19 @@ slide's (``tcssa.method.budget.coverage_mask``; "auto" = 0.99) and hides the oth
 gate logits (zero-initialised) and a zero-initialised linear map of each slot's spatial summary
 (centroid, spread, mean radius: ``tcssa.method.spatial``) to its token, so that training starts
 from the plain method and learns where to use position.
+
+One option changes only the speed (issue 17): ``unpadded=True`` compresses a padded, masked batch
+slide by slide from views of its real rows (``TCSSA.forward_slides``): the same tokens, losses and
+gradients, with the routing noise drawn per slide. A list of slides is always compressed that way
+(padded first with ``spatial`` or ``token_budget``, whose outputs are per padded batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from tcssa.method import gate_init as centroid_gate
@@ -107,6 +114,7 @@ class TCSSAMIL(MILModel):
         token_budget: float | str | None = None,
         spatial: bool = False,
         spatial_frequencies: int = SPATIAL_FREQUENCIES,
+        unpadded: bool = False,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if aux_weight < 0:
@@ -138,6 +146,9 @@ class TCSSAMIL(MILModel):
         self.init_patches = KMEANS_INIT_PATCHES if gate_init == "kmeans" else 0
         self.center = bool(center)
         self.coverage = budget_coverage(token_budget)
+        # Issue 17: a padded, masked batch goes through the compressor slide by slide, as views
+        # of its rows (forward_slides), never touching the padding; same numbers, other noise draws.
+        self.unpadded = bool(unpadded)
         self.spatial = bool(spatial)
         self.requires_coords = self.spatial
         self.spatial_gate = self.spatial_token = None
@@ -159,14 +170,18 @@ class TCSSAMIL(MILModel):
         }
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+        self, x: Tensor | Sequence[Tensor], mask: Tensor | None = None, coords: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and the weighted routing terms ``switch``, ``entropy``, ``z``.
+        """Logits and the weighted routing terms ``switch``, ``entropy``, ``z``; ``x`` a B x N x D
+        batch (``mask``) or a list of n_i x D slides, compressed without padding (``routing``).
 
         The terms are returned in eval mode too (then computed without
         exploration noise), so validation can report them; coords are used only with ``spatial``.
         """
-        out = self.routing(x, mask, coords)
+        if self.unpadded and mask is not None and self._can_unpad():
+            out = self._unpadded(x, mask)
+        else:
+            out = self.routing(x, mask, coords)
         logits = self.head(self.pool(out))
         losses = {name: weight * out.losses[name] for name, weight in self.loss_weights.items()}
         return logits, losses
@@ -240,10 +255,21 @@ class TCSSAMIL(MILModel):
         return self.compressor.slot_counts(self._centred(x, mask), mask, logit_offset=offset)
 
     def routing(
-        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+        self, x: Tensor | Sequence[Tensor], mask: Tensor | None = None, coords: Tensor | None = None
     ) -> CompressorOutput:
         """The compressor's full output (tokens, top-2 routing, slot counts) for ``x``; with
-        ``spatial``, the tokens include their spatial summary (what the head sees). Use in eval mode."""
+        ``spatial``, the tokens include their spatial summary (what the head sees). Use in eval mode.
+
+        ``x`` may also be a list of n_i x D slides (no mask, no coords): then they go through the
+        compressor's unpadded ``forward_slides``, in training too, and the top-2 outputs are packed
+        (N_total x top_k); with ``spatial`` or ``token_budget`` the list is padded first."""
+        if isinstance(x, list | tuple):
+            if mask is not None or coords is not None:
+                raise ValueError(f"{self.name}: a list of slides takes no mask or coords")
+            slides = [self.check_input(s, None, None)[0][0] for s in x]
+            if not self._can_unpad():
+                return self.routing(*_padded(slides))
+            return self.compressor.forward_slides([self.patch_transform(s) for s in slides])
         x, mask, coords = self._check(x, mask, coords)
         unit = self._spatial_unit(coords, mask)
         out = self.compressor(self._centred(x, mask), mask, logit_offset=self._gate_offset(unit))
@@ -251,3 +277,29 @@ class TCSSAMIL(MILModel):
             return out
         summary = spatial_cues.slot_spatial_summary(unit, out.topk_weight, out.topk_index, self.num_tokens)
         return dataclasses.replace(out, tokens=out.tokens + self.spatial_token(summary.to(out.tokens.dtype)))
+
+    def _can_unpad(self) -> bool:
+        """Whether ``forward_slides`` gives what the head needs: not with ``spatial`` (coordinates
+        per patch) or ``token_budget`` (slot masses from B x N top-2 outputs)."""
+        return not self.spatial and self.coverage is None
+
+    def _unpadded(self, x: Tensor, mask: Tensor) -> CompressorOutput:
+        """``unpadded``: the slides of a batch whose mask is a prefix (real patches first, as
+        ``tcssa.data`` pads) as views of their real rows, through ``forward_slides``; another mask
+        takes the padded path."""
+        if isinstance(x, list | tuple):
+            return self.routing(x, mask)  # rejects the mask
+        x, mask, _ = self.check_input(x, mask, None)
+        lengths = mask.sum(dim=1)
+        prefix = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+        if not torch.equal(prefix, mask):
+            return self.compressor(self._centred(x, mask), mask)
+        slides = [self.patch_transform(x[i, :n]) for i, n in enumerate(lengths.tolist())]
+        return self.compressor.forward_slides(slides)
+
+
+def _padded(slides: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """n_i x D slides as a zero-padded B x max(n) x D batch and its B x max(n) mask."""
+    x = nn.utils.rnn.pad_sequence(list(slides), batch_first=True)
+    lengths = torch.tensor([len(s) for s in slides], device=x.device)
+    return x, torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
