@@ -109,14 +109,16 @@ def test_lesion_location_follows_the_lesion_patches():
     where = next(i for i in items if i.narrow_category == "Lesion location")
     assert where.answer_text == "Upper left" and len(where.options) == 4
     negative = {**TRUTH, "label": "negative", "lesion_quadrant": ""}
-    assert "Lesion location" not in {
-        i.narrow_category for i in questions_for_slide("s", "rare", negative, rng)
-    }
+    asked = {i.narrow_category: i for i in questions_for_slide("s", "rare", negative, rng)}
+    # asked of every slide, so being asked tells nothing about the lesion
+    assert asked["Lesion location"].answer_text == "No lesion is present"
 
 
-def _results(correct):
+def _results(correct, per_slide=1):
     return [
-        QuestionResult(f"q{i}", "s", "Diagnosis", "Lesion detection", "A", 4, "A" if c else "B", c, "ok")
+        QuestionResult(
+            f"q{i}", f"s{i // per_slide}", "Diagnosis", "Lesion detection", "A", 4, "A" if c else "B", c, "ok"
+        )
         for i, c in enumerate(correct)
     ]
 
@@ -134,6 +136,15 @@ def test_wilson_interval_and_paired_bootstrap():
     assert same["difference"] == same["ci95_low"] == same["ci95_high"] == 0.0
     with pytest.raises(ValueError, match="different questions"):
         paired_differences(better, worse[:-1], "slots", "blind")
+    # Four questions per slide that stand or fall together: a quarter as many independent draws, so a
+    # wider interval than for independent questions with the same answers.
+    pattern = [True, True, True, False, True, False, False, True, True, True] * 10
+    grouped = [c for c in pattern for _ in range(4)]
+    alone = paired_differences(_results(grouped), _results([False] * 400), "a", "b")[0]
+    clustered = paired_differences(_results(grouped, 4), _results([False] * 400, 4), "a", "b")[0]
+    assert alone["n_slides"] == 400 and clustered["n_slides"] == 100
+    width = lambda r: r["ci95_high"] - r["ci95_low"]  # noqa: E731
+    assert clustered["difference"] == alone["difference"] and width(clustered) > 1.5 * width(alone)
 
 
 def test_packed_conversations_hold_each_question_once_and_the_slide_once():

@@ -79,7 +79,7 @@ def test_conversion_runs_once_into_the_cache(monkeypatch, tmp_path):
 
     def fake_convert(source, out_dir):
         calls.append(source)
-        partial = out_dir.with_name(out_dir.name + ".partial")
+        partial = out_dir.with_name(out_dir.name + f".partial-{len(calls)}")
         partial.mkdir(parents=True)
         (partial / "config.json").write_text("{}")
         return partial

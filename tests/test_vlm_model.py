@@ -210,3 +210,19 @@ def test_blind_variant_sees_no_slide(tokenizer, lm):
         a = model(**first.model_inputs()).logits
         b = model(**second.model_inputs()).logits
     torch.testing.assert_close(a, b)  # other features, the same answer: the slide is not read
+
+
+def test_one_pass_letter_scoring_equals_one_sequence_per_option(tokenizer, lm):
+    """When every option's reply is one token (a letter, for SmolLM2's tokenizer) the prompt is scored
+    once; that must pick what scoring each option's own sequence picks."""
+    from tcssa.vlm.evaluate import _predict_by_next_token, _predict_by_option_sequences
+
+    model = tiny_slidelm(lm, "slots", num_tokens=4)
+    items = ITEMS * 3
+    slides = slides_of([9, 3, 17, 5, 11, 8, 20, 4, 6], seed=3)
+    letter_ids = {k: (tokenizer.convert_tokens_to_ids(k),) for k in "ABCD"}
+    replies = [[letter_ids[k] for k, _ in item.options] for item in items]
+    with torch.no_grad():
+        fast = _predict_by_next_token(model, tokenizer, items, slides, replies, "cpu")
+        slow = _predict_by_option_sequences(model, tokenizer, items, slides, replies, "cpu")
+    assert fast == slow and len(fast) == len(items)

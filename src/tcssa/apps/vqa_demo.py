@@ -13,7 +13,7 @@ never from the question text; options are shuffled per question:
 | Diagnosis  | Lesion detection      | is a lesion present?                     | rare    |
 | Diagnosis  | Tumour subtype        | which tumour subtype?                    | subtype |
 | Microscopy | Tissue composition    | which tissue dominates?                  | both    |
-| Microscopy | Lesion location       | where in the tissue is the lesion?       | rare, positive slides |
+| Microscopy | Lesion location       | where in the tissue is the lesion?       | rare    |
 | Clinical   | Lesion burden         | how much of the tissue is lesion?        | rare    |
 
 Slides are split by case (70% train, 30% test). Stage 1 trains the projector on captions written from
@@ -68,7 +68,7 @@ TISSUES = ("stroma", "tumour", "immune", "necrosis", "fat")
 LESION_ANSWERS = ("Yes, a lesion is present", "No lesion is present", "Only fat is present", "Only necrosis")
 BURDEN_ANSWERS = ("None", "Under 1% of the tissue", "1% to 3% of the tissue", "Over 3% of the tissue")
 SUBTYPE_ANSWERS = ("Subtype A", "Subtype B", "Subtype C", "No tumour is present")
-WHERE_ANSWERS = ("Upper left", "Upper right", "Lower left", "Lower right")
+WHERE_ANSWERS = ("Upper left", "Upper right", "Lower left", "Lower right", "No lesion is present")
 LESION = "lesion"  # the synthetic cohort's name of the lesion phenotype
 #: The slide tokens every demo compares, at equal training; "blind" gets no slide token at all.
 DEMO_VARIANTS = SLIDE_TOKEN_VARIANTS
@@ -171,9 +171,12 @@ def questions_for_slide(slide_id: str, kind: str, row: dict, rng: random.Random)
         fraction = float(row["lesion_fraction"]) if present else 0.0
         add("Lesion burden", "Clinical", "How much of the tissue does the lesion occupy?",
             _burden(fraction), BURDEN_ANSWERS)  # fmt: skip
-        if present and row.get("lesion_quadrant"):
+        # Asked of every slide of the cohort, so that being asked does not tell that a lesion is there
+        # (in a packed conversation it would give the detection question away).
+        where = row.get("lesion_quadrant") if present else WHERE_ANSWERS[-1]
+        if where:
             add("Lesion location", "Microscopy", "Where in the tissue does the lesion lie?",
-                row["lesion_quadrant"], WHERE_ANSWERS)  # fmt: skip
+                where, WHERE_ANSWERS)  # fmt: skip
     else:
         subtype = "Subtype " + row["label"].split("_")[-1]
         add("Tumour subtype", "Diagnosis", "Which tumour subtype is this?", subtype, SUBTYPE_ANSWERS)
@@ -403,6 +406,7 @@ def _run_demo(out_dir, quick, seed, size, variants, lm, tiny, progress, report) 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
+    lm_dir = None if tiny else resolve_lm(lm, report)  # a missing wheel fails before any work
     features, train_q, test_q, captions, (rare_cohort, mil_slides) = build_demo_data(
         out_dir, size, seed, progress
     )
@@ -420,8 +424,6 @@ def _run_demo(out_dir, quick, seed, size, variants, lm, tiny, progress, report) 
     reply = size.reply
     if tiny:
         lm_dir = _prepare_tiny_lm(out_dir, size, sample_text(captions + train_q), seed, progress)
-    else:
-        lm_dir = resolve_lm(lm, report)
     report(f"language model: {lm_dir}")
 
     mil_dir = None
@@ -528,12 +530,16 @@ def _category_name(row: dict) -> str:
 
 
 RESULT_COLUMNS = ["variant", "category", "accuracy", "n", "ci95_low", "ci95_high"]
-COMPARISON_COLUMNS = ["variant", "against", "category", "difference", "ci95_low", "ci95_high", "n"]
+COMPARISON_COLUMNS = [
+    "variant", "against", "category", "difference", "ci95_low", "ci95_high", "n", "n_slides",
+]  # fmt: skip
 
 
 def write_results(rows: list[dict], path: Path) -> list[dict]:
     """vqa_results.csv: variant, category (overall, each broad and each narrow one), accuracy, n and the
-    Wilson 95% interval of the accuracy (the uniform-random row is an expectation: no interval)."""
+    Wilson 95% interval of the accuracy (the uniform-random row is an expectation: no interval). Wilson
+    treats the questions as independent; those about one slide are not, so read the interval as a
+    lower bound on the uncertainty, and vqa_comparisons.csv (slides resampled) for differences."""
     table = []
     for r in rows:
         low, high = ("", "")
@@ -572,7 +578,8 @@ def format_results(rows: list[dict]) -> str:
 
 
 def write_comparisons(rows: list[dict], path: Path) -> None:
-    """vqa_comparisons.csv: slots minus each other variant, with a paired bootstrap 95% interval."""
+    """vqa_comparisons.csv: slots minus each other variant, with a paired bootstrap 95% interval over
+    the test slides (``paired_differences``)."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COMPARISON_COLUMNS)
         writer.writeheader()
@@ -582,12 +589,15 @@ def write_comparisons(rows: list[dict], path: Path) -> None:
 
 
 def format_comparisons(rows: list[dict]) -> str:
-    lines = ["| slots minus | category | difference | 95% interval | n |", "|---|---|---:|---|---:|"]
+    lines = [
+        "| slots minus | category | difference | 95% interval (slides resampled) | questions | slides |",
+        "|---|---|---:|---|---:|---:|",
+    ]
     for r in rows:
         if r["category"] == "overall" or r["category"].count("/") == 0:
             lines.append(
                 f"| {r['against']} | {r['category']} | {100 * r['difference']:+.1f} | "
-                f"[{100 * r['ci95_low']:+.1f}, {100 * r['ci95_high']:+.1f}] | {r['n']} |"
+                f"[{100 * r['ci95_low']:+.1f}, {100 * r['ci95_high']:+.1f}] | {r['n']} | {r['n_slides']} |"
             )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tcssa.cli.extras import require_extra
 from tcssa.cli.flags import add_config_flags, config_from_args
@@ -40,6 +41,10 @@ def _cmd_vqa_init_lm(args: argparse.Namespace) -> int:
         raise SystemExit(f"tcssa vqa init-lm: --text builds the tiny LM; {name} is pretrained and takes none")
     from tcssa.vlm.language_models import prepare_lm
 
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise SystemExit(
+            f"tcssa vqa init-lm: {args.out} is not empty; give a new folder (or none: the cache)"
+        )
     folder = prepare_lm(name)
     if args.out:
         import shutil

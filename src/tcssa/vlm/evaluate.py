@@ -147,6 +147,11 @@ def _predict_by_likelihood(model, tokenizer, items, slides, score, device) -> li
     replies = [_option_replies(tokenizer, _prompt_turns(item), item, score) for item in items]
     if all(len(reply) == 1 for per_item in replies for reply in per_item):
         return _predict_by_next_token(model, tokenizer, items, slides, replies, device)
+    return _predict_by_option_sequences(model, tokenizer, items, slides, replies, device)
+
+
+def _predict_by_option_sequences(model, tokenizer, items, slides, replies, device) -> list[str]:
+    """One sequence per option (prompt + that option's reply), scored by the reply's log-likelihood."""
     samples, rows, lengths, owners = [], [], [], []
     for slide_index, (item, slide) in enumerate(zip(items, slides, strict=True)):
         turns = _prompt_turns(item)
@@ -270,7 +275,9 @@ def paired_differences(
     seed: int = 0,
 ) -> list[dict]:
     """Accuracy of ``results`` minus ``others`` on the same questions, overall and per category, with a
-    paired bootstrap 95% interval (questions resampled, both answers of a question kept together)."""
+    paired bootstrap 95% interval. Slides are resampled, not questions: the questions about one slide
+    hinge on the same evidence (a lesion seen or missed answers several of them), so they are not
+    independent draws; both answers of every question of a drawn slide are kept together."""
     if [r.question_id for r in results] != [r.question_id for r in others]:
         raise ValueError(f"{name} and {other_name} answered different questions; no paired comparison")
     first = _groups(results, "broad_category", "narrow_category")
@@ -280,8 +287,14 @@ def paired_differences(
     for (level, category), group in first.items():
         a = np.array([r.correct for r in group], dtype=float)
         b = np.array([r.correct for r in second[(level, category)]], dtype=float)
-        draws = rng.integers(0, len(a), size=(resamples, len(a)))
-        boot = (a[draws] - b[draws]).mean(1)
+        slides = sorted({r.slide_id for r in group})
+        index = {slide: i for i, slide in enumerate(slides)}
+        owner = np.array([index[r.slide_id] for r in group])
+        a_sum = np.bincount(owner, weights=a, minlength=len(slides))
+        b_sum = np.bincount(owner, weights=b, minlength=len(slides))
+        count = np.bincount(owner, minlength=len(slides)).astype(float)
+        draws = rng.integers(0, len(slides), size=(resamples, len(slides)))
+        boot = (a_sum[draws].sum(1) - b_sum[draws].sum(1)) / count[draws].sum(1)
         rows.append(
             {
                 "variant": name,
@@ -291,6 +304,7 @@ def paired_differences(
                 "ci95_low": float(np.quantile(boot, 0.025)),
                 "ci95_high": float(np.quantile(boot, 0.975)),
                 "n": len(a),
+                "n_slides": len(slides),
             }
         )
     return rows

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def convert_gguf(source: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # the optional vlm extra
 
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f'reading {source.name} needs the package gguf: pip install "tcssa[vlm]" (or gguf)')
+        raise ModuleNotFoundError(
+            f'reading {source.name} needs the package gguf: pip install "tcssa[vlm]" (or gguf)', name="gguf"
+        )
     kwargs = {"gguf_file": source.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, dtype="float32", **kwargs)
@@ -121,9 +124,9 @@ def convert_gguf(source: Path, out_dir: Path) -> Path:
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    # A folder of this process's own: several processes (torchrun ranks) may convert at once.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     return partial
@@ -149,8 +152,16 @@ def prepare_lm(name: str = DEFAULT_LM, report=print) -> Path:
         "conversion_version": CONVERSION_VERSION,
     }
     (partial / PREPARED_FILE).write_text(json.dumps(record, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)  # the folder appears complete or not at all
+    if is_prepared(folder):  # another process finished first: keep its folder, drop this copy
+        shutil.rmtree(partial, ignore_errors=True)
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from an interrupted run
+    try:
+        partial.rename(folder)  # the folder appears complete or not at all
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not is_prepared(folder):
+            raise
     return folder
 
 
