@@ -96,7 +96,7 @@ class DemoSize:
 
 
 # Sizes for the real pretrained LM (SmolLM2-135M): its forward and backward passes, not the slides,
-# are the cost, so the budgets fix how many questions fit (docs/RESULTS.md, "Slide VQA on SmolLM2").
+# are the cost, so the budgets fix how many questions fit (docs/RESULTS.md, "Synthetic VQA demo on SmolLM2").
 # lm_hidden, lm_layers and warm_up_steps apply to the tiny LM only.
 QUICK = DemoSize(
     rare_slides=40, subtype_slides=0, min_patches=300, max_patches=1500, dim=64, lm_hidden=64, lm_layers=2,
