@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 from tcssa.bench.measure import quiet_bfloat16_warning
-from tcssa.bench.reference import ReferenceTCSSA, build_classifiers
+from tcssa.bench.reference import ReferenceTCSSA, build_classifiers, optimizer_step, train_epoch_reference
 from tcssa.bench.workloads import synthetic_slide, write_h5_slide
 from tcssa.data.batching import pad_slides
 from tcssa.io.chunks import compress_h5
 from tcssa.io.published import to_published
 from tcssa.method.compressor import TCSSA
-from tcssa.mil.base import training_objective
 
 
 def _sync(device: torch.device) -> None:
@@ -169,17 +168,10 @@ def training(args, device: torch.device) -> None:
         model.to(device).train()
 
     def reference_steps() -> None:  # the published loop: one slide, one step
-        for i, x in enumerate(slides):
-            _, losses = reference.compute_loss(labels[i : i + 1], x)
-            ref_opt.zero_grad(set_to_none=True)
-            training_objective(losses).backward()
-            ref_opt.step()
+        train_epoch_reference(reference, ref_opt, slides, labels, range(len(slides)))
 
     def step(model, optimizer, *batch) -> None:
-        _, losses = model.compute_loss(labels, *batch)
-        optimizer.zero_grad(set_to_none=True)
-        training_objective(losses).backward()
-        optimizer.step()
+        optimizer_step(optimizer, model.compute_loss(labels, *batch)[1])
 
     calls = {
         "reference (one slide per step)": reference_steps,

@@ -108,15 +108,23 @@ class DenseSelfAttention(nn.Module):
         return (attention @ v).mean(dim=-2)
 
 
+def optimizer_step(optimizer, losses: dict, scheduler=None) -> None:
+    """One update from a model's named losses (weighted by ``training_objective``); ``scheduler``
+    (if any) steps after it."""
+    loss = training_objective(losses)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def train_epoch_reference(model: ReferenceClassifier, optimizer, slides, labels, order) -> None:
     """The published training loop: one slide, one backward, one optimizer step."""
     model.train()
     for i in order:
         _, losses = model.compute_loss(labels[i : i + 1], slides[i])
-        loss = training_objective(losses)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, losses)
 
 
 def train_epoch_batched(
@@ -130,12 +138,7 @@ def train_epoch_batched(
     for batch in sampler:
         x, mask = pad_slides([slides[i] for i in batch], buffer)
         _, losses = model.compute_loss(labels[batch], x, mask)
-        loss = training_objective(losses)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        optimizer_step(optimizer, losses, scheduler)
 
 
 def train_epoch_packed(
@@ -146,12 +149,7 @@ def train_epoch_packed(
     model.train()
     for batch in sampler:
         _, losses = model.compute_loss(labels[batch], [slides[i] for i in batch])
-        loss = training_objective(losses)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        optimizer_step(optimizer, losses, scheduler)
 
 
 def batched_warmup(optimizer, steps: int):

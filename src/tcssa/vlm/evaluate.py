@@ -154,12 +154,7 @@ def _predict_by_option_sequences(model, tokenizer, items, slides, replies, devic
     """One sequence per option (prompt + that option's reply), scored by the reply's log-likelihood."""
     samples, rows, lengths, owners = [], [], [], []
     for slide_index, (item, slide) in enumerate(zip(items, slides, strict=True)):
-        turns = _prompt_turns(item)
-        prompt = assemble(
-            tokenize_conversation(tokenizer, turns, add_generation_prompt=True),
-            model.config.num_slide_tokens(slide.shape[0]),
-            tokenizer.pad_token_id,
-        )
+        prompt = _encoded_prompt(model, tokenizer, item, slide)
         for (letter, _), reply in zip(item.options, replies[slide_index], strict=True):
             samples.append(
                 EncodedSample(
@@ -186,17 +181,7 @@ def _predict_by_next_token(model, tokenizer, items, slides, replies, device) -> 
     """``_predict_by_likelihood`` when every option's reply is one token (a letter, for most
     tokenizers): one pass over the prompt alone, reading each option token's log-probability at its
     end, instead of one pass per option. The same numbers, a quarter of the work for four options."""
-    samples = [
-        assemble(
-            tokenize_conversation(tokenizer, _prompt_turns(item), add_generation_prompt=True),
-            model.config.num_slide_tokens(slide.shape[0]),
-            tokenizer.pad_token_id,
-        )
-        for item, slide in zip(items, slides, strict=True)
-    ]
-    batch = collate(samples, slides, [i.slide_id for i in items], tokenizer.pad_token_id, "left").to(device)
-    if not bool(batch.attention_mask[:, -1].all()):
-        raise ValueError("scoring needs left-padded sequences")
+    batch = _prompt_batch(model, tokenizer, items, slides, device)
     logits = model(**batch.model_inputs(), logits_to_keep=1).logits[:, -1].float()
     logprobs = logits.log_softmax(-1).cpu()
     predictions = []
@@ -206,16 +191,25 @@ def _predict_by_next_token(model, tokenizer, items, slides, replies, device) -> 
     return predictions
 
 
-def _generate_replies(model, tokenizer, items, slides, max_new_tokens, device) -> list[str]:
+def _encoded_prompt(model, tokenizer, item: VQAItem, slide) -> EncodedSample:
+    """An item's prompt up to the reply, with its slide's span of slide-token positions."""
+    return assemble(
+        tokenize_conversation(tokenizer, _prompt_turns(item), add_generation_prompt=True),
+        model.config.num_slide_tokens(slide.shape[0]),
+        tokenizer.pad_token_id,
+    )
+
+
+def _prompt_batch(model, tokenizer, items, slides, device):
+    """The items' prompts, left-padded so that every prompt ends in the last column."""
     samples = [
-        assemble(
-            tokenize_conversation(tokenizer, _prompt_turns(item), add_generation_prompt=True),
-            model.config.num_slide_tokens(slide.shape[0]),
-            tokenizer.pad_token_id,
-        )
-        for item, slide in zip(items, slides, strict=True)
+        _encoded_prompt(model, tokenizer, item, slide) for item, slide in zip(items, slides, strict=True)
     ]
-    batch = collate(samples, slides, [i.slide_id for i in items], tokenizer.pad_token_id, "left").to(device)
+    return collate(samples, slides, [i.slide_id for i in items], tokenizer.pad_token_id, "left").to(device)
+
+
+def _generate_replies(model, tokenizer, items, slides, max_new_tokens, device) -> list[str]:
+    batch = _prompt_batch(model, tokenizer, items, slides, device)
     new_tokens = model.generate(
         batch,
         max_new_tokens=max_new_tokens,

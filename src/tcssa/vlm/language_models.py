@@ -94,8 +94,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepared_folder(spec: PackagedGGUF, source: Path) -> Path:
-    return cache_root() / "lms" / spec.name / f"{_sha256(source)[:16]}-v{CONVERSION_VERSION}"
+def prepared_folder(spec: PackagedGGUF, sha256: str) -> Path:
+    return cache_root() / "lms" / spec.name / f"{sha256[:16]}-v{CONVERSION_VERSION}"
 
 
 def is_prepared(folder: Path) -> bool:
@@ -138,7 +138,8 @@ def prepare_lm(name: str = DEFAULT_LM, report=print) -> Path:
         raise ValueError(f"unknown language model {name!r}; known: {', '.join(known_lm_names())}")
     spec = LANGUAGE_MODELS[name]
     source = packaged_file(spec)
-    folder = prepared_folder(spec, source)
+    sha256 = _sha256(source)
+    folder = prepared_folder(spec, sha256)
     if is_prepared(folder):
         return folder
     report(f"converting {source.name} ({spec.parameters} parameters) into {folder} (once)")
@@ -146,7 +147,7 @@ def prepare_lm(name: str = DEFAULT_LM, report=print) -> Path:
     record = {
         "name": spec.name,
         "source": str(source),
-        "sha256": _sha256(source),
+        "sha256": sha256,
         "package": spec.package,
         "licence": spec.licence,
         "conversion_version": CONVERSION_VERSION,

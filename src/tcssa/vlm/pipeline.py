@@ -126,6 +126,40 @@ def train_from_files(
     return result
 
 
+def _multiple_choice_items(questions, limit, slide_map, report):
+    """(the file's multiple-choice items, the first ``limit`` of them; how many open questions were
+    left out; the read result), reporting what was read and left out."""
+    result = load_questions(questions)
+    report(result.summary())
+    items, num_open = multiple_choice_only(
+        apply_slide_map(result.items, read_slide_map(slide_map) if slide_map else None)
+    )
+    if num_open:
+        report(f"left out {num_open} open question(s): multiple-choice evaluation only")
+    if limit:
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"{questions}: no multiple-choice question to evaluate")
+    return items, num_open, result
+
+
+def _prior_answers(prior_from) -> list[str] | None:
+    """The answer letters of a training question file, for the most-frequent-letter baseline."""
+    if not prior_from:
+        return None
+    prior_items = [i for i in load_questions(prior_from).items if isinstance(i, VQAItem)]
+    prior = [i.answer for i in multiple_choice_only(prior_items)[0]]
+    if not prior:
+        raise ValueError(f"{prior_from}: no multiple-choice question to take answer priors from")
+    return prior
+
+
+def _eval_device(device: str | None) -> tuple[torch.device, torch.dtype]:
+    """The evaluation device (CUDA when there is one) and the LM's dtype on it (bf16 on GPU)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, lm_dtype("auto") if device.type == "cuda" else torch.float32
+
+
 def blind_eval_from_files(
     questions: str | Path,
     out_dir: str | Path,
@@ -146,30 +180,19 @@ def blind_eval_from_files(
     from tcssa.vlm.language_models import DEFAULT_LM, resolve_lm
     from tcssa.vlm.model import SlideLM, SlideLMConfig
 
-    result = load_questions(questions)
-    report(result.summary())
-    items, num_open = multiple_choice_only(result.items)
-    if num_open:
-        report(f"left out {num_open} open question(s): multiple-choice evaluation only")
-    items = items[:limit] if limit else items
+    items, num_open, result = _multiple_choice_items(questions, limit, None, report)
     if sample and sample < len(items):
         # A random subset, in file order: the files are sorted by organ, so a prefix would not do.
         keep = sorted(random.Random(seed).sample(range(len(items)), sample))
         items = [items[i] for i in keep]
         report(f"a random {sample} of the questions (seed {seed})")
-    if not items:
-        raise ValueError(f"{questions}: no multiple-choice question to evaluate")
     folder = resolve_lm(lm, report)
     name = Path(str(lm)).name if lm is not None else DEFAULT_LM
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base, tokenizer = load_base_lm(folder, lm_dtype("auto") if device.type == "cuda" else torch.float32)
+    device, dtype = _eval_device(device)
+    base, tokenizer = load_base_lm(folder, dtype)
     config = SlideLMConfig(feature_dim=1, lm_hidden=base.config.hidden_size, slide_tokens="blind")
     model = SlideLM(base, config).to(device).eval()
-    prior = None
-    if prior_from:
-        prior_items = [i for i in load_questions(prior_from).items if isinstance(i, VQAItem)]
-        prior = [i.answer for i in multiple_choice_only(prior_items)[0]]
-    rows = prior_baseline_rows(items, prior)
+    rows = prior_baseline_rows(items, _prior_answers(prior_from))
     out_dir = Path(out_dir)
     for score in scores:
         results = evaluate_multiple_choice(
@@ -213,28 +236,12 @@ def eval_from_files(
             "same files); launch it without torchrun / accelerate launch, and pick a GPU with --device"
         )
 
-    result = load_questions(questions)
-    report(result.summary())
-    items, num_open = multiple_choice_only(
-        apply_slide_map(result.items, read_slide_map(slide_map) if slide_map else None)
-    )
-    if num_open:
-        report(f"left out {num_open} open question(s): multiple-choice evaluation only")
-    if limit:
-        items = items[:limit]
-    if not items:
-        raise ValueError(f"{questions}: no multiple-choice question to evaluate")
+    items, num_open, result = _multiple_choice_items(questions, limit, slide_map, report)
     features = FolderFeatures(features_dir, [i.slide_id for i in items], skip_missing=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer, info = load_run(run_dir, lm_dtype("auto") if device.type == "cuda" else torch.float32)
+    device, dtype = _eval_device(device)
+    model, tokenizer, info = load_run(run_dir, dtype)
     model.to(device)
-    prior = None
-    if prior_from:
-        prior_items = [i for i in load_questions(prior_from).items if isinstance(i, VQAItem)]
-        prior = [i.answer for i in multiple_choice_only(prior_items)[0]]
-        if not prior:
-            raise ValueError(f"{prior_from}: no multiple-choice question to take answer priors from")
-    rows = prior_baseline_rows(items, prior)
+    rows = prior_baseline_rows(items, _prior_answers(prior_from))
     out_dir = Path(out_dir)
     for mode in modes:
         results = evaluate_multiple_choice(
